@@ -1,0 +1,122 @@
+"""The trainer's callback seam: where progress reporting and experiment tracking plug in.
+
+`bolmo_core` knows neither Prefect nor MLflow. A callback that needs them lives outside
+the package (``tasks/``) and is named in the stage config as ``"module:Class"``; the
+trainer imports it by name on rank 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from typing import IO, Any
+
+
+class Callback:
+    """Hooks the trainer calls on rank 0. Every method is optional."""
+
+    def on_train_start(self, step: int, total_steps: int, info: dict[str, Any]) -> None: ...
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, step: int, uri: str) -> None: ...
+
+    def on_error(self, step: int, error: BaseException) -> None: ...
+
+    def on_train_end(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class CallbackList(Callback):
+    """Fan a hook out to several callbacks."""
+
+    def __init__(self, callbacks: list[Callback]):
+        self.callbacks = list(callbacks)
+
+    def _call(self, name: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, name)(*args)
+
+    def on_train_start(self, step, total_steps, info):
+        self._call("on_train_start", step, total_steps, info)
+
+    def on_step_end(self, step, metrics):
+        self._call("on_step_end", step, metrics)
+
+    def on_eval(self, step, metrics):
+        self._call("on_eval", step, metrics)
+
+    def on_checkpoint(self, step, uri):
+        self._call("on_checkpoint", step, uri)
+
+    def on_error(self, step, error):
+        self._call("on_error", step, error)
+
+    def on_train_end(self, step, metrics):
+        self._call("on_train_end", step, metrics)
+
+
+PROGRESS_PREFIX = "BYTEIFY_PROGRESS "
+
+
+class ProgressStreamCallback(Callback):
+    """Writes one JSON line per event, prefixed so a parent process can pick them out of stdout.
+
+    This is the stream the orchestration task reads to update its progress artifact: the
+    trainer itself never talks to the orchestrator.
+    """
+
+    def __init__(self, stream: IO[str] | None = None, every: int = 1):
+        self.stream = stream or sys.stdout
+        self.every = max(1, every)
+        self.total = 0
+
+    def _emit(self, event: str, **payload) -> None:
+        payload = {"event": event, "time": time.time(), **payload}
+        self.stream.write(PROGRESS_PREFIX + json.dumps(payload, default=float) + "\n")
+        self.stream.flush()
+
+    def on_train_start(self, step, total_steps, info):
+        self.total = total_steps
+        self._emit("start", step=step, total=total_steps, info=info)
+
+    def on_step_end(self, step, metrics):
+        if step % self.every == 0 or step == self.total:
+            self._emit("step", step=step, total=self.total, metrics=metrics)
+
+    def on_eval(self, step, metrics):
+        self._emit("eval", step=step, metrics=metrics)
+
+    def on_checkpoint(self, step, uri):
+        self._emit("checkpoint", step=step, uri=uri)
+
+    def on_error(self, step, error):
+        self._emit("error", step=step, error=f"{type(error).__name__}: {error}")
+
+    def on_train_end(self, step, metrics):
+        self._emit("end", step=step, metrics=metrics)
+
+
+def parse_progress_line(line: str) -> dict | None:
+    """The event in a progress line, or None for any other output line."""
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    try:
+        return json.loads(line[len(PROGRESS_PREFIX):])
+    except json.JSONDecodeError:
+        return None
+
+
+def load_callback(spec: str, **kwargs) -> Callback:
+    """Instantiate a callback named ``"package.module:ClassName"``."""
+    module_name, _, cls_name = spec.partition(":")
+    if not cls_name:
+        raise ValueError(f"callback '{spec}': expected 'module:ClassName'")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"callback '{spec}': cannot be imported ({e})") from None
+    return cls(**kwargs)
