@@ -1,0 +1,57 @@
+"""Boundary predictor (spec §4): p_t = (1 - cos(W_q h_t, W_k h_{t+1})) / 2, in log space.
+
+lookahead=1 is the released non-causal predictor (byte t's boundary depends on byte t+1).
+lookahead=0 is the causal ablation: compare h_{t-1} with h_t, so p_t never sees byte t+1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEG = -1e5  # log p for positions with no future byte (spec §4.1)
+COS_MAX = 1.0 - 1e-3  # clip so log(1 - cos) stays finite
+
+
+class BoundaryPredictor(nn.Module):
+    def __init__(self, d: int, lookahead: int = 1, threshold: float = 0.5):
+        super().__init__()
+        if lookahead not in (0, 1):
+            raise ValueError(f"boundary_lookahead must be 0 or 1, got {lookahead}")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"boundary_threshold must be in (0, 1), got {threshold}")
+        self.lookahead, self.log_threshold = lookahead, math.log(threshold)
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+        self.reset_identity()
+
+    def reset_identity(self) -> None:
+        with torch.no_grad():
+            self.q.weight.copy_(torch.eye(self.q.weight.shape[0]))
+            self.k.weight.copy_(torch.eye(self.k.weight.shape[0]))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h_byte (B, L, d) -> log p (B, L); log p_0 = 0 (BOS is a boundary)."""
+        q = F.normalize(self.q(h[:, :-1]).float(), dim=-1)
+        k = F.normalize(self.k(h[:, 1:]).float(), dim=-1)
+        cos = (q * k).sum(-1).clamp(max=COS_MAX)
+        logp = torch.log1p(-cos) - math.log(2.0)  # (B, L-1): pair (t, t+1)
+        B = h.shape[0]
+        if self.lookahead == 1:  # p_t from (t, t+1); the last byte has no future
+            logp = torch.cat([logp, logp.new_full((B, 1), NEG)], 1)
+        else:  # p_t from (t-1, t); nothing after t is used
+            logp = torch.cat([logp.new_zeros(B, 1), logp], 1)
+        return torch.cat([logp.new_zeros(B, 1), logp[:, 1:]], 1)
+
+    def step_logp(self, h_prev: torch.Tensor, h_cur: torch.Tensor) -> torch.Tensor:
+        """log p for one pair of consecutive positions (B, d), (B, d) -> (B,)."""
+        q = F.normalize(self.q(h_prev).float(), dim=-1)
+        k = F.normalize(self.k(h_cur).float(), dim=-1)
+        return torch.log1p(-(q * k).sum(-1).clamp(max=COS_MAX)) - math.log(2.0)
+
+    def decide(self, logp: torch.Tensor) -> torch.Tensor:
+        """Boundary where p_t > threshold (spec §4.2)."""
+        return logp > self.log_threshold
