@@ -1,0 +1,82 @@
+"""Prefect tasks for data preparation: plan -> label shards (mapped) -> manifest.
+
+Thin wrappers over `bolmo_core.data`: they load the tokenizer, retry transient storage
+errors (never bad input), and cache on inputs + task source (not the run id). Each shard
+also writes a done-marker after its files, so a restarted run redoes only unfinished
+shards even when Prefect's cache is gone, and ``prepare_data`` returns at once when the
+output already holds the manifest of the same inputs and tokenizer.
+
+Parallelism: ``prepare_data(workers=N)`` runs the shard tasks on a ``ThreadPoolTaskRunner``
+(the Rust tokenizer releases the GIL; see docs/benchmarks.md for threads vs processes on
+this machine). On many machines the same ``label_shard`` tasks run on a Dask or Ray
+cluster: pass ``task_runner=DaskTaskRunner(address=...)`` (prefect-dask) or
+``RayTaskRunner(address=...)`` (prefect-ray); every worker needs the same storage
+credentials (``AWS_*``) and writes straight to ``out_uri``. The output is byte-identical
+whatever runs it: each shard depends only on the plan.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from prefect import task
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from bolmo_core import data as D
+from bolmo_core.config import DataConfig
+from bolmo_core.source import SourceConfig, SourceError, load_tokenizer
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(src: SourceConfig):
+    return load_tokenizer(src)
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry storage hiccups, not bad input (which would fail the same way again)."""
+    try:
+        state.result()
+    except (D.DataError, SourceError, ValueError, TypeError):
+        return False
+    except Exception:
+        return True
+    return False
+
+
+# Not cached: the plan reads the inputs' sizes and counts, which may change under the same URIs.
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
+def plan_shards(sources: list[str], tokenizer_source: SourceConfig, out_uri: str, data_cfg: DataConfig,
+                world_size: int = 1, text_column: str = "text") -> dict:
+    """Resolve the inputs and cut them into shard ranges (the plan is small JSON)."""
+    tok = _tokenizer(tokenizer_source)
+    return D.plan_shards(sources, D.tokenizer_info(tok, tokenizer_source), out_uri, data_cfg, world_size, text_column)
+
+
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient, cache_policy=INPUTS + TASK_SOURCE,
+      persist_result=True)
+def label_shard(plan: dict, index: int, tokenizer_source: SourceConfig) -> dict:
+    """Read, label and write one shard (both splits); its manifest entries."""
+    return D.label_shard(plan, index, _tokenizer(tokenizer_source))
+
+
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
+def write_manifest(plan: dict, results: list[dict]) -> tuple[str, str]:
+    """Write the manifest last: (manifest_uri, manifest_hash)."""
+    return D.write_manifest(plan, results)
+
+
+@task(retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
+def prepare_data(sources: list[str], tokenizer_source: SourceConfig, out_uri: str, data_cfg: DataConfig,
+                 workers: int = 1, world_size: int = 1, text_column: str = "text", task_runner=None) -> tuple[str, str]:
+    """Shards + manifest under `out_uri`: (manifest_uri, manifest_hash); no work if already there."""
+    plan = plan_shards(sources, tokenizer_source, out_uri, data_cfg, world_size, text_column)
+    done = D.existing_manifest(plan)
+    if done:
+        return done, D.read_manifest(done)["manifest_hash"]
+    runner = task_runner or ThreadPoolTaskRunner(max_workers=max(1, workers))
+    with runner:
+        futures = [runner.submit(label_shard, {"plan": plan, "index": i, "tokenizer_source": tokenizer_source})
+                   for i in range(len(plan["shards"]))]
+        results = [f.result() for f in futures]
+    return write_manifest(plan, results)
