@@ -479,19 +479,20 @@ class RetainedIndex:
             packed[i:] |= sym[:-i] << np.uint64(8 * i)
         packed = packed[vpos]
         sv = sym[vpos].astype(np.int64)
-        out, node = self.single_out[sv], self.single_node[sv]
+        node = self.single_node[sv]
         lo = np.ones(len(vpos), dtype=np.int64)
         hi = np.minimum(avail, _PACKED_MAX)
-        act = np.nonzero(lo < hi)[0]
-        while act.size:  # bisection on the (monotone) node depth, <= 3 rounds
-            mid = (lo[act] + hi[act] + 1) // 2
-            row = self.table.find((packed[act] & _MASKS[mid]) | (mid.astype(np.uint64) << np.uint64(56)))
+        depth_key = np.arange(_PACKED_MAX + 1, dtype=np.uint64) << np.uint64(56)
+        for _ in range(
+            3
+        ):  # bisection on the (monotone) node depth over all positions at once: 1..7 in 3 rounds
+            mid = (lo + hi + 1) >> 1  # == lo once converged: that lookup just finds the known node again
+            row = self.table.find((packed & _MASKS[mid]) | depth_key[mid])
             ok = row >= 0
-            lo[act] = np.where(ok, mid, lo[act])
-            hi[act] = np.where(ok, hi[act], mid - 1)
-            out[act[ok]] = self.node_out[row[ok]]
-            node[act[ok]] = row[ok]
-            act = act[lo[act] < hi[act]]
+            np.copyto(lo, mid, where=ok)
+            np.copyto(hi, mid - 1, where=~ok)
+            np.copyto(node, row, where=ok)
+        out = np.where(node >= 0, self.node_out[node], self.vocab.byte_fallback_id)
         # Deeper than 7: walk on one byte at a time from the depth-7 node.
         act = np.nonzero((lo == _PACKED_MAX) & (avail > _PACKED_MAX))[0]
         k = _PACKED_MAX + 1
