@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 RESET_F = -1e5  # forget-gate pre-activation that zeroes the earlier state
+_RESET_LOGF = -1e3  # log f below this is an exact reset (exp underflows to 0 even in fp64)
 _PAD_I = -1e30  # input-gate value of internal padding: exp(_PAD_I - m) == 0, and stays finite
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -152,24 +153,60 @@ def mlstm_recurrent(q, k, v, i, f, eps=1e-6, initial_state=None, return_last_sta
 # ---------------------------------------------------------------------------- chunkwise
 
 
-def _chunk_states(kc, vc, logf, ic, C0, m0):
+def _intra_gates(lf, ic):
+    """Per-chunk gate bookkeeping from lf = log f and ic = input gates (B,H,N,c).
+
+    Returns cum (within-chunk cumsum of log f), x = ic - cum, keep (c,c) or (B,H,N,c,c) mask of
+    pairs s <= t that no reset separates, seg (reset segment ids or None), and a = log weight of
+    k_s v_s in the chunk-end state. A log f below _RESET_LOGF (a reset) is kept out of the cumsum
+    and cuts the chunk into segments, -inf across a cut: exp gives exactly 0 there anyway, and a
+    -1e5 inside the cumsum would cost fp32 precision in every later difference.
+    """
+    c = lf.shape[-1]
+    keep = torch.ones(c, c, dtype=torch.bool, device=lf.device).tril()
+    is_reset = lf < _RESET_LOGF
+    if not bool(is_reset.any()):
+        cum = lf.cumsum(-1)
+        x = ic - cum
+        return cum, x, keep, None, x + cum[..., -1:]
+    seg = is_reset.cumsum(-1)
+    cum = lf.masked_fill(is_reset, 0.0).cumsum(-1)
+    x = ic - cum
+    keep = keep & (seg.unsqueeze(-1) == seg.unsqueeze(-2))
+    a = (x + cum[..., -1:]).masked_fill(seg != seg[..., -1:], -math.inf)
+    return cum, x, keep, seg, a
+
+
+def _intra_weights(cum, x, keep, seg, m_in):
+    """Stabilised intra-chunk weights: logW[t,s] (c x c) and b[t] for the incoming state, both minus M_t."""
+    if seg is None:
+        m_intra = cum + x.cummax(-1).values  # max_{s<=t} (cum_t - cum_s + i_s) as a prefix max
+        b = cum + m_in.unsqueeze(-1)
+    else:
+        m_intra = (cum.unsqueeze(-1) + x.unsqueeze(-2)).masked_fill(~keep, -math.inf).amax(-1)
+        b = (cum + m_in.unsqueeze(-1)).masked_fill(seg > 0, -math.inf)
+    M = torch.maximum(m_intra, b)
+    logW = ((cum - M).unsqueeze(-1) + x.unsqueeze(-2)).masked_fill(~keep, -math.inf)
+    return logW, b - M, M
+
+
+def _chunk_states(kc, vc, a, g, C0, m0):
     """All chunk-boundary states at once (no loop over chunks).
 
-    kc (B,H,N,c,Dqk), vc (B,H,N,c,Dv1) with the ones column for n, logf/ic (B,H,N,c),
-    C0 (B,H,Dqk,Dv1), m0 (B,H). Returns states (B,H,N+1,Dqk,Dv1) entering each chunk (the last is
-    the final state) and their stabilisers m (B,H,N+1).
+    kc (B,H,N,c,Dqk), vc (B,H,N,c,Dv1) with the ones column for n, a (B,H,N,c) the log weight of
+    each k_s v_s in its chunk-end state, g (B,H,N) the log decay across each chunk,
+    C0 (B,H,Dqk,Dv1), m0 (B,H).
+    Returns states (B,H,N+1,Dqk,Dv1) entering each chunk (the last is the final state) and
+    their stabilisers m (B,H,N+1).
     """
-    B, H, N, c = logf.shape
-    g = logf.sum(-1)  # (B,H,N): log decay across a chunk
-    a = _segsum(logf)[..., -1, :] + ic  # (B,H,N,c): log weight of k_s v_s in the chunk-end state
+    B, H, N, c = a.shape
     amax = a.amax(-1)  # (B,H,N)
     # per-chunk contribution, stabilised by its own max
     dC = (kc * torch.exp(a - amax.unsqueeze(-1)).unsqueeze(-1)).transpose(-2, -1) @ vc  # (B,H,N,Dqk,Dv1)
     # sources: the initial state (scale m0) then each chunk (scale amax); target k sees sources p <= k
     src = torch.cat([C0.unsqueeze(2), dC], 2).flatten(-2)  # (B,H,N+1,Dqk*Dv1)
-    logW = _segsum(torch.cat([g.new_zeros(B, H, 1), g], -1)) + torch.cat(
-        [m0.unsqueeze(-1), amax], -1
-    ).unsqueeze(-2)
+    scale = torch.cat([m0.unsqueeze(-1), amax], -1)
+    logW = _segsum(torch.cat([g.new_zeros(B, H, 1), g], -1)) + scale.unsqueeze(-2)
     m = logW.amax(-1)  # (B,H,N+1)
     states = torch.exp(logW - m.unsqueeze(-1)) @ src
     return states.view(B, H, N + 1, *C0.shape[-2:]), m
@@ -202,13 +239,12 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, eps=1e-6, initial_state=None, 
         lf, ic = logf.view(B, H, N, c), i.view(B, H, N, c)
 
         C0n = torch.cat([C0, n0.unsqueeze(-1)], -1)
-        states, ms = _chunk_states(kc, vc, lf, ic, C0n, m0)
-
-        logD = _segsum(lf) + ic.unsqueeze(-2)  # (B,H,N,c,c)
-        b = lf.cumsum(-1) + ms[..., :-1, None]  # (B,H,N,c): log weight of the incoming state at t
-        M = torch.maximum(logD.amax(-1), b)
-        S = (qc @ kc.transpose(-2, -1)) * torch.exp(logD - M.unsqueeze(-1))
-        out = S @ vc + (qc * torch.exp(b - M).unsqueeze(-1)) @ states[:, :, :-1]  # (B,H,N,c,Dv+1)
+        # the chunk-end weights do not depend on the incoming stabilisers: states first, then outputs
+        cum, x, keep, seg, a = _intra_gates(lf, ic)
+        states, ms = _chunk_states(kc, vc, a, lf.sum(-1), C0n, m0)
+        logW, b, M = _intra_weights(cum, x, keep, seg, ms[..., :-1])
+        S = (qc @ kc.transpose(-2, -1)) * torch.exp(logW)
+        out = S @ vc + (qc * torch.exp(b).unsqueeze(-1)) @ states[:, :, :-1]  # (B,H,N,c,Dv+1)
         den = torch.maximum(out[..., -1].abs(), torch.exp(-M)) + eps
         h = (out[..., :-1] / den.unsqueeze(-1)).reshape(B, H, N * c, Dv)[:, :, :L]
     h = h.to(dtype)

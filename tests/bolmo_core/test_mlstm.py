@@ -140,32 +140,27 @@ def test_gradients_with_initial_state_are_finite():
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v, i, f, *st))
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-3)])
 @pytest.mark.parametrize("chunk,L", [(16, 64), (64, 128)])
-def test_matches_mlstm_kernels_native_chunkwise(chunk, L):
-    """Reference: mlstm_kernels 2.0.6 `chunkwise--native_autograd` (pure torch; needs L % chunk == 0)."""
+def test_matches_mlstm_kernels_native_chunkwise(chunk, L, dtype, tol):
+    """Reference: mlstm_kernels 2.0.6 `chunkwise--native_autograd` (pure torch; needs L % chunk == 0).
+
+    fp64 shows the math is the same; fp32 random inputs have near-zero denominators, where both
+    kernels are ~1e-4 (relative norm) off the fp64 result, so fp32 is compared by norm.
+    """
     ref_fn = get_mlstm_kernel("chunkwise--native_autograd")
-    q, k, v, i, f = _inputs(L=L, dtype=torch.float32, seed=3)
+    q, k, v, i, f = _inputs(L=L, dtype=dtype, seed=3)
     _, s0 = mlstm_chunkwise(q, k, v, i, f, chunk_size=chunk, return_last_state=True)  # a non-trivial state
     C0, n0, m0 = s0
     h_ref, (C, n, m) = ref_fn(
-        q,
-        k,
-        v,
-        i,
-        f,
-        c_initial=C0,
-        n_initial=n0,
-        m_initial=m0[..., None],
-        chunk_size=chunk,
-        return_last_states=True,
-    )
+        q, k, v, i, f, c_initial=C0, n_initial=n0, m_initial=m0[..., None],
+        chunk_size=chunk, return_last_states=True,
+    )  # fmt: skip
     h, (C1, n1, m1) = mlstm_chunkwise(
         q, k, v, i, f, chunk_size=chunk, initial_state=s0, return_last_state=True
     )
-    _close(h, h_ref, 1e-5)
-    _close(C1, C, 1e-5)
-    _close(n1, n, 1e-5)
-    _close(m1, m.squeeze(-1), 1e-5)
+    for ours, ref in ((h, h_ref), (C1, C), (n1, n), (m1, m.squeeze(-1))):
+        assert (ours - ref).norm() <= tol * ref.norm()
 
 
 def test_step_matches_mlstm_kernels_native_step():
@@ -183,17 +178,20 @@ def test_step_matches_mlstm_kernels_native_step():
     _close(state[2], m.squeeze(-1), 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
-def test_left_padding_reset_equals_row_alone(form):
+def test_left_padding_reset_equals_row_alone(form, dtype):
     """Reset (f = -1e5) at a row's first real position drops the pad state exactly (spec §3.3)."""
     run = {
         "parallel": mlstm_parallel,
         "chunkwise": lambda *a: mlstm_chunkwise(*a, chunk_size=8),
         "recurrent": mlstm_recurrent,
     }[form]
-    q, k, v, i, f = _inputs(B=1, L=30, dtype=torch.float32, seed=5)
+    q, k, v, i, f = _inputs(B=1, L=30, dtype=dtype, seed=5)
+    if dtype == torch.float32:  # q.k > 0 keeps denominators away from 0, so fp32 is well conditioned
+        q, k = q.abs(), k.abs()
     pad = 11
-    garbage = _inputs(B=1, L=pad, dtype=torch.float32, seed=6)
+    garbage = _inputs(B=1, L=pad, dtype=dtype, seed=6)
     padded = [torch.cat([g, x], 2) for g, x in zip(garbage, (q, k, v, i, f))]
     reset = torch.zeros(1, pad + 30, dtype=torch.bool)
     reset[:, pad] = True
@@ -201,7 +199,7 @@ def test_left_padding_reset_equals_row_alone(form):
     alone_f = reset_forget_gate(f, reset[:, pad:])  # unpadded rows also start with the reset (start index 0)
     h_pad = run(*padded)[:, :, pad:]
     h_alone = run(q, k, v, i, alone_f)
-    _close(h_pad, h_alone, 1e-5)
+    _close(h_pad, h_alone, 1e-10 if dtype == torch.float64 else 1e-5)
     # the reset at position 0 differs from the zero state only through the stabiliser (eps-level)
     _close(h_alone, run(q, k, v, i, f), 1e-3)
     assert padded[4][0, 0, pad].item() == RESET_F
