@@ -187,6 +187,12 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(tracking_uri).set_terminated(run_id, status=status)
 
 
+def client_set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client = _client(tracking_uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v)[:5000])
+
+
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     from mlflow.entities import Metric
 
