@@ -3,6 +3,9 @@
 `forward(x, state=None, reset=None) -> (y, state)` runs a whole sequence (chunkwise kernel,
 continuing from `state` when given) or, for L == 1 with a state, one recurrent step; the
 recurrent state is the mLSTM's (C, n, m) in fp32 and is what generation carries between bytes.
+`hold` (B, L) bool marks positions that leave the state exactly unchanged (input gate -> 0, forget
+gate -> 1): right-padded prompts end in their own last real state, and idle rows of a batched
+generation step keep theirs. Outputs at held positions are meaningless.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from .config import LocalConfig
 from .mlstm import get_mlstm_backend, mlstm_step, reset_forget_gate
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+HOLD_I = -1e30  # input-gate value with exp(HOLD_I - m) == 0: nothing is written
+HOLD_F = 1e5  # forget-gate pre-activation with logsigmoid == 0 exactly in fp32: the state is kept
 
 
 class MLSTMLayer(nn.Module):
@@ -52,7 +57,8 @@ class MLSTMLayer(nn.Module):
         hf = hf.permute(0, 2, 1, 3).reshape(B, L, H * Dv)
         return (hf * self.head_norm_weight.float()).to(h.dtype)
 
-    def forward(self, x: torch.Tensor, state: State | None = None, reset: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, state: State | None = None, reset: torch.Tensor | None = None,
+                hold: torch.Tensor | None = None):
         B, L, _ = x.shape
         H = self.h
         q = self.q(x).view(B, L, H, -1).transpose(1, 2)
@@ -62,6 +68,10 @@ class MLSTMLayer(nn.Module):
         f = self._cap(self.f_gate(x)).transpose(1, 2)
         if reset is not None:  # after the cap: f -> -1e5 makes the forget gate exactly ~0
             f = reset_forget_gate(f, reset)
+        if hold is not None:  # i -> exp(-1e30) = 0 and log f = 0: C, n and m pass through unchanged
+            hold = hold.to(torch.bool)[:, None, :]
+            i = i.masked_fill(hold, HOLD_I)
+            f = f.masked_fill(hold, HOLD_F)
         if L == 1 and state is not None:
             h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state)
             h = h.unsqueeze(2)
@@ -93,17 +103,19 @@ class LocalBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(d, eps=cfg.block_norm_eps)
         self.ffn = SwiGLU(d, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, state: State | None = None, reset: torch.Tensor | None = None):
-        a, state = self.mlstm(self.mlstm_norm(x), state, reset)
+    def forward(self, x: torch.Tensor, state: State | None = None, reset: torch.Tensor | None = None,
+                hold: torch.Tensor | None = None):
+        a, state = self.mlstm(self.mlstm_norm(x), state, reset, hold)
         x = x + a
         return x + self.ffn(self.ffn_norm(x)), state
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, states: list | None = None, reset: torch.Tensor | None = None):
-    """Run a stack of LocalBlocks, threading one state per block."""
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, states: list | None = None, reset: torch.Tensor | None = None,
+               hold: torch.Tensor | None = None):
+    """Run a stack of LocalBlocks, threading one state per block (`hold`: see the module docstring)."""
     states = states if states is not None else [None] * len(blocks)
     new = []
     for blk, st in zip(blocks, states, strict=True):
-        x, st = blk(x, st, reset)
+        x, st = blk(x, st, reset, hold)
         new.append(st)
     return x, new
