@@ -1,0 +1,198 @@
+"""BolmoModel on the tiny preset: Stage 1/2 losses, gradient flow, static shapes, init, param groups."""
+
+import copy
+
+import pytest
+import torch
+from bolmo_batches import text_batch
+
+from bolmo_core.byte_tokenizer import FUSED_VOCAB
+from bolmo_core.config import get_preset
+from bolmo_core.model import BatchError, BolmoModel
+from bolmo_core.source import load_source_model, load_tokenizer, tiny_corpus
+from bolmo_core.subword import RetainedIndex, SubwordVocab
+
+P = 32
+
+
+@pytest.fixture(scope="module")
+def setup():
+    preset = get_preset("tiny")
+    tok = load_tokenizer(preset.model.source)
+    vocab = SubwordVocab.from_tokenizer(tok)
+    texts = tiny_corpus(40_000)
+    batch = text_batch(tok, vocab, [[texts[0][:60], texts[1]], [texts[2]]], P)
+    torch.manual_seed(0)
+    model = BolmoModel.from_source(preset.model, vocab=vocab)
+    return preset, vocab, batch, model
+
+
+def _grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def test_stage1_loss_and_gradient_flow(setup):
+    preset, _, batch, model = setup
+    model.configure_stage(preset.stage1)
+    model.zero_grad(set_to_none=True)
+    loss, m = model.stage1_loss(batch, preset.stage1.losses)
+    loss.backward()
+    for key in ("loss_encoder", "loss_ce", "loss_distill", "loss_boundary", "boundary_acc", "boundary_precision",
+                "boundary_recall", "boundary_rate_pred", "overflow_frac", "bytes_per_patch", "loss"):
+        assert isinstance(m[key], float), key
+    w = preset.stage1.losses
+    want = w.encoder * m["loss_encoder"] + w.ce * m["loss_ce"] + w.distill * m["loss_distill"] + w.boundary * m["loss_boundary"]
+    assert abs(m["loss"] - want) < 1e-4 * abs(want)
+    assert m["overflow_frac"] == 0.0
+    assert abs(m["bytes_per_patch"] - batch["byte_mask"].sum().item() / batch["patch_mask"].sum().item()) < 1e-6
+    enc = model.local_encoder
+    assert enc.byte_embedding.weight.grad.abs().sum() > 0
+    assert enc.retained_embedding.weight.grad.abs().sum() > 0
+    assert all(g is not None and g.abs().sum() > 0 for g in _grads(enc.blocks))
+    assert model.out_projection.weight.grad.abs().sum() > 0  # only via the L2 loss through frozen blocks
+    assert model.boundary_predictor.q.weight.grad is not None
+    assert all(g is None for g in _grads(model.global_model)) and all(g is None for g in _grads(model.teacher))
+
+
+def test_stage1_encoder_loss_reaches_encoder_through_frozen_blocks(setup):
+    preset, _, batch, model = setup
+    model.configure_stage(preset.stage1)
+    model.zero_grad(set_to_none=True)
+    only_enc = copy.deepcopy(preset.stage1.losses)
+    only_enc.ce = only_enc.distill = only_enc.boundary = 0.0
+    loss, _ = model.stage1_loss(batch, only_enc)
+    loss.backward()
+    assert model.local_encoder.byte_embedding.weight.grad.abs().sum() > 0
+    g = model.local_decoder.in_projection.weight.grad
+    assert g is None or not g.any()  # the decoder is not on this path
+
+
+def test_stage2_gradient_reaches_global(setup):
+    preset, _, batch, model = setup
+    model.configure_stage(preset.stage2)
+    model.zero_grad(set_to_none=True)
+    loss, m = model.stage2_loss(batch, preset.stage2.losses)
+    loss.backward()
+    assert set(m) >= {"loss_ce", "loss_boundary", "overflow_frac", "clipped_byte_frac", "bytes_per_patch"}
+    assert all(g is not None for g in _grads(model.global_model))
+    assert model.global_model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert all(g is None for g in _grads(model.teacher))
+    model.configure_stage(preset.stage1)
+
+
+def test_static_shapes(setup):
+    _, _, batch, model = setup
+    B, L = batch["input_ids"].shape
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["expanded_ids"], byte_mask=batch["byte_mask"], n_patches=P)
+        d = model.d_global
+        assert out.logits.shape == (B, L, FUSED_VOCAB) and out.boundary_logp.shape == (B, L)
+        assert out.patch_reps.shape == (B, P, d) and out.global_hidden.shape == (B, P, d)
+        assert out.patch_mask.shape == (B, P) and out.overflow.shape == (B,)
+        # teacher-forced boundaries: the patch mask is the batch's
+        from bolmo_core.pooling import boundaries_from_patch_lens
+
+        b = boundaries_from_patch_lens(batch["patch_lens"], L) & batch["byte_mask"]
+        out2 = model(batch["input_ids"], batch["expanded_ids"], boundary_mask=b, n_patches=P)
+        assert torch.equal(out2.patch_mask, batch["patch_mask"])
+
+
+def test_fused_labels():
+    ids = torch.tensor([[1, 10, 11, 12, 0]])
+    b = torch.tensor([[1, 0, 1, 1, 0]], dtype=torch.bool)
+    mask = ids != 0
+    labels, valid = BolmoModel.fused_labels(ids, b, mask)
+    assert labels.tolist() == [[10, 11 + 260, 12 + 260, 0, 0]] and valid.tolist() == [[True, True, True, False, False]]
+
+
+def test_boundary_targets_eos_joins_previous_patch(setup):
+    _, _, _, model = setup
+    ids = torch.tensor([[1, 10, 11, 1, 12, 13, 0]])
+    b = torch.tensor([[1, 0, 1, 1, 0, 1, 0]], dtype=torch.bool)
+    labels, mask = model.boundary_targets(ids, b, ids != 0)
+    assert labels.tolist() == [[True, False, False, True, False, True, False]]
+    assert mask.tolist() == [[True, True, True, True, True, False, False]]  # no label without a next byte
+
+
+def test_causal_predictor_in_model_does_not_look_ahead(setup):
+    preset, vocab, batch, _ = setup
+    cfg = copy.deepcopy(preset.model)
+    cfg.boundary_lookahead = 0
+    lm = load_source_model(cfg.source)
+    model = BolmoModel.from_source(cfg, source_model=lm, init=False, vocab=vocab)
+    ids = batch["input_ids"][:1, :40].clone()
+    t = 20
+    ids2 = ids.clone()
+    ids2[0, t + 1] = 4 + (ids[0, t + 1] - 4 + 7) % 256
+    ri = RetainedIndex(vocab)
+    with torch.no_grad():
+        a = model.encode(ids, ri.expand(ids))[1]
+        b = model.encode(ids2, ri.expand(ids2))[1]
+    assert torch.equal(a[0, : t + 1], b[0, : t + 1]) and not torch.equal(a[0, t + 1], b[0, t + 1])
+
+
+def test_init_matches_teacher_embedding_statistics(setup):
+    _, vocab, _, model = setup
+    emb_t = model.teacher.embed_tokens.weight.detach()
+    assert torch.equal(model.local_encoder.retained_embedding.weight, emb_t[: vocab.vocab_size])
+    mean_t, std_t = emb_t.mean(0), emb_t.std(0)
+    g = torch.Generator().manual_seed(123)  # a fresh sample, not the one init used
+    ids = torch.randint(4, 260, (1, 8192), generator=g)
+    with torch.no_grad():
+        h, _ = model.local_encoder(ids, RetainedIndex(vocab).expand(ids))
+        reps = model.out_projection(h[0])
+    ratio = reps.std(0) / std_t
+    assert 0.9 < ratio.min() and ratio.max() < 1.1
+    assert ((reps.mean(0) - mean_t).abs() / std_t).max() < 0.1
+    byte_std = model.local_encoder.byte_embedding.weight.std(0) / std_t
+    assert 0.7 < byte_std.median() < 1.3
+    assert torch.all(model.boundary_predictor.q.weight == torch.eye(model.d_local))
+
+
+def test_init_narrow_local_width(setup):
+    """d_l < d_g: projections on both sides; init rescale on the output axis still matches the teacher."""
+    preset, vocab, batch, _ = setup
+    cfg = copy.deepcopy(preset.model)
+    cfg.local.d_local = 32
+    torch.manual_seed(0)
+    model = BolmoModel.from_source(cfg, vocab=vocab)
+    assert model.out_projection.weight.shape == (64, 32)
+    emb_t = model.teacher.embed_tokens.weight.detach()
+    ids = torch.randint(4, 260, (1, 4096), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        h, _ = model.local_encoder(ids, RetainedIndex(vocab).expand(ids))
+        ratio = model.out_projection(h[0]).std(0) / emb_t.std(0)
+        loss, m = model.stage1_loss(batch, preset.stage1.losses)
+    assert 0.85 < ratio.min() and ratio.max() < 1.15
+    assert torch.isfinite(loss)
+
+
+def test_param_groups(setup):
+    preset, _, _, model = setup
+    g1 = {g["name"]: g for g in model.param_groups(preset.stage1)}
+    assert set(g1) == {"local", "local_no_decay"}
+    no_decay = {id(p) for p in g1["local_no_decay"]["params"]}
+    assert id(model.local_encoder.byte_embedding.weight) in no_decay
+    assert id(model.out_projection.bias) in no_decay and id(model.lm_head.norm.weight) in no_decay
+    assert id(model.lm_head.out.weight) in {id(p) for p in g1["local"]["params"]}
+    assert g1["local_no_decay"]["weight_decay"] == 0.0 and g1["local"]["weight_decay"] == 0.1
+    assert not any(p.requires_grad for p in model.global_model.parameters())
+    g2 = {g["name"]: g for g in model.param_groups(preset.stage2)}
+    opt = preset.stage2.optim
+    assert g2["global"]["lr"] == pytest.approx(opt.lr * opt.global_lr_ratio) and g2["local"]["lr"] == opt.lr
+    teacher = {id(p) for p in model.teacher.parameters()}
+    assert not any(id(p) in teacher for g in g2.values() for p in g["params"])
+    n = sum(p.numel() for g in g2.values() for p in g["params"])
+    assert n == model.num_params()
+    model.configure_stage(preset.stage1)
+
+
+def test_bad_batch_is_rejected(setup):
+    preset, _, batch, model = setup
+    bad = dict(batch)
+    del bad["teacher_ids"]
+    with pytest.raises(BatchError, match="teacher_ids"):
+        model.stage1_loss(bad)
+    bad = dict(batch, patch_mask=batch["patch_mask"][:, :-1])
+    with pytest.raises(BatchError, match="patch_mask"):
+        model.stage2_loss(bad)
