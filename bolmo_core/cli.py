@@ -1,0 +1,136 @@
+"""The ``byteify`` console script: one argparse subparser per command.
+
+    byteify eval MODEL_DIR --text FILE [--source SOURCE]    prints the JSON evaluation report
+
+A new command is a ``_add_<name>(subparsers)`` that sets ``func`` and one line in ``build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from . import cute
+
+
+class CLIError(ValueError):
+    """A bad command-line input, with a one-line reason."""
+
+
+def _json_default(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _nan_to_none(x):
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _read_text(path: str) -> bytes:
+    from . import storage
+
+    try:
+        data = storage.read_bytes(path)
+    except (storage.StorageError, OSError) as e:
+        raise CLIError(f"--text '{path}': cannot be read ({e})") from None
+    if not data:
+        raise CLIError(f"--text '{path}': file is empty")
+    return data
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .evaluate import EvalConfig, evaluate, markdown_table
+    from .load import load_byte_model
+    from .source import SourceConfig, load_source_model, load_tokenizer
+
+    text = _read_text(args.text)
+    tasks = tuple(t for t in args.cute_tasks.split(",") if t) if args.cute_tasks else ()
+    cfg = EvalConfig(
+        window_bytes=args.window_bytes, batch_size=args.batch_size, precision=args.precision,
+        max_bytes=args.max_bytes, cute_tasks=tasks, cute_items=args.cute_items, cute_seed=args.seed,
+        cute_data_dir=args.cute_data, boundaries=args.boundaries,
+    )
+    torch.manual_seed(args.seed)
+    byte_model, preset = load_byte_model(args.model_dir)
+    src_cfg = SourceConfig(args.source) if args.source else preset.model.source
+    tok = load_tokenizer(preset.model.source)  # the tokenizer the byte model was made with
+    source_model = None if args.no_source else load_source_model(src_cfg)
+    if source_model is not None and args.source:
+        # A different source must share the tokenizer, or the side-by-side bytes would differ.
+        from .subword import get_vocab
+
+        if get_vocab(load_tokenizer(src_cfg)).fingerprint != get_vocab(tok).fingerprint:
+            raise CLIError(f"--source '{args.source}': its tokenizer differs from the byte model's source")
+    report = evaluate([text], tok, source_model=source_model, byte_model=byte_model, cfg=cfg,
+                      byte_length=preset.data.byte_slots)
+    report["model_dir"] = args.model_dir
+    report["source_name"] = src_cfg.name_or_path
+    report = _nan_to_none(report)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(report) + "\n", encoding="utf-8")
+    print(json.dumps(report, indent=1, default=_json_default))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a byte model against its source on held-out text (JSON report)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (or stage output folder) or exported model")
+    p.add_argument("--text", required=True, help="held-out text file (local path or fsspec URI)")
+    p.add_argument("--source", help="source model to compare with (default: the byte model's own source)")
+    p.add_argument("--no-source", action="store_true", help="evaluate the byte model only")
+    p.add_argument("--window-bytes", type=int, help="bytes per window (default: the model's byte length - 1)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--max-bytes", type=int, help="evaluate only the first N bytes of the text")
+    p.add_argument("--boundaries", choices=("predicted", "source"), default="predicted",
+                   help="byte-model boundaries: its own predictor (default) or the source tokenizer's")
+    p.add_argument("--cute-tasks", default=",".join(cute.CHAR_TASKS), help="comma-separated; empty to skip")
+    p.add_argument("--cute-items", type=int, default=50, help="items per CUTE-style task")
+    p.add_argument("--cute-data", help="folder with CUTE TSV files to use instead of regenerating")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", help="also write the side-by-side markdown table to this file")
+    p.set_defaults(func=cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="byteify", description="Byteify a subword LM (Bolmo recipe).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_eval(sub)
+    return parser
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    """byteify's one-line input errors (a library traceback stays a traceback: it is a bug)."""
+    from .checkpoint import CheckpointError
+    from .evaluate import EvalError
+    from .global_model import GlobalModelError
+    from .load import LoadError
+    from .source import SourceError
+    from .storage import StorageError
+    from .subword import TokenizerError
+
+    return (CLIError, cute.CuteError, CheckpointError, EvalError, GlobalModelError, LoadError, SourceError,
+            StorageError, TokenizerError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _known_errors() as e:
+        print(f"byteify {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Evaluation: a byteified model side by side with its source model on held-out text.
+
+Metrics (both models on exactly the same bytes, in the same windows):
+
+* **bits per byte.** Byte model: Σ −log₂ p(byte) / #bytes with p(byte) the folded fused
+  probability p(v) + p(v + 260) (spec §1.1, §13.1), conditioning on the boundaries the
+  model itself places: the encoder's boundary predictor over the text, i.e. a full
+  forward with predicted boundaries. (That predictor looks one byte ahead, so the logits
+  at byte t know whether t ends a patch, which depends on byte t+1; spec §5.2. This is the
+  published recipe's evaluation; a boundary-free marginal would need a sum over
+  segmentations.) Source: Σ −log₂ p(token) over every token / #bytes, each window
+  starting from the document separator as context.
+* **boundary accuracy / precision / recall** of the predicted boundaries against the
+  source tokenizer's token ends (BOS and each window's last byte, which the predictor
+  cannot decide, are excluded), and the predicted/label boundary rates.
+* **bytes per patch** (byte model) next to bytes per token (source).
+* **CUTE-style char tasks** (`cute.py`), greedy generation for both models.
+
+Windows: a document is cut into windows of at most ``window_bytes`` bytes (default: the
+byte model's byte length minus the BOS slot), only at source-token ends, so both models
+predict the same bytes. Windows do not overlap: each window starts with no context
+besides BOS / the separator, which makes bpb slightly worse than a sliding window would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from . import cute
+from .byte_tokenizer import BOS, OFFSET, PAD, fold_logprobs
+from .subword import RetainedIndex, SubwordVocab, get_vocab, label_documents
+
+LN2 = math.log(2.0)
+
+
+class EvalError(ValueError):
+    """Evaluation input that cannot be used, with a one-line reason."""
+
+
+@dataclass
+class EvalConfig:
+    window_bytes: int | None = None  # None: the byte model's byte length - 1 (BOS), else 2048
+    batch_size: int = 4
+    precision: str = "fp32"  # fp32 | bf16 (autocast on the forward passes)
+    boundaries: str = "predicted"  # byte model: "predicted" (its own) | "source" (tokenizer's, a diagnostic)
+    max_bytes: int | None = None  # evaluate only the first max_bytes of the held-out text
+    cute_tasks: tuple[str, ...] = cute.CHAR_TASKS  # () skips the char tasks
+    cute_items: int = 50  # items per task
+    cute_seed: int = 0
+    cute_data_dir: str | None = None  # folder with CUTE TSVs to use instead of regenerating
+    cute_batch_size: int = 8
+    word_source: str = "auto"
+
+
+@dataclass
+class Window:
+    """A run of whole source tokens of one document: what both models score."""
+
+    doc: int
+    start: int  # byte offset in the document
+    data: bytes
+    token_ids: np.ndarray  # source tokens spelling `data`
+    token_ends: np.ndarray  # their byte ends, relative to `start`
+
+
+# ---------------------------------------------------------------- windows
+
+
+def make_windows(tok, docs: Sequence[bytes], window_bytes: int, vocab: SubwordVocab | None = None) -> list[Window]:
+    """Cut documents into windows of <= window_bytes at source-token ends (greedy, no overlap)."""
+    if window_bytes < 1:
+        raise EvalError(f"window_bytes must be >= 1, got {window_bytes}")
+    docs = [bytes(d) for d in docs if d]
+    if not docs:
+        raise EvalError("held-out text is empty")
+    windows = []
+    for n, (doc, (ids, ends)) in enumerate(zip(docs, label_documents(tok, docs, vocab))):
+        ends = ends.astype(np.int64)
+        starts = np.concatenate([[0], ends[:-1]])
+        too_long = np.flatnonzero(ends - starts > window_bytes)
+        if len(too_long):
+            k = int(too_long[0])
+            raise EvalError(f"document {n}: token {k} is {int(ends[k] - starts[k])} bytes, longer than "
+                            f"window_bytes={window_bytes}")
+        i = 0
+        while i < len(ids):
+            # Last token whose end is within window_bytes of this window's start.
+            j = int(np.searchsorted(ends, starts[i] + window_bytes, side="right"))
+            s = int(starts[i])
+            windows.append(Window(n, s, doc[s:int(ends[j - 1])], ids[i:j].astype(np.int64), ends[i:j] - s))
+            i = j
+    return windows
+
+
+# ---------------------------------------------------------------- source model
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision not in ("fp32", "bf16"):
+        raise EvalError(f"precision '{precision}': expected fp32 or bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@torch.no_grad()
+def source_bits(model, vocab: SubwordVocab, windows: Sequence[Window], batch_size: int = 4,
+                precision: str = "fp32") -> dict:
+    """Σ −log₂ p(token) of the source model over all windows (separator first in each)."""
+    device = next(model.parameters()).device
+    total_bits, n_tokens = 0.0, 0
+    for b in range(0, len(windows), batch_size):
+        chunk = windows[b:b + batch_size]
+        width = 1 + max(len(w.token_ids) for w in chunk)
+        ids = torch.full((len(chunk), width), vocab.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, w in enumerate(chunk):
+            n = len(w.token_ids)
+            ids[r, 0] = vocab.doc_separator_id
+            ids[r, 1:n + 1] = torch.from_numpy(w.token_ids)
+            mask[r, :n + 1] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with _autocast(precision, device):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        tgt = ids[:, 1:]
+        nll = -logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+        valid = mask[:, 1:].bool()
+        total_bits += float(nll[valid].double().sum()) / LN2
+        n_tokens += int(valid.sum())
+    n_bytes = sum(len(w.data) for w in windows)
+    return {"bits": total_bits, "bytes": n_bytes, "tokens": n_tokens,
+            "bits_per_byte": total_bits / n_bytes, "bytes_per_token": n_bytes / n_tokens}
+
+
+def source_generate_fn(model, tok, vocab: SubwordVocab | None = None):
+    """cute.GenerateFn for the source: HF greedy `generate` with KV cache, separator first, left padding."""
+    vocab = vocab or get_vocab(tok)
+    device = next(model.parameters()).device
+    stop_ids = sorted({vocab.doc_separator_id, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+
+    @torch.no_grad()
+    def generate(prompts: list[str], max_new_bytes: int) -> list[str]:
+        rows = [[vocab.doc_separator_id, *tok(p, add_special_tokens=False)["input_ids"]] for p in prompts]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), vocab.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):] = torch.tensor(row)
+            mask[r, width - len(row):] = 1
+        # Every token is >= 1 byte, so a budget of max_new_bytes tokens covers max_new_bytes bytes.
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_bytes,
+            do_sample=False, eos_token_id=stop_ids, pad_token_id=vocab.pad_id,
+            stop_strings=['"'], tokenizer=tok,
+        )
+        texts = []
+        for row in out[:, width:].tolist():
+            new = b"".join(vocab.token_bytes[i] for i in row if i not in vocab.special_ids)
+            texts.append(new.decode("utf-8", errors="replace"))
+        return texts
+
+    return generate
+
+
+# ---------------------------------------------------------------- byte model
+
+
+def byte_batch(windows: Sequence[Window], retained: RetainedIndex, vocab: SubwordVocab, width: int | None = None):
+    """input_ids / expanded_ids (B, width) for windows: BOS + bytes, right-padded (docs/internals.md)."""
+    width = width or 1 + max(len(w.data) for w in windows)
+    input_ids = np.full((len(windows), width), PAD, dtype=np.int64)
+    for r, w in enumerate(windows):
+        input_ids[r, 0] = BOS
+        input_ids[r, 1:len(w.data) + 1] = np.frombuffer(w.data, dtype=np.uint8).astype(np.int64) + OFFSET
+    expanded = np.asarray(retained.expand(input_ids), dtype=np.int64)
+    expanded[input_ids == BOS] = vocab.doc_separator_id
+    expanded[input_ids == PAD] = vocab.pad_id
+    return torch.from_numpy(input_ids), torch.from_numpy(expanded)
+
+
+def source_boundaries(windows: Sequence[Window], width: int) -> torch.Tensor:
+    """(B, width) bool: BOS and every source token's last byte (position = its end offset, BOS at 0)."""
+    mask = torch.zeros((len(windows), width), dtype=torch.bool)
+    mask[:, 0] = True
+    for r, w in enumerate(windows):
+        mask[r, torch.from_numpy(w.token_ends.astype(np.int64))] = True
+    return mask
+
+
+@torch.no_grad()
+def byte_model_stats(model, vocab: SubwordVocab, windows: Sequence[Window], batch_size: int = 4,
+                     precision: str = "fp32", retained: RetainedIndex | None = None,
+                     boundaries: str = "predicted") -> dict:
+    """Folded bits per byte, boundary agreement with the source tokenizer, bytes per patch.
+
+    boundaries="source" pools at the source tokenizer's token ends instead of the predicted
+    boundaries (Stage-1 conditions; a diagnostic, not the model's own bpb).
+    """
+    if boundaries not in ("predicted", "source"):
+        raise EvalError(f"boundaries '{boundaries}': expected predicted or source")
+    retained = retained or RetainedIndex(vocab)
+    device = next(model.parameters()).device
+    bits, n_bytes, patches = 0.0, 0, 0
+    tp = fp = fn = tn = 0
+    for b in range(0, len(windows), batch_size):
+        chunk = windows[b:b + batch_size]
+        input_ids, expanded = byte_batch(chunk, retained, vocab)
+        forced = source_boundaries(chunk, input_ids.shape[1]).to(device) if boundaries == "source" else None
+        input_ids, expanded = input_ids.to(device), expanded.to(device)
+        with _autocast(precision, device):
+            out = model(input_ids, expanded, boundary_mask=forced, byte_mask=input_ids != PAD)
+        logits, mask = out.logits, out.boundary_mask
+        logp = fold_logprobs(torch.log_softmax(logits.float(), dim=-1))
+        nll = -logp[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        mask = mask.bool().cpu()
+        for r, w in enumerate(chunk):
+            n = len(w.data)
+            bits += float(nll[r, :n].double().sum()) / LN2
+            n_bytes += n
+            # Position p (1-based byte index) ends a token when p is one of the token ends.
+            label = np.zeros(n + 1, dtype=bool)
+            label[w.token_ends.astype(np.int64)] = True
+            pred = mask[r, :n + 1].numpy()
+            # A window's bytes form this many patches: boundaries before its last byte, plus the last.
+            patches += int(pred[1:n].sum()) + 1
+            p, y = pred[1:n], label[1:n]  # BOS is forced, the last byte is undecidable
+            tp += int((p & y).sum())
+            fp += int((p & ~y).sum())
+            fn += int((~p & y).sum())
+            tn += int((~p & ~y).sum())
+    decided = tp + fp + fn + tn
+    return {
+        "bits": bits, "bytes": n_bytes, "bits_per_byte": bits / n_bytes,
+        "patches": patches, "bytes_per_patch": n_bytes / patches,
+        "boundary": {
+            "accuracy": (tp + tn) / decided if decided else float("nan"),
+            "precision": tp / (tp + fp) if tp + fp else float("nan"),
+            "recall": tp / (tp + fn) if tp + fn else float("nan"),
+            "predicted_rate": (tp + fp) / decided if decided else float("nan"),
+            "label_rate": (tp + fn) / decided if decided else float("nan"),
+            "positions": decided,
+        },
+    }
+
+
+def byte_generate_fn(model, **gen_kwargs):
+    """cute.GenerateFn for the byte model through `bolmo_core.generate.generate` (greedy)."""
+    from .generate import generate as byte_generate
+
+    def generate(prompts: list[str], max_new_bytes: int) -> list[str]:
+        outs = byte_generate(model, [p.encode("utf-8") for p in prompts], max_new_bytes=max_new_bytes, **gen_kwargs)
+        return [o.decode("utf-8", errors="replace") for o in outs]
+
+    return generate
+
+
+def byte_generation_available() -> bool:
+    try:
+        from .generate import generate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- the report
+
+
+def evaluate(
+    docs: Sequence[bytes], tok, source_model=None, byte_model=None, cfg: EvalConfig | None = None,
+    byte_length: int | None = None, byte_gen_kwargs: dict | None = None,
+) -> dict:
+    """The JSON-serialisable report for the source and/or byte model on held-out `docs`."""
+    cfg = cfg or EvalConfig()
+    if source_model is None and byte_model is None:
+        raise EvalError("evaluate: give a source model, a byte model, or both")
+    docs = [bytes(d) for d in docs]
+    if cfg.max_bytes is not None:
+        docs = _truncate(docs, cfg.max_bytes)
+    vocab = get_vocab(tok)
+    window = cfg.window_bytes or ((byte_length - 1) if byte_length else 2048)
+    windows = make_windows(tok, docs, window, vocab)
+    notes = [
+        f"windows of at most {window} bytes cut at source-token ends, no overlap: each window is scored "
+        "without the previous window's context (BOS / document separator only)",
+        "byte-model bits per byte fold p(v)+p(v+260) and condition on "
+        + ("the model's own predicted boundaries (one byte of lookahead, spec §5.2)" if cfg.boundaries == "predicted"
+           else "the source tokenizer's boundaries (diagnostic: not the model's own bpb)"),
+        "CUTE-style prompts are plain text for both models (no chat template), answers greedy",
+    ]
+    report: dict = {
+        "text": {"documents": len(docs), "bytes": sum(map(len, docs)), "windows": len(windows),
+                 "window_bytes": window},
+        "source": None, "byte_model": None,
+        "cute": {"name": cute.REPORT_NAME, "tasks": list(cfg.cute_tasks), "items_per_task": cfg.cute_items,
+                 "seed": cfg.cute_seed, "data_dir": cfg.cute_data_dir, "word_source": cfg.word_source},
+        "config": asdict(cfg), "notes": notes,
+    }
+    tasks = cute.load_tasks(cfg.cute_tasks, cfg.cute_items, cfg.cute_seed, cfg.cute_data_dir,
+                            cfg.word_source) if cfg.cute_tasks else {}
+    if source_model is not None:
+        src = source_bits(source_model, vocab, windows, cfg.batch_size, cfg.precision)
+        if tasks:
+            src["cute"] = cute.run_tasks(source_generate_fn(source_model, tok, vocab), tasks, cfg.cute_batch_size)
+            src["cute_mean"] = cute.mean_accuracy(src["cute"])
+        report["source"] = src
+    if byte_model is not None:
+        byt = byte_model_stats(byte_model, vocab, windows, cfg.batch_size, cfg.precision,
+                               boundaries=cfg.boundaries)
+        byt["boundaries"] = cfg.boundaries
+        if tasks:
+            if byte_generation_available():
+                fn = byte_generate_fn(byte_model, **(byte_gen_kwargs or {}))
+                byt["cute"] = cute.run_tasks(fn, tasks, cfg.cute_batch_size)
+                byt["cute_mean"] = cute.mean_accuracy(byt["cute"])
+            else:
+                byt["cute"] = None
+                notes.append("byte-model CUTE-style tasks not run: bolmo_core.generate is not available yet")
+        report["byte_model"] = byt
+    return report
+
+
+def _truncate(docs: list[bytes], max_bytes: int) -> list[bytes]:
+    out, left = [], max_bytes
+    for d in docs:
+        if left <= 0:
+            break
+        cut = min(len(d), left)
+        while 0 < cut < len(d) and (d[cut] & 0xC0) == 0x80:  # never inside a UTF-8 character
+            cut -= 1
+        out.append(d[:cut])
+        left -= cut
+    return [d for d in out if d]
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def markdown_table(report: dict) -> str:
+    """Source vs byte model, one metric per row."""
+    src, byt = report.get("source") or {}, report.get("byte_model") or {}
+    bnd = byt.get("boundary", {})
+    rows = [
+        ("bits per byte", src.get("bits_per_byte"), byt.get("bits_per_byte")),
+        ("bytes per token / patch", src.get("bytes_per_token"), byt.get("bytes_per_patch")),
+        ("boundary accuracy", None, bnd.get("accuracy")),
+        ("boundary precision", None, bnd.get("precision")),
+        ("boundary recall", None, bnd.get("recall")),
+    ]
+    sc, bc = src.get("cute") or {}, byt.get("cute") or {}
+    for task in report["cute"]["tasks"]:
+        rows.append((f"{report['cute']['name']}: {task}", (sc.get(task) or {}).get("accuracy"),
+                     (bc.get(task) or {}).get("accuracy")))
+    if report["cute"]["tasks"]:
+        rows.append((f"{report['cute']['name']}: mean", src.get("cute_mean"), byt.get("cute_mean")))
+    lines = ["| metric | source | byte model |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(a)} | {_fmt(b)} |" for name, a, b in rows]
+    t = report["text"]
+    lines.append("")
+    lines.append(f"{t['bytes']} bytes in {t['documents']} document(s), {t['windows']} windows of <= "
+                 f"{t['window_bytes']} bytes (no overlap).")
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""Evaluator: source bpb against an independent computation (SmolLM2), byte-model metrics (tiny preset)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from bolmo_core import evaluate as E
+from bolmo_core.config import get_preset
+from bolmo_core.model import BolmoModel
+from bolmo_core.source import SourceConfig, load_source_model, load_tokenizer, tiny_corpus
+from bolmo_core.subword import get_vocab
+
+
+def _wiki_text(n_bytes: int) -> bytes:
+    text = "\n\n".join(tiny_corpus(40_000)).encode("utf-8")[:n_bytes]
+    while text[-1] & 0xC0 == 0x80 or text[-1] >= 0xC0:  # end on a whole character
+        text = text[:-1]
+    return text
+
+
+# ---------------------------------------------------------------- source model, real weights
+
+
+def test_source_bpb_matches_independent_computation():
+    """Done-when item: evaluator bpb == Σ -log2 p(token) / bytes computed straight from transformers."""
+    src = SourceConfig("smollm2-135m")
+    tok, model = load_tokenizer(src), load_source_model(src)
+    text = _wiki_text(3000)
+
+    report = E.evaluate([text], tok, source_model=model, cfg=E.EvalConfig(window_bytes=1 << 20, cute_tasks=()))
+    ours = report["source"]["bits_per_byte"]
+
+    # Independent: plain tokenizer call, separator first, one forward, log_softmax, gather, sum.
+    sep = tok.convert_tokens_to_ids("<|endoftext|>")
+    ids = torch.tensor([[sep] + tok(text.decode("utf-8"), add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logp = model(ids).logits.log_softmax(-1)
+    nll_nats = -logp[0, :-1].gather(-1, ids[0, 1:, None]).sum()
+    independent = float(nll_nats) / math.log(2) / len(text)
+
+    assert report["source"]["tokens"] == ids.shape[1] - 1
+    assert ours == pytest.approx(independent, rel=1e-4)
+    assert 0.5 < ours < 1.3  # offline_data.md measured 0.87 on similar text
+
+
+# ---------------------------------------------------------------- windows
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    preset = get_preset("tiny")
+    torch.manual_seed(0)
+    model = BolmoModel.from_source(preset.model).eval()
+    return preset, model, load_tokenizer(preset.model.source)
+
+
+def test_windows_cover_the_text_at_token_ends(tiny):
+    _, _, tok = tiny
+    text = _wiki_text(2500)
+    wins = E.make_windows(tok, [text, b"short doc"], 300)
+    assert b"".join(w.data for w in wins if w.doc == 0) == text
+    assert all(len(w.data) <= 300 and int(w.token_ends[-1]) == len(w.data) for w in wins)
+    assert len([w for w in wins if w.doc == 0]) >= math.ceil(len(text) / 300)
+    assert wins[-1].data == b"short doc" and wins[-1].start == 0
+    with pytest.raises(E.EvalError, match="longer than window_bytes=2"):
+        E.make_windows(tok, [text], 2)
+    with pytest.raises(E.EvalError, match="empty"):
+        E.make_windows(tok, [b""], 300)
+
+
+def test_windowed_source_bpb_sums_per_window(tiny):
+    """Windows are scored independently: the total equals the sum of one-window evaluations."""
+    preset, _, tok = tiny
+    src = load_source_model(preset.model.source)
+    vocab = get_vocab(tok)
+    wins = E.make_windows(tok, [_wiki_text(1500)], 200)
+    total = E.source_bits(src, vocab, wins, batch_size=3)
+    each = sum(E.source_bits(src, vocab, [w])["bits"] for w in wins)
+    assert total["bits"] == pytest.approx(each, rel=1e-5)
+    assert total["bytes"] == 1500 - (1500 - sum(len(w.data) for w in wins))
+
+
+# ---------------------------------------------------------------- byte model (tiny preset)
+
+
+def test_byte_bpb_folds_fused_probabilities(tiny):
+    """A head that gives every fused id the same logit: p(byte) = 2/520, so bpb = log2(260) exactly."""
+    preset, model, tok = tiny
+    vocab = get_vocab(tok)
+    wins = E.make_windows(tok, [_wiki_text(300)], preset.data.byte_slots - 1)
+    saved = model.lm_head.out.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            model.lm_head.out.weight.zero_()
+        stats = E.byte_model_stats(model, vocab, wins)
+    finally:
+        with torch.no_grad():
+            model.lm_head.out.weight.copy_(saved)
+    assert stats["bits_per_byte"] == pytest.approx(math.log2(260), rel=1e-6)
+
+
+def test_byte_bpb_independent_and_batch_invariant(tiny):
+    preset, model, tok = tiny
+    vocab = get_vocab(tok)
+    wins = E.make_windows(tok, [_wiki_text(400), b"A second, shorter document."], 150)
+    batched = E.byte_model_stats(model, vocab, wins, batch_size=4)
+    single = E.byte_model_stats(model, vocab, wins, batch_size=1)
+    assert batched["bits"] == pytest.approx(single["bits"], rel=1e-5)
+    assert batched["patches"] == single["patches"]
+
+    # Independent: per window, a forward with predicted boundaries, probabilities summed over the flag.
+    from bolmo_core.subword import RetainedIndex
+
+    retained, bits = RetainedIndex(vocab), 0.0
+    for w in wins:
+        ids = torch.tensor([[1] + [b + 4 for b in w.data]])
+        exp = torch.as_tensor(retained.expand(ids.numpy())).long()
+        exp[0, 0] = vocab.doc_separator_id
+        with torch.no_grad():
+            p = model(ids, exp).logits.float().softmax(-1)[0]
+        p_byte = p[:-1, :260] + p[:-1, 260:]
+        bits -= float(torch.log2(p_byte.gather(-1, ids[0, 1:, None])).double().sum())
+    assert batched["bits"] == pytest.approx(bits, rel=1e-4)
+    assert batched["bytes"] == sum(len(w.data) for w in wins)
+
+
+def test_source_boundaries_agree_perfectly(tiny):
+    """Pooling at the tokenizer's boundaries: the boundary metrics are exactly 1 and patches = tokens."""
+    preset, model, tok = tiny
+    vocab = get_vocab(tok)
+    wins = E.make_windows(tok, [_wiki_text(500)], 250)
+    stats = E.byte_model_stats(model, vocab, wins, boundaries="source")
+    b = stats["boundary"]
+    assert b["accuracy"] == b["precision"] == b["recall"] == 1.0
+    assert stats["patches"] == sum(len(w.token_ids) for w in wins)
+    predicted = E.byte_model_stats(model, vocab, wins)["boundary"]
+    assert predicted["positions"] == b["positions"] and 0.0 <= predicted["accuracy"] <= 1.0
+
+
+def test_report_and_table(tiny):
+    preset, model, tok = tiny
+    src = load_source_model(preset.model.source)
+    cfg = E.EvalConfig(cute_tasks=("spell", "del_char"), cute_items=2, max_bytes=500)
+    report = E.evaluate([_wiki_text(5000)], tok, source_model=src, byte_model=model, cfg=cfg,
+                        byte_length=preset.data.byte_slots)
+    json.dumps(report)  # JSON-serialisable as is
+    assert report["text"]["bytes"] <= 500 and report["text"]["window_bytes"] == preset.data.byte_slots - 1
+    assert report["source"]["cute"]["spell"]["n"] == 2
+    assert report["byte_model"]["bits_per_byte"] > 0
+    if E.byte_generation_available():
+        assert report["byte_model"]["cute"]["del_char"]["n"] == 2
+    else:
+        assert report["byte_model"]["cute"] is None and any("generate" in n for n in report["notes"])
+    table = E.markdown_table(report)
+    assert table.splitlines()[0] == "| metric | source | byte model |"
+    assert "| CUTE-style (regenerated): spell |" in table and "| bits per byte |" in table
+    with pytest.raises(E.EvalError, match="give a source model"):
+        E.evaluate([b"x"], tok)
+
+
+def test_source_generation_batch_equals_single(tiny):
+    """Left-padded batched greedy generation gives each prompt's own greedy continuation."""
+    preset, _, tok = tiny
+    src = load_source_model(preset.model.source)
+    gen = E.source_generate_fn(src, tok)
+    prompts = ['Spell out the word "a". Answer: "', 'Q: Write the much longer word "hello there". Answer: "']
+    together = gen(prompts, 12)
+    alone = [gen([p], 12)[0] for p in prompts]
+    assert together == alone
+    assert all(isinstance(t, str) for t in together)
