@@ -46,7 +46,10 @@ def fwd_bwd(fn, ins, w):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ref = get_mlstm_kernel("chunkwise--native_autograd")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
