@@ -3,12 +3,15 @@
 Convention (same as `mlstm_kernels`): q·k is scaled by 1/sqrt(Dqk); log f = logsigmoid(f̃);
 the state is (C: (B,H,Dqk,Dv), n: (B,H,Dqk), m: (B,H)) in fp32, C and n stored divided by exp(m);
 the zero state is C=0, n=0, m=0; h = (C^T q) / (max(|n·q|, exp(-m)) + eps).
-All forms compute in fp32 with autocast disabled and return h in the input dtype.
+All forms compute in fp32 (fp64 inputs stay fp64) with autocast disabled and return h in the
+input dtype. The parallel form includes the zero initial state (m=0) in its stabiliser, so all
+forms agree exactly (mlstm_kernels' own parallel kernel omits it and differs at the eps level).
 
 Left padding / per-row reset: a forget-gate pre-activation of RESET_F (-1e5) makes f ≈ 0, so the
 state before that position is dropped exactly (spec §3.3); `reset_forget_gate` applies it.
-Log decays are summed with a segment sum (never as differences of cumulative sums), so a -1e5
-inside a chunk does not cost fp32 precision for the positions after it.
+In the chunkwise form any log f < -1e3 is treated as such an exact reset: it is kept out of the
+within-chunk cumsum (where -1e5 would cost fp32 precision in every later difference) and cuts
+the chunk into segments instead.
 """
 
 import math
