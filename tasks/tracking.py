@@ -450,6 +450,7 @@ def register_model(tracking_uri: str, model_name: str, export_uri: str, lineage:
         raise TrackingError(f"model name '{model_name}': use letters, digits, '_', '-', '.', '/'")
     client = _client(tracking_uri)
     _ensure_registered_model(client, model_name)
+    lineage = {"code_version": code_version(), **lineage}
     tags = lineage_tags(lineage)
     mv = find_version(tracking_uri, model_name, lineage)
     created = mv is None
@@ -496,6 +497,14 @@ def mlflow_log(tracking_uri: str, run_id: str, metrics: dict[str, float] | None 
     client = _client(tracking_uri)
     for k, v in (tags or {}).items():
         client.set_tag(run_id, k, v)
+
+
+@task(name="source-lineage", retries=2, retry_delay_seconds=5, cache_policy=None)
+def source_lineage(source_config) -> dict[str, str]:
+    """Source model id, revision and weights-file hash (bolmo_core.source.source_identity)."""
+    from bolmo_core.source import source_identity
+
+    return {k: str(v) for k, v in source_identity(source_config).items()}
 
 
 @task(name="mlflow-end-run", **_RETRY)

@@ -88,9 +88,10 @@ def launch_command(config_file: str, processes: int, accelerate_config: str | No
     """The ``accelerate launch`` command line (the venv's accelerate, next to this interpreter)."""
     exe = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     cmd = [exe, "launch"]
-    if accelerate_config:  # a multi-GPU / FSDP / multi-node yaml (deployments/accelerate/)
-        cmd += ["--config_file", accelerate_config, "--num_processes", str(processes)]
-    elif processes > 1:
+    if accelerate_config:  # a multi-GPU / FSDP / multi-node yaml (deployments/accelerate/): it decides
+        return cmd + ["--config_file", accelerate_config, "--num_processes", str(processes),
+                      "-m", "bolmo_core.train", "--config", config_file]
+    if processes > 1:
         # `--cpu --num_processes N` silently runs one process (stack.md §5): --multi_gpu is
         # what gives N ranks, with gloo on a CPU-only machine.
         cmd += ["--multi_gpu", "--num_processes", str(processes)]

@@ -1,0 +1,131 @@
+"""Prefect task: evaluate the byte model against its source on the held-out split.
+
+A thin wrapper over ``bolmo_core.evaluate``: it reads the validation documents named by the
+data manifest, loads both models, writes the JSON report (and a few texts with their
+predicted patches, for the boundary view) next to the checkpoints, and returns URIs and
+hashes. Cached on inputs + source; the report file is the commit marker it checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from bolmo_core import storage
+
+REPORT = "report.json"
+SAMPLES = "boundary_samples.json"
+
+
+def eval_out_uri(storage_root: str, checkpoint_hash: str, manifest_hash: str, options: dict[str, Any]) -> str:
+    """Where the report for this checkpoint, data and options goes (pure)."""
+    key = hashlib.sha256(json.dumps([checkpoint_hash, manifest_hash, options], sort_keys=True).encode()).hexdigest()
+    return storage.join(storage_root, "eval", key[:16])
+
+
+def validation_docs(manifest_uri: str, max_bytes: int) -> list[bytes]:
+    """The first `max_bytes` of held-out documents listed in the manifest (shard order)."""
+    from bolmo_core.data import read_manifest, read_shard
+
+    m = read_manifest(manifest_uri)
+    base = manifest_uri.rsplit("/", 1)[0]
+    docs, total = [], 0
+    for shard in m["shards"]:
+        if shard.get("split") != "validation" or not shard.get("rows"):
+            continue
+        uri = shard["uri"] if ("://" in shard["uri"] or shard["uri"].startswith("/")) else storage.join(base, shard["uri"])
+        for data in read_shard(uri).column("text_bytes").to_pylist():
+            docs.append(bytes(data))
+            total += len(data)
+            if total >= max_bytes:
+                return docs
+    return docs
+
+
+def boundary_samples(model, tok, docs: list[bytes], n: int = 3, max_bytes: int = 300) -> list[dict]:
+    """Texts cut into the patches the model predicts, beside the source tokenizer's tokens.
+
+    Uses only bolmo_core.evaluate's batch helpers and the model's forward (boundary_mask).
+    """
+    import torch
+
+    from bolmo_core.evaluate import byte_batch, make_windows
+    from bolmo_core.subword import RetainedIndex, get_vocab
+
+    vocab = get_vocab(tok)
+    picked = [d for d in docs if d][:n]
+    windows = [make_windows(tok, [d], max_bytes, vocab)[0] for d in picked]
+    if not windows:
+        return []
+    input_ids, expanded = byte_batch(windows, RetainedIndex(vocab), vocab)
+    with torch.no_grad():
+        out = model(input_ids, expanded, byte_mask=input_ids != 0)
+    mask = out.boundary_mask.bool().cpu().numpy()
+    samples = []
+    for r, w in enumerate(windows):
+        ends = [p for p in range(1, len(w.data)) if mask[r, p]] + [len(w.data)]
+        starts = [0] + ends[:-1]
+        patches = [w.data[s:e].decode("utf-8", errors="replace") for s, e in zip(starts, ends)]
+        tok_starts = [0] + [int(x) for x in w.token_ends[:-1]]
+        tokens = [w.data[s:int(e)].decode("utf-8", errors="replace") for s, e in zip(tok_starts, w.token_ends)]
+        samples.append({"patches": patches, "tokens": tokens})
+    return samples
+
+
+def run_evaluation(checkpoint_uri: str, manifest_uri: str, out_uri: str, max_bytes: int = 20_000,
+                   cute_items: int = 0, cute_tasks: list[str] | None = None, precision: str = "fp32",
+                   batch_size: int = 4) -> dict:
+    """Evaluate, write report + samples under `out_uri`; return the report."""
+    import torch
+
+    from bolmo_core import cute
+    from bolmo_core.evaluate import EvalConfig, evaluate
+    from bolmo_core.load import load_byte_model
+    from bolmo_core.source import load_source_model, load_tokenizer
+
+    torch.manual_seed(0)
+    byte_model, preset = load_byte_model(checkpoint_uri)
+    tok = load_tokenizer(preset.model.source)
+    source_model = load_source_model(preset.model.source)
+    docs = validation_docs(manifest_uri, max_bytes)
+    tasks = tuple(cute_tasks) if cute_tasks is not None else (cute.CHAR_TASKS if cute_items > 0 else ())
+    cfg = EvalConfig(batch_size=batch_size, precision=precision, max_bytes=max_bytes,
+                     cute_tasks=tasks if cute_items > 0 else (), cute_items=max(1, cute_items))
+    report = evaluate(docs, tok, source_model=source_model, byte_model=byte_model, cfg=cfg,
+                      byte_length=preset.data.byte_slots)
+    report.update({"checkpoint_uri": checkpoint_uri, "manifest_uri": manifest_uri, "source_name":
+                   preset.model.source.name_or_path, "eval_config": asdict(cfg)})
+    samples = boundary_samples(byte_model, tok, docs)
+    storage.write_json_atomic(storage.join(out_uri, SAMPLES), samples)
+    # The report is written last: it is this folder's commit marker.
+    storage.write_bytes_atomic(storage.join(out_uri, REPORT),
+                               json.dumps(_finite(report), indent=1, sort_keys=True, default=str).encode())
+    return report
+
+
+def _finite(x):
+    """NaN/inf -> None, so the report is strict JSON (MLflow and browsers choke on NaN)."""
+    if isinstance(x, float):
+        return x if x == x and abs(x) != float("inf") else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+def evaluate_model(checkpoint_uri: str, checkpoint_hash: str, manifest_uri: str, manifest_hash: str,
+                   storage_root: str, options: dict[str, Any] | None = None) -> tuple[str, str, str]:
+    """(report URI, report sha256, boundary-samples URI) for the byte model vs its source."""
+    options = options or {}
+    out_uri = eval_out_uri(storage_root, checkpoint_hash, manifest_hash, options)
+    report_uri = storage.join(out_uri, REPORT)
+    if not storage.exists(report_uri):
+        run_evaluation(checkpoint_uri, manifest_uri, out_uri, **options)
+    return report_uri, storage.sha256_uri(report_uri), storage.join(out_uri, SAMPLES)

@@ -1,0 +1,68 @@
+"""Prefect task: export the Stage-2 checkpoint as a Hugging Face folder and check parity.
+
+A thin wrapper over ``bolmo_core.export``: the export lands in a folder named by the
+checkpoint's hash; the parity check (exported model vs checkpoint on the same bytes) must
+pass or the task fails without retry (a parity failure is deterministic). The parity
+result is written last and is the folder's commit marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from bolmo_core import storage
+
+PARITY = "byteify_parity.json"
+
+
+class ExportParityError(RuntimeError):
+    """The exported model does not reproduce the checkpoint's outputs."""
+
+
+def export_out_uri(storage_root: str, checkpoint_hash: str) -> str:
+    return storage.join(storage_root, "export", checkpoint_hash[:16])
+
+
+def folder_hash(uri: str) -> str:
+    """sha256 over (name, sha256) of every file in the export folder except the parity marker."""
+    fs, path = storage.get_fs(uri)
+    h = hashlib.sha256()
+    for f in sorted(fs.find(path)):
+        rel = f[len(path.rstrip("/")) + 1:]
+        if rel == PARITY:
+            continue
+        h.update(rel.encode() + b"\0" + storage.sha256_uri(storage.join(uri, rel)).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _not_retryable(task_obj, task_run, state) -> bool:
+    return not isinstance(state.data, ExportParityError | ValueError)
+
+
+@task(name="export", retries=1, retry_delay_seconds=5, retry_condition_fn=_not_retryable,
+      cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+def export_model(checkpoint_uri: str, checkpoint_hash: str, storage_root: str) -> tuple[str, str]:
+    """(export folder URI, its content hash); parity-checked against the checkpoint."""
+    from bolmo_core import export as E
+
+    out = export_out_uri(storage_root, checkpoint_hash)
+    marker = storage.join(out, PARITY)
+    if storage.exists(marker) and storage.read_json(marker).get("passed"):
+        return out, folder_hash(out)
+    with tempfile.TemporaryDirectory(prefix="byteify-export-") as tmp:
+        local = os.path.join(tmp, "model") if not storage.is_local(out) else storage.local_path(out)
+        E.export_hf(checkpoint_uri, local)
+        parity = E.check_parity(checkpoint_uri, local)
+        if not parity.get("passed"):
+            raise ExportParityError(f"export of {checkpoint_uri}: parity check failed ({json.dumps(parity)[:300]})")
+        if local != out:  # object storage: upload the finished folder, marker last
+            fs, path = storage.get_fs(out)
+            fs.put(local.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+        storage.write_json_atomic(marker, parity)
+    return out, folder_hash(out)
