@@ -23,6 +23,6 @@ class LocalDecoder(nn.Module):
         g = self.initial_norm(g)
         return self.global_projection(g) if self.global_projection is not None else g
 
-    def forward(self, h_byte: torch.Tensor, g_bytes: torch.Tensor, state=None, reset=None):
+    def forward(self, h_byte: torch.Tensor, g_bytes: torch.Tensor, state=None, reset=None, hold=None):
         """h_byte (B, L, d_l) + depooled patch vectors (B, L, d_l) -> (y (B, L, d_l), states)."""
-        return run_blocks(self.blocks, self.in_projection(h_byte) + g_bytes, state, reset)
+        return run_blocks(self.blocks, self.in_projection(h_byte) + g_bytes, state, reset, hold)

@@ -28,7 +28,7 @@ class LocalEncoder(nn.Module):
             e = e + self.retained_embedding(expanded_ids)
         return e
 
-    def forward(self, input_ids, expanded_ids=None, state=None, reset=None):
-        """(B, L) ids -> (h_byte (B, L, d_l), per-block states)."""
-        x, state = run_blocks(self.blocks, self.embed(input_ids, expanded_ids), state, reset)
+    def forward(self, input_ids, expanded_ids=None, state=None, reset=None, hold=None):
+        """(B, L) ids -> (h_byte (B, L, d_l), per-block states); reset/hold: see local_blocks."""
+        x, state = run_blocks(self.blocks, self.embed(input_ids, expanded_ids), state, reset, hold)
         return self.norm(x), state

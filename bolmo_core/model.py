@@ -111,9 +111,9 @@ class BolmoModel(nn.Module):
 
     # ------------------------------------------------------------------ components
 
-    def encode(self, input_ids, expanded_ids=None, state=None, reset=None):
+    def encode(self, input_ids, expanded_ids=None, state=None, reset=None, hold=None):
         """Bytes -> (h_byte (B, L, d_l), boundary log p (B, L), encoder state)."""
-        h, state = self.local_encoder(input_ids, expanded_ids, state, reset)
+        h, state = self.local_encoder(input_ids, expanded_ids, state, reset, hold)
         return h, self.boundary_predictor(h), state
 
     def patches(self, h_byte, boundary, n_patches: int):
@@ -121,10 +121,10 @@ class BolmoModel(nn.Module):
         reps, patch_mask, overflow, idx = pool(h_byte, boundary, n_patches)
         return self.out_projection(reps), patch_mask, overflow, idx
 
-    def decode(self, h_byte, global_hidden, boundary, state=None, reset=None):
+    def decode(self, h_byte, global_hidden, boundary, state=None, reset=None, hold=None):
         """h_byte + depooled normalised global output -> (fused logits (B, L, 520), decoder state)."""
         g = depool(self.local_decoder.project_global(global_hidden), boundary)
-        y, state = self.local_decoder(h_byte, g, state, reset)
+        y, state = self.local_decoder(h_byte, g, state, reset, hold)
         return self.lm_head(y), state
 
     def forward(self, input_ids, expanded_ids=None, boundary_mask=None, byte_mask=None,
@@ -246,24 +246,35 @@ class BolmoModel(nn.Module):
         target = F.pad(patch_ids(b)[:, 1:], (0, 1), value=P).clamp(max=P)
         y_s = logp_s.new_zeros(B, P + 1).scatter_add_(1, target, tok)[:, 1:P]
 
-        with torch.no_grad():
-            t_logits = self.teacher.logits(t_final).float()  # (B, P, V)
-            logz = t_logits.logsumexp(-1)
-            # patch k is token teacher_ids[k], predicted at teacher position k-1
-            y_t = t_logits[:, :-1].gather(-1, teacher_ids[:, 1:].unsqueeze(-1)).squeeze(-1) - logz[:, :-1]
-            if w.whitespace_debias:
-                if not self.has_vocab:
-                    raise GlobalModelError("whitespace debiasing needs the source vocabulary (build with from_source)")
-                ws = self.whitespace_mask
-                if ws.shape[0] < t_logits.shape[-1]:
-                    ws = F.pad(ws, (0, t_logits.shape[-1] - ws.shape[0]), value=False)
-                ws_t = t_logits.masked_fill(~ws, float("-inf")).logsumexp(-1) - logz
-                y_t = y_t + ws_t[:, 1:]  # next unit after patch k starts with whitespace
-        if w.whitespace_debias:
+        if w.whitespace_debias and not self.has_vocab:
+            raise GlobalModelError("whitespace debiasing needs the source vocabulary (build with from_source)")
+        y_t, ws_t = self._teacher_token_logp(t_final, teacher_ids, w.whitespace_debias)
+        if w.whitespace_debias:  # both sides: log p(the next unit after patch k starts with whitespace)
+            y_t = y_t + ws_t[:, 1:]
             ws_s = logp_s[..., self.whitespace_byte_ids].logsumexp(-1)  # (B, L)
             y_s = y_s + ws_s.gather(1, ends[:, 1:])
         mask = patch_mask[:, 1:] & (patch_lens[:, 1:] > 0)
         return losses.binarised_kl(y_t, y_s, mask, w.distill_tau)
+
+    @torch.no_grad()
+    def _teacher_token_logp(self, t_final, teacher_ids, debias: bool, chunk: int = 512):
+        """Teacher log p(token k | < k) for k = 1..P-1 and log p(next starts with whitespace) per position.
+
+        Computed a chunk of positions at a time so the (B, P, V) logits never exist whole.
+        """
+        B, P, _ = t_final.shape
+        nxt = F.pad(teacher_ids[:, 1:], (0, 1))  # the token each position predicts (last: unused)
+        tok_lp, ws_lp = [], []
+        for s in range(0, P, chunk):
+            logits = self.teacher.logits(t_final[:, s:s + chunk]).float()
+            logz = logits.logsumexp(-1)
+            tok_lp.append(logits.gather(-1, nxt[:, s:s + chunk, None]).squeeze(-1) - logz)
+            if debias:
+                ws = self.whitespace_mask
+                V = logits.shape[-1]
+                ws = F.pad(ws, (0, V - ws.shape[0]), value=False) if ws.shape[0] < V else ws[:V]
+                ws_lp.append(logits.masked_fill(~ws, float("-inf")).logsumexp(-1) - logz)
+        return torch.cat(tok_lp, 1)[:, :-1], torch.cat(ws_lp, 1) if debias else None
 
     def stage2_loss(self, batch: dict, loss_cfg: LossConfig | None = None):
         """Stage 2 (spec §9): predicted boundaries, global model on student patches, CE + 4 x BCE."""
