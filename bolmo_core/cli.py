@@ -54,7 +54,7 @@ def cmd_eval(args) -> int:
     from .source import SourceConfig, load_source_model, load_tokenizer
 
     text = _read_text(args.text)
-    tasks = tuple(t for t in args.cute_tasks.split(",") if t) if args.cute_tasks else ()
+    tasks = cute.check_tasks([t for t in args.cute_tasks.split(",") if t] if args.cute_tasks else [])
     cfg = EvalConfig(
         window_bytes=args.window_bytes, batch_size=args.batch_size, precision=args.precision,
         max_bytes=args.max_bytes, cute_tasks=tasks, cute_items=args.cute_items, cute_seed=args.seed,

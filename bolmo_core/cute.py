@@ -83,6 +83,13 @@ def _check_task(task: str) -> None:
         raise CuteError(f"CUTE task '{task}': unknown (choose from {', '.join(CHAR_TASKS)})")
 
 
+def check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    """The task names, or a CuteError naming the first unknown one."""
+    for t in tasks:
+        _check_task(t)
+    return tuple(tasks)
+
+
 def label_for(task: str, inputs: Sequence[str]) -> str:
     """The correct answer for `inputs` (what CUTE's generator writes as `label`)."""
     _check_task(task)
@@ -231,8 +238,7 @@ def load_tasks(
     data_dir: str | Path | None = None, word_source: str = "auto",
 ) -> dict[str, list[CuteItem]]:
     """Items per task: from ``data_dir/<task>.tsv`` where such a file exists, else regenerated."""
-    for t in tasks:
-        _check_task(t)
+    check_tasks(tasks)
     words = word_list(max(4 * n_items, 2000), source=word_source)
     out = {}
     for t in tasks:
