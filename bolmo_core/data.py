@@ -83,6 +83,8 @@ def _storage_error(uri: str, e: BaseException) -> DataError:
         return DataError(f"{uri}: does not exist")
     if isinstance(e, PermissionError):
         return DataError(f"{uri}: access denied ({_first_line(e)}); check the AWS credentials")
+    if "connect" in type(e).__name__.lower() or "Could not connect" in str(e):
+        return DataError(f"{uri}: storage endpoint unreachable after retries ({_first_line(e)})")
     return DataError(f"{uri}: cannot be read ({type(e).__name__}: {_first_line(e)})")
 
 

@@ -37,6 +37,8 @@ def load_split(manifest_uri: str, split: str) -> tuple[dict, pa.Table]:
     if not manifest_uri.endswith(".json"):
         manifest_uri = storage.join(manifest_uri, "manifest.json")
     m = read_manifest(manifest_uri)
+    if split not in ("train", "validation"):
+        raise DataError(f"{manifest_uri}: unknown split '{split}' (train or validation)")
     tables = []
     for e in m["shards"]:
         if e["split"] != split:
@@ -49,8 +51,6 @@ def load_split(manifest_uri: str, split: str) -> tuple[dict, pa.Table]:
         if storage.sha256_bytes(data) != e["sha256"]:
             raise DataError(f"{uri}: sha256 differs from the manifest (shard changed or damaged)")
         tables.append(pq.read_table(io.BytesIO(data), schema=SHARD_SCHEMA, columns=["text_bytes", "token_ids", "token_ends"]))
-    if split not in ("train", "validation"):
-        raise DataError(f"{manifest_uri}: unknown split '{split}' (train or validation)")
     if not tables:
         return m, SHARD_SCHEMA.empty_table().select(["text_bytes", "token_ids", "token_ends"])
     return m, pa.concat_tables(tables).combine_chunks()

@@ -1,0 +1,164 @@
+"""Training windows: batch format (docs/internals.md), shuffling, rank split, exact resume."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bolmo_core import data as D
+from bolmo_core.byte_tokenizer import BOS, OFFSET, PAD
+from bolmo_core.config import DataConfig
+from bolmo_core.loader import WindowLoader
+from bolmo_core.source import SourceConfig, load_tokenizer, tiny_corpus
+from bolmo_core.subword import RetainedIndex, get_vocab
+
+TINY = SourceConfig("tiny-olmo2")
+P = 32
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return get_vocab(load_tokenizer(TINY))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    d = tmp_path_factory.mktemp("loader")
+    docs = tiny_corpus(60_000)[:80] + ["tab\there\x00nul 👋 é"]
+    (d / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    return D.prepare_dataset([str(d / "docs.jsonl")], TINY, str(d / "out"),
+                             DataConfig(shard_docs=20, validation_fraction=0.2))
+
+
+def stream(manifest, split, vocab):
+    """The packed token stream, rebuilt plainly from the shards (the reference)."""
+    m = D.read_manifest(manifest)
+    toks = []
+    for e in m["shards"]:
+        if e["split"] == split:
+            for r in D.read_shard(str(Path(manifest).parent / e["uri"])).to_pylist():
+                toks += r["token_ids"] + [vocab.doc_separator_id]
+    return np.array(toks)
+
+
+def test_batch_format(manifest, vocab):
+    ld = WindowLoader(manifest, vocab, window_tokens=P, batch_size=3, seed=1)
+    b = next(iter(ld))
+    L = 6 * P
+    shapes = {"input_ids": (3, L), "expanded_ids": (3, L), "patch_lens": (3, P), "teacher_ids": (3, P),
+              "teacher_next": (3,), "byte_mask": (3, L), "patch_mask": (3, P)}
+    assert {k: tuple(v.shape) for k, v in b.items()} == shapes
+    assert b["byte_mask"].dtype == torch.bool and b["patch_mask"].dtype == torch.bool
+    assert all(b[k].dtype == torch.long for k in shapes if "mask" not in k)
+    ref = stream(manifest, "train", vocab)
+    sep = vocab.doc_separator_id
+    for r in range(3):
+        ids, lens, teach = b["input_ids"][r], b["patch_lens"][r], b["teacher_ids"][r]
+        assert ids[0] == BOS and lens[0] == 1 and teach[0] == sep
+        assert teach[1] != sep  # leading separators are stripped
+        ends = torch.cumsum(lens, 0)
+        for k in range(1, P):  # patch k holds the bytes of teacher input k
+            got = ids[ends[k - 1]:ends[k]]
+            tid = int(teach[k])
+            want = [BOS] if tid == sep else [x + OFFSET for x in vocab.token_bytes[tid]]
+            assert got.tolist() == want
+        n = int(ends[-1])
+        assert b["byte_mask"][r].tolist() == [True] * n + [False] * (L - n)
+        assert (ids[n:] == PAD).all()
+        # The window is P consecutive tokens of the packed stream; teacher_next is the last.
+        window = teach[1:].tolist() + [int(b["teacher_next"][r])]
+        hits = [s for s in range(len(ref) - P + 1) if ref[s:s + P].tolist() == window]
+        assert hits
+    assert torch.equal(b["expanded_ids"], torch.as_tensor(RetainedIndex(vocab).expand(b["input_ids"].numpy())))
+    assert (b["expanded_ids"][:, 0] == sep).all()
+    assert (b["expanded_ids"][~b["byte_mask"]] == vocab.pad_id).all()
+
+
+def test_truncation_zeroes_patches_that_do_not_fit(manifest, vocab):
+    ld = WindowLoader(manifest, vocab, window_tokens=P, batch_size=4, byte_expansion=1)
+    b = next(iter(ld))
+    assert b["byte_mask"].all()  # P bytes are always fewer than the bytes of P tokens here
+    lens, mask = b["patch_lens"], b["patch_mask"]
+    assert (~mask).any()
+    assert (lens[~mask] == 0).all() and (lens[mask] > 0).all()
+    assert (lens.sum(1) <= P).all()
+    assert (mask.int().diff(dim=1) <= 0).all()  # once a patch is cut, all later ones are too
+
+
+def test_nul_bytes_are_data(manifest, vocab):
+    ids = []
+    for split in ("train", "validation"):
+        ld = WindowLoader(manifest, vocab, window_tokens=8, batch_size=1, split=split)
+        ids.append(ld.make_batch(np.arange(ld.n_windows))["input_ids"].reshape(-1))
+    ids = torch.cat(ids)
+    assert (ids == OFFSET).any()  # byte 0x00 is id 4, never the pad id
+
+
+def test_resume_mid_epoch_and_across_epochs(manifest, vocab):
+    ld = WindowLoader(manifest, vocab, window_tokens=P, batch_size=2, seed=7)
+    assert len(ld) >= 3
+    it = iter(ld)
+    k = len(ld) - 1
+    for _ in range(k):
+        next(it)
+    state = json.loads(json.dumps(ld.state_dict()))  # survives a JSON checkpoint
+    following = [next(it) for _ in range(4)]  # crosses into epoch 1
+    fresh = WindowLoader(manifest, vocab, window_tokens=P, batch_size=2, seed=7)
+    fresh.load_state_dict(state)
+    again = [b for b, _ in zip(fresh, range(4))]
+    for a, b in zip(following, again):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    assert fresh.state_dict()["epoch"] == 1
+    with pytest.raises(D.DataError, match="seed/world_size 7/1, this loader 8/1"):
+        WindowLoader(manifest, vocab, window_tokens=P, batch_size=2, seed=8).load_state_dict(state)
+
+
+def test_shuffle_is_seeded_per_epoch(manifest, vocab):
+    a = WindowLoader(manifest, vocab, window_tokens=P, batch_size=1, seed=3)
+    b = WindowLoader(manifest, vocab, window_tokens=P, batch_size=1, seed=3)
+    assert np.array_equal(a._rank_windows(0), b._rank_windows(0))
+    assert not np.array_equal(a._rank_windows(0), a._rank_windows(1))
+    assert sorted(a._rank_windows(1).tolist()) == list(range(a.n_windows))
+
+
+def test_ranks_get_disjoint_windows(manifest, vocab):
+    loaders = [WindowLoader(manifest, vocab, window_tokens=P, batch_size=1, seed=3, rank=r, world_size=3)
+               for r in range(3)]
+    for epoch in (0, 1):
+        parts = [set(ld._rank_windows(epoch).tolist()) for ld in loaders]
+        assert len(set.union(*parts)) == sum(map(len, parts)) == 3 * (loaders[0].n_windows // 3)
+        assert len({len(p) for p in parts}) == 1  # equal steps on every rank
+    firsts = [next(iter(ld))["teacher_ids"] for ld in loaders]
+    assert not torch.equal(firsts[0], firsts[1])
+
+
+def test_validation_iterates_once_in_order(manifest, vocab):
+    ld = WindowLoader(manifest, vocab, window_tokens=P, batch_size=4, split="validation")
+    batches = list(ld.iter_eval())
+    assert sum(b["input_ids"].shape[0] for b in batches) == ld.n_windows > 0
+    firsts = torch.cat([b["teacher_ids"][:, 1] for b in batches])
+    want = [int(ld.tok[s]) for s in ld.window_starts]
+    assert firsts.tolist() == want
+
+
+def test_bad_loader_inputs(manifest, vocab, tmp_path):
+    other = dataclasses.replace(vocab, fingerprint="0" * 64)
+    with pytest.raises(D.DataError, match=r"manifest.json: prepared with tokenizer \w{12}, loader given 000000000000"):
+        WindowLoader(manifest, other, window_tokens=P, batch_size=2)
+    with pytest.raises(D.DataError, match=r"fewer than world_size x batch_size = 10000"):
+        next(iter(WindowLoader(manifest, vocab, window_tokens=P, batch_size=10_000)))
+    with pytest.raises(D.DataError, match=r"unknown split 'test'"):
+        WindowLoader(manifest, vocab, window_tokens=P, batch_size=2, split="test")
+    # A shard changed after the manifest was written is refused.
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(Path(manifest).parent, copy)
+    m = D.read_manifest(str(copy / "manifest.json"))
+    shard = copy / m["shards"][0]["uri"]
+    shard.write_bytes(shard.read_bytes()[:-10] + b"0" * 10)
+    with pytest.raises(D.DataError, match=r"sha256 differs from the manifest"):
+        WindowLoader(str(copy / "manifest.json"), vocab, window_tokens=P, batch_size=2)
