@@ -17,11 +17,10 @@ is tokenized as that special token; its bytes are its literal text.
 
 Retained ids (`RetainedIndex`): for each byte position, the id of the longest vocabulary
 entry whose bytes are a suffix of the bytes ending there (may cross token boundaries).
-Implemented as a vectorised reverse-trie walk: trie nodes (all suffixes of vocabulary
-entries) live in one open-addressing hash table of exact 64-bit keys; a node of depth
-k <= 7 is keyed by its packed bytes, a deeper node by (parent node, next byte). Node depth
-is monotone (a suffix of a node is a node), so depths 1..7 are found by a 3-step
-bisection over all positions at once, and only the rare deeper positions walk on.
+The reverse trie (nodes = all suffixes of vocabulary entries) is stored as flat arrays: a
+dense 256-entry table for the root's children, CSR child lists sorted by byte below it. The
+per-position walk runs in one numba-compiled loop (`cache=True`: compiled once per machine),
+because the walk's data-dependent depth defeats numpy vectorisation.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from numba import njit
 
 from bolmo_core.byte_tokenizer import BOS, EOP, FUSED_OFFSET, OFFSET
 
@@ -312,55 +312,57 @@ def label_documents(
 # ---------------------------------------------------------------------------------------------
 # Retained subword ids (spec §2.2)
 
-_EMPTY = np.uint64(
-    0xFFFF_FFFF_FFFF_FFFF
-)  # no key has all bits set (packed keys: bit 63 clear; tail keys: bits 48-62 clear)
-_TAIL = 1 << 63
-_PACKED_MAX = 7  # depths 1..7 keyed by packed bytes + depth in bits 56..58
-_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(_PACKED_MAX + 1)], dtype=np.uint64)
-_GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
 
-
-class _HashTable:
-    """Open addressing (linear probing) over exact uint64 keys, built and probed with numpy."""
-
-    def __init__(self, keys: np.ndarray):
-        bits = max(
-            10, int(np.ceil(np.log2(max(len(keys), 1) * 4)))
-        )  # load factor <= 1/4: ~1 probe per lookup
-        self.mask = np.int64((1 << bits) - 1)
-        self.shift = np.uint64(64 - bits)
-        self.keys = np.full(1 << bits, _EMPTY, dtype=np.uint64)
-        self.index = np.full(1 << bits, -1, dtype=np.int32)  # slot -> row of the build arrays
-        pending = np.arange(len(keys))
-        slot = self._slot(keys)
-        while pending.size:
-            free = self.index[slot] == -1
-            cand, cslot = pending[free], slot[free]
-            taken, first = np.unique(cslot, return_index=True)
-            self.index[taken] = cand[first]
-            self.keys[taken] = keys[cand[first]]
-            placed = np.zeros(len(pending), dtype=bool)
-            placed[np.nonzero(free)[0][first]] = True
-            pending, slot = pending[~placed], (slot[~placed] + 1) & self.mask
-
-    def _slot(self, keys: np.ndarray) -> np.ndarray:
-        return ((keys * _GOLDEN) >> self.shift).astype(np.int64)
-
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        """Row index of each key, -1 where absent."""
-        slot = self._slot(keys)
-        found = self.keys[slot]
-        res = np.where(found == keys, self.index[slot], -1)
-        todo = np.nonzero((found != keys) & (found != _EMPTY))[0]
-        while todo.size:
-            slot_t = (slot[todo] + 1) & self.mask
-            slot[todo] = slot_t
-            found = self.keys[slot_t]
-            hit = found == keys[todo]
-            res[todo[hit]] = self.index[slot_t[hit]]
-            todo = todo[~hit & (found != _EMPTY)]
-        return res
+@njit(cache=True, nogil=True)
+def _walk_rows(rows, root, child_start, child_byte, child_node, node_out, sep_id, pad_id, fallback_id, res):
+    """Reverse-trie walk from every position of every row; returns how many ids were out of range."""
+    n_rows, width = rows.shape
+    bad = 0
+    for r in range(n_rows):
+        last = pad_id  # an EOP repeats the value of the last real id before it in its row
+        for t in range(width):
+            x = rows[r, t]
+            if x < 0 or x >= 2 * FUSED_OFFSET:
+                bad += 1
+                continue
+            if x >= FUSED_OFFSET:
+                x -= FUSED_OFFSET
+            if x == EOP:
+                res[r, t] = last
+                continue
+            if x < OFFSET:  # bos/eos -> separator; pad and id 2 -> pad
+                last = sep_id if x == BOS else pad_id
+                res[r, t] = last
+                continue
+            node = root[x - OFFSET]
+            best = fallback_id  # a byte that ends no entry (SmolLM2 lacks e.g. 0x04)
+            j = t - 1
+            while node >= 0:
+                best = node_out[node]
+                # next real byte back: EOPs are skipped, specials and the row start end the walk
+                y = -1
+                while j >= 0:
+                    y = rows[r, j]
+                    j -= 1
+                    if y >= FUSED_OFFSET:
+                        y -= FUSED_OFFSET
+                    if y != EOP:
+                        break
+                    y = -1
+                if y < OFFSET:
+                    break
+                # children of a node are sorted by byte: binary search
+                lo, hi, b = child_start[node], child_start[node + 1], y - OFFSET
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    if child_byte[mid] < b:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                node = child_node[lo] if lo < child_start[node + 1] and child_byte[lo] == b else -1
+            last = best
+            res[r, t] = best
+    return bad
 
 
 class RetainedIndex:
@@ -383,21 +385,24 @@ class RetainedIndex:
         for n, s in enumerate(order):
             nodes[s] = n
         out = np.empty(len(order), dtype=np.int64)
-        keys = np.empty(len(order), dtype=np.uint64)
+        parent = np.full(len(order), -1, dtype=np.int64)  # -1: a child of the root
+        first = np.array([s[0] for s in order], dtype=np.int64)  # the byte that extends the parent
         for n, s in enumerate(order):
+            if len(s) > 1:
+                parent[n] = nodes[s[1:]]
             if s in entries:
                 out[n] = entries[s]
             else:
-                out[n] = out[nodes[s[1:]]] if len(s) > 1 else vocab.byte_fallback_id
-            if len(s) <= _PACKED_MAX:
-                keys[n] = int.from_bytes(s, "big") | (len(s) << 56)
-            else:
-                keys[n] = _TAIL | (nodes[s[1:]] << 8) | s[0]
+                out[n] = out[parent[n]] if len(s) > 1 else vocab.byte_fallback_id
         self.node_out = out
-        self.table = _HashTable(keys)
-        # A byte that ends no entry has no match at all (SmolLM2 lacks e.g. 0x04): the fallback id.
-        self.single_node = np.array([nodes.get(bytes([b]), -1) for b in range(256)], dtype=np.int64)
-        self.single_out = np.where(self.single_node >= 0, out[self.single_node], vocab.byte_fallback_id)
+        # CSR child lists sorted by (parent, byte); the root's children are a dense 256 table.
+        deep = np.nonzero(parent >= 0)[0]
+        deep = deep[np.lexsort((first[deep], parent[deep]))]
+        self.child_start = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(parent[deep], minlength=len(order)), out=self.child_start[1:])
+        self.child_byte = first[deep].astype(np.int64)
+        self.child_node = deep.astype(np.int64)
+        self.root = np.array([nodes.get(bytes([b]), -1) for b in range(256)], dtype=np.int64)
 
     def expand(self, byte_ids):
         """Retained id per position of byte ids shaped (L,) or (B, L); same type and shape, int64."""
@@ -434,76 +439,21 @@ class RetainedIndex:
         return torch.from_numpy(np.ascontiguousarray(res)).to(byte_ids.device) if is_torch else res
 
     def _expand_rows(self, rows: np.ndarray) -> np.ndarray:
-        n_rows, width = rows.shape
-        flat = rows.reshape(-1).astype(np.int64)
-        if flat.size and (flat.min() < 0 or flat.max() >= 2 * FUSED_OFFSET):
+        # int64 in one layout, so the compiled walk has a single signature (no copy when already int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        res = np.empty(rows.shape, dtype=np.int64)
+        bad = _walk_rows(
+            rows,
+            self.root,
+            self.child_start,
+            self.child_byte,
+            self.child_node,
+            self.node_out,
+            self.sep_id,
+            self.pad_id,
+            self.vocab.byte_fallback_id,
+            res,
+        )
+        if bad:
             raise TokenizerError(f"RetainedIndex.expand: byte ids must lie in 0..{2 * FUSED_OFFSET - 1}")
-        flat = np.where(flat >= FUSED_OFFSET, flat - FUSED_OFFSET, flat)
-        keep = flat != EOP
-        if keep.all():
-            pos = np.arange(flat.size)
-            x = flat
-        else:
-            pos = np.nonzero(keep)[0]
-            x = flat[pos]
-        row = pos // max(width, 1)
-        row_start = np.ones(len(x), dtype=bool)
-        row_start[1:] = row[1:] != row[:-1]
-        res = np.empty(flat.size, dtype=np.int64)
-        res[pos] = self._expand_compact(x, row_start)
-        if not keep.all():
-            # An EOP takes the value of the last real id before it in its row (the walk skips it).
-            idx = np.arange(flat.size)
-            last = np.maximum.accumulate(np.where(keep, idx, -1))
-            eop = np.nonzero(~keep)[0]
-            src = last[eop]
-            ok = (src >= 0) & (src // max(width, 1) == eop // max(width, 1))
-            res[eop] = np.where(ok, res[np.maximum(src, 0)], self.pad_id)
-        return res.reshape(n_rows, width)
-
-    def _expand_compact(self, x: np.ndarray, row_start: np.ndarray) -> np.ndarray:
-        """x: byte ids without EOP (0..259); row_start marks where a new row begins."""
-        n = len(x)
-        valid = x >= OFFSET
-        res = np.where(x == BOS, self.sep_id, self.pad_id)  # bos/eos -> separator; pad and id 2 -> pad
-        vpos = np.nonzero(valid)[0]
-        if not vpos.size:
-            return res
-        sym = np.where(valid, x - OFFSET, 0).astype(np.uint64)
-        idx = np.arange(n)
-        # avail[t]: how many byte symbols end at t without crossing a special id or a row start.
-        seg = np.maximum.accumulate(np.where(~valid, idx + 1, np.where(row_start, idx, 0)))
-        avail = (idx - seg + 1)[vpos]
-        packed = sym.copy()
-        for i in range(1, _PACKED_MAX):
-            packed[i:] |= sym[:-i] << np.uint64(8 * i)
-        packed = packed[vpos]
-        sv = sym[vpos].astype(np.int64)
-        node = self.single_node[sv]
-        lo = np.ones(len(vpos), dtype=np.int64)
-        hi = np.minimum(avail, _PACKED_MAX)
-        depth_key = np.arange(_PACKED_MAX + 1, dtype=np.uint64) << np.uint64(56)
-        for _ in range(
-            3
-        ):  # bisection on the (monotone) node depth over all positions at once: 1..7 in 3 rounds
-            mid = (lo + hi + 1) >> 1  # == lo once converged: that lookup just finds the known node again
-            row = self.table.find((packed & _MASKS[mid]) | depth_key[mid])
-            ok = row >= 0
-            np.copyto(lo, mid, where=ok)
-            np.copyto(hi, mid - 1, where=~ok)
-            np.copyto(node, row, where=ok)
-        out = np.where(node >= 0, self.node_out[node], self.vocab.byte_fallback_id)
-        # Deeper than 7: walk on one byte at a time from the depth-7 node.
-        act = np.nonzero((lo == _PACKED_MAX) & (avail > _PACKED_MAX))[0]
-        k = _PACKED_MAX + 1
-        while act.size:
-            prev = sym[vpos[act] - (k - 1)]
-            row = self.table.find(np.uint64(_TAIL) | (node[act].astype(np.uint64) << np.uint64(8)) | prev)
-            ok = row >= 0
-            act = act[ok]
-            out[act] = self.node_out[row[ok]]
-            node[act] = row[ok]
-            k += 1
-            act = act[avail[act] >= k]
-        res[vpos] = out
         return res
