@@ -1,6 +1,10 @@
 """lm-evaluation-harness adapter for byte models, registered as model ``byteify``.
 
-    lm_eval --model byteify --model_args pretrained=CHECKPOINT_DIR --tasks ...
+    import bolmo_core.lm_eval_adapter  # registers the model name
+    lm_eval.simple_evaluate(model="byteify", model_args="pretrained=CHECKPOINT_DIR", tasks=[...])
+
+(lm-eval has no plugin discovery for models, so its own CLI does not see ``byteify``
+unless this module is imported first.)
 
 Scores are byte log-likelihoods with folding, p(byte v) = p(v) + p(v + 260) (spec §1.1,
 §13.1), from a full forward over BOS + context + continuation with the model's predicted
