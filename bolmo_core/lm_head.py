@@ -6,12 +6,13 @@ import torch
 from torch import nn
 
 from .byte_tokenizer import FUSED_VOCAB
+from .local_blocks import RMSNorm
 
 
 class LMHead(nn.Module):
     def __init__(self, d_local: int, eps: float = 1e-6, vocab: int = FUSED_VOCAB):
         super().__init__()
-        self.norm = nn.RMSNorm(d_local, eps=eps)
+        self.norm = RMSNorm(d_local, eps=eps)
         self.out = nn.Linear(d_local, vocab, bias=False)
         nn.init.normal_(self.out.weight, std=0.02)  # OLMo's head init (spec §2.3)
 

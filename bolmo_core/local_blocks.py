@@ -22,6 +22,20 @@ HOLD_I = -1e30  # input-gate value with exp(HOLD_I - m) == 0: nothing is written
 HOLD_F = 1e5  # forget-gate pre-activation with logsigmoid == 0 exactly in fp32: the state is kept
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm with the reduction in fp32 and the output in the input dtype (bf16 autocast safe)."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return y.to(x.dtype)
+
+
 class MLSTMLayer(nn.Module):
     """xLSTM-7B style mLSTM: q,k (d*qk_factor), v (d), sigmoid output gate, scalar gates per head."""
 
@@ -98,9 +112,9 @@ class LocalBlock(nn.Module):
 
     def __init__(self, d: int, cfg: LocalConfig):
         super().__init__()
-        self.mlstm_norm = nn.RMSNorm(d, eps=cfg.block_norm_eps)
+        self.mlstm_norm = RMSNorm(d, eps=cfg.block_norm_eps)
         self.mlstm = MLSTMLayer(d, cfg)
-        self.ffn_norm = nn.RMSNorm(d, eps=cfg.block_norm_eps)
+        self.ffn_norm = RMSNorm(d, eps=cfg.block_norm_eps)
         self.ffn = SwiGLU(d, cfg.ffn_hidden)
 
     def forward(self, x: torch.Tensor, state: State | None = None, reset: torch.Tensor | None = None,

@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 from .config import LocalConfig
-from .local_blocks import LocalBlock, run_blocks
+from .local_blocks import LocalBlock, RMSNorm, run_blocks
 
 
 class LocalDecoder(nn.Module):
     def __init__(self, d_local: int, d_global: int, cfg: LocalConfig):
         super().__init__()
-        self.initial_norm = nn.RMSNorm(d_global, eps=cfg.norm_eps)  # takes over the source's final norm
+        self.initial_norm = RMSNorm(d_global, eps=cfg.norm_eps)  # takes over the source's final norm
         # d_l < d_g: a learned projection down (the reference instead keeps the first d_l channels)
         self.global_projection = nn.Linear(d_global, d_local, bias=False) if d_local != d_global else None
         self.in_projection = nn.Linear(d_local, d_local, bias=True)

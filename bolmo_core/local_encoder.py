@@ -7,7 +7,7 @@ from torch import nn
 
 from .byte_tokenizer import VOCAB
 from .config import LocalConfig
-from .local_blocks import LocalBlock, run_blocks
+from .local_blocks import LocalBlock, RMSNorm, run_blocks
 
 
 class LocalEncoder(nn.Module):
@@ -18,7 +18,7 @@ class LocalEncoder(nn.Module):
         self.byte_embedding = nn.Embedding(VOCAB, d_local)
         self.retained_embedding = nn.Embedding(retained_vocab, d_local) if retained_vocab else None
         self.blocks = nn.ModuleList(LocalBlock(d_local, cfg) for _ in range(cfg.n_encoder_layers))
-        self.norm = nn.RMSNorm(d_local, eps=cfg.norm_eps)
+        self.norm = RMSNorm(d_local, eps=cfg.norm_eps)
 
     def embed(self, input_ids: torch.Tensor, expanded_ids: torch.Tensor | None) -> torch.Tensor:
         e = self.byte_embedding(input_ids)

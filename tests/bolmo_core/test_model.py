@@ -235,3 +235,17 @@ def test_distillation_matches_explicit_loop(setup):
     want = binarised_kl(torch.tensor(yt), torch.tensor(ys), torch.ones(len(ys), dtype=torch.bool), w.distill_tau)
     assert len(ys) > 30 and math.isfinite(m["loss_distill"])
     assert abs(m["loss_distill"] - float(want)) < 1e-4 * max(1.0, float(want))
+
+
+def test_bf16_autocast_losses(setup):
+    """The CPU presets train under bf16 autocast: both stages give finite losses and gradients."""
+    preset, _, batch, model = setup
+    for stage in (preset.stage1, preset.stage2):
+        model.configure_stage(stage)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, m = model.loss(batch, stage)
+        loss.backward()
+        assert torch.isfinite(loss) and all(v == v for v in m.values())
+        assert torch.isfinite(model.local_encoder.byte_embedding.weight.grad).all()
+    model.configure_stage(preset.stage1)
