@@ -117,6 +117,10 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | Non
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if artifact_location is None and tracking_uri.startswith("sqlite:///"):
+        # A local store keeps artifacts beside its database, not in ./mlartifacts of the cwd.
+        db = Path(tracking_uri[len("sqlite:///"):])
+        artifact_location = (db.parent / "artifacts" / name).resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # created meanwhile by another process
@@ -475,7 +479,7 @@ def register_model(tracking_uri: str, model_name: str, export_uri: str, lineage:
 
 # ---------------------------------------------------------------- Prefect tasks
 
-_RETRY = dict(retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
+_RETRY = dict(retries=5, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
               retry_condition_fn=retry_if_transient)
 
 
