@@ -61,6 +61,7 @@ class Tracking(BaseModel):
 
     tracking_uri: str | None = Field(None, description="MLflow URI; empty: $MLFLOW_TRACKING_URI or var/mlflow/mlflow.db")
     experiment: str = "byteify"
+    artifact_location: str | None = Field(None, description="new experiments' artifact root, e.g. s3://bucket/mlflow")
     model_name: str = "byteify"
     alias: str = "candidate"
 
@@ -89,7 +90,7 @@ def byteify(
     run_id = tracking.mlflow_start_run(uri, tracking_cfg.experiment, fr_id, {
         "preset": preset, "source": cfg["source"]["name_or_path"], "data_sources": ",".join(data_sources),
         "storage_root": root, "processes": compute.processes, "preset_config": cfg["preset"]},
-        run_name=flow_run.name or None)
+        run_name=flow_run.name or None, artifact_location=tracking_cfg.artifact_location)
 
     # Data
     manifest_uri, manifest_hash = prepare_data(

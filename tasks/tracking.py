@@ -159,10 +159,10 @@ def _find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
 
 
 def start_flow_run(tracking_uri: str, experiment: str, flow_run_id: str, params: dict[str, Any],
-                   run_name: str | None = None) -> str:
+                   run_name: str | None = None, artifact_location: str | None = None) -> str:
     """The MLflow run of one flow run (found again on retry by its flow-run tag)."""
     client = _client(tracking_uri)
-    exp_id = ensure_experiment(tracking_uri, experiment)
+    exp_id = ensure_experiment(tracking_uri, experiment, artifact_location)
     key = {"byteify.flow_run_id": flow_run_id, "byteify.kind": "flow"}
     run_id = _find_run(client, exp_id, key)
     if run_id is None:
@@ -485,9 +485,9 @@ _RETRY = dict(retries=5, retry_delay_seconds=exponential_backoff(backoff_factor=
 
 @task(name="mlflow-start-run", **_RETRY)
 def mlflow_start_run(tracking_uri: str, experiment: str, flow_run_id: str, params: dict[str, Any],
-                     run_name: str | None = None) -> str:
+                     run_name: str | None = None, artifact_location: str | None = None) -> str:
     """The flow run's MLflow run id."""
-    return start_flow_run(tracking_uri, experiment, flow_run_id, params, run_name)
+    return start_flow_run(tracking_uri, experiment, flow_run_id, params, run_name, artifact_location)
 
 
 @task(name="mlflow-log", **_RETRY)

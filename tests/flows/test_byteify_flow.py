@@ -1,0 +1,169 @@
+"""The byteify flow end to end on the tiny preset: real Prefect API, real MLflow store, data on moto S3.
+
+Three runs share one module: a run on s3:// (checked for registry, lineage and artifacts),
+the same parameters again (fully cached), and a run whose Stage-1 trainer is SIGKILLed
+mid-way (retried, resumed, and bit-identical to the uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BUDGET = {"stage1_steps": 6, "stage2_steps": 4,
+          "overrides": {"stage1.checkpoint_every": 3, "stage2.checkpoint_every": 2}}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, s3_server, prefect_api):
+    from prefect.settings import (
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
+        temporary_settings,
+    )
+
+    tmp = tmp_path_factory.mktemp("flow")
+    saved = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_server  # MLflow artifacts on S3 too (direct mode)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"),
+                             PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}):
+        yield {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+    if saved is None:
+        os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
+    else:
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = saved
+
+
+def _run(env, storage_root: str, return_state: bool = False):
+    from flows.byteify import Budget, Compute, Evaluation, Tracking, byteify
+
+    return byteify(
+        preset="tiny", storage_root=storage_root, budget=Budget(**BUDGET), compute=Compute(deterministic=True),
+        evaluation=Evaluation(max_bytes=3000, cute_items=0),
+        tracking_cfg=Tracking(tracking_uri=env["tracking_uri"], experiment="e2e", model_name="byteify-e2e",
+                              artifact_location="s3://byteify-test/mlflow"),
+        return_state=return_state,
+    )
+
+
+@pytest.fixture(scope="module")
+def first(env):
+    state = _run(env, "s3://byteify-test/run", return_state=True)
+    return state.result(), state.state_details.flow_run_id
+
+
+def _task_runs(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_flow_on_s3_registers_model_with_lineage_and_artifacts(env, first):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from bolmo_core import storage
+
+    out, flow_run_id = first
+    for key in ("manifest_uri", "stage1_checkpoint", "stage2_checkpoint", "report_uri", "export_uri"):
+        assert out[key].startswith("s3://byteify-test/run/"), key
+    assert storage.exists(storage.join(out["stage2_checkpoint"], "COMMIT"))
+    assert storage.exists(storage.join(out["export_uri"], "config.json"))
+
+    client = MlflowClient(env["tracking_uri"], registry_uri=env["tracking_uri"])
+    mv = client.get_model_version_by_alias("byteify-e2e", "candidate")
+    assert str(mv.version) == out["version"] and mv.status == "READY"
+    tags = mv.tags
+    assert tags["byteify.source_id"] == "byteify/tiny-olmo2"
+    assert tags["byteify.manifest_hash"] == out["manifest_hash"]
+    assert tags["byteify.stage1_checkpoint_hash"] == out["stage1_hash"]
+    assert tags["byteify.stage2_checkpoint_hash"] == out["stage2_hash"]
+    assert tags["byteify.flow_run_id"] == str(flow_run_id)
+    assert tags["byteify.code_version"] not in ("", "unknown")
+    assert "bits_per_byte" in tags["byteify.eval_summary"]
+
+    parent = client.get_run(out["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.info.artifact_uri.startswith("s3://byteify-test/mlflow")
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"data", "evaluation", "plots"} <= arts
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")] == ["evaluation/report.json"]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    stages = {r.data.tags["byteify.stage"]: r for r in children}
+    assert set(stages) == {"stage1", "stage2"}
+    assert len(client.get_metric_history(stages["stage1"].info.run_id, "loss")) == 6
+    assert len(client.get_metric_history(stages["stage2"].info.run_id, "loss")) == 4
+    assert out["metrics"]["byte_model.bits_per_byte"] > 0
+
+    with get_client(sync_client=True) as pc:
+        artifacts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    keys = {a.key for a in artifacts if a.key}
+    assert {"data-manifest", "training-curves", "evaluation", "boundaries", "mlflow-run", "mlflow-model"} <= keys
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert len(progress) == 2 and all(float(a.data) == 100.0 for a in progress)
+    boundaries = next(a for a in artifacts if a.key == "boundaries")
+    assert "patches:" in boundaries.data and "|" in boundaries.data
+
+
+def test_rerun_same_parameters_is_fully_cached(env, first):
+    out, _ = first
+    t0 = time.time()
+    state = _run(env, "s3://byteify-test/run", return_state=True)
+    wall = time.time() - t0
+    again = state.result()
+    assert (again["version"], again["created"]) == (out["version"], False)
+    for key in ("manifest_hash", "stage1_hash", "stage2_hash", "export_hash", "report_hash"):
+        assert again[key] == out[key], key
+    runs = _task_runs(state.state_details.flow_run_id)
+    cached = {r.name.split("-")[0] for r in runs if r.state and r.state.name == "Cached"}
+    assert {"stage", "evaluate", "export"} <= cached, sorted((r.name, r.state.name) for r in runs)
+    assert wall < 15, f"cached re-run took {wall:.1f} s"
+
+
+def _kill_stage1_when_checkpointed(root: Path, killed: list) -> None:
+    """SIGKILL the Stage-1 trainer process once its step-3 checkpoint is committed."""
+    deadline = time.time() + 900
+    while time.time() < deadline and not killed:
+        if glob.glob(str(root / "checkpoints" / "stage1-*" / "step-000003" / "COMMIT")):
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"bolmo_core.train" in argv and b"launch" not in argv and any(b"stage1" in a for a in argv):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(int(pid))
+            return
+        time.sleep(0.1)
+
+
+def test_sigkill_of_stage1_trainer_resumes_to_identical_weights(env, first, tmp_path):
+    out, _ = first
+    root = tmp_path / "killed"
+    killed: list[int] = []
+    watcher = threading.Thread(target=_kill_stage1_when_checkpointed, args=(root, killed), daemon=True)
+    watcher.start()
+    state = _run(env, str(root), return_state=True)
+    watcher.join(5)
+    assert killed, "the Stage-1 trainer was never killed"
+    res = state.result()
+    stage1 = [r for r in _task_runs(state.state_details.flow_run_id) if r.name == "stage-1"]
+    assert stage1 and stage1[0].run_count == 2  # failed once (SIGKILL), retried, resumed
+    assert res["stage1_hash"] == out["stage1_hash"]  # weights identical to the uninterrupted run
+    assert res["stage2_hash"] == out["stage2_hash"]
+    assert res["version"] == out["version"] and res["created"] is False  # same lineage, same version
