@@ -49,20 +49,24 @@ def _not_retryable(task_obj, task_run, state) -> bool:
       cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 def export_model(checkpoint_uri: str, checkpoint_hash: str, storage_root: str) -> tuple[str, str]:
     """(export folder URI, its content hash); parity-checked against the checkpoint."""
-    from bolmo_core import export as E
+    from bolmo_core.export import ParityError, check_parity
+    from bolmo_core.export import export_model as write_hf
+    from bolmo_core.load import load_checkpoint_model
 
     out = export_out_uri(storage_root, checkpoint_hash)
     marker = storage.join(out, PARITY)
     if storage.exists(marker) and storage.read_json(marker).get("passed"):
         return out, folder_hash(out)
+    model, preset = load_checkpoint_model(checkpoint_uri)
     with tempfile.TemporaryDirectory(prefix="byteify-export-") as tmp:
         local = os.path.join(tmp, "model") if not storage.is_local(out) else storage.local_path(out)
-        E.export_hf(checkpoint_uri, local)
-        parity = E.check_parity(checkpoint_uri, local)
-        if not parity.get("passed"):
-            raise ExportParityError(f"export of {checkpoint_uri}: parity check failed ({json.dumps(parity)[:300]})")
+        write_hf(model, local, preset=preset, overwrite=True)
+        try:
+            parity = check_parity(local, model)
+        except ParityError as e:
+            raise ExportParityError(str(e)) from None
         if local != out:  # object storage: upload the finished folder, marker last
             fs, path = storage.get_fs(out)
             fs.put(local.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
-        storage.write_json_atomic(marker, parity)
+        storage.write_json_atomic(marker, json.loads(json.dumps(parity, default=str)))
     return out, folder_hash(out)
