@@ -68,6 +68,8 @@ class BolmoModel(nn.Module):
                 f"encoder_loss_layer={cfg.encoder_loss_layer}: the global model has {self.global_model.n_layers} blocks")
         self.d_local, self.d_global = d_l, d_g
         n_src = self.teacher.embed_tokens.weight.shape[0]
+        if vocab is not None and vocab.vocab_size > n_src:
+            raise GlobalModelError(f"source tokenizer has {vocab.vocab_size} ids but the embedding only {n_src} rows")
         retained = (vocab.vocab_size if vocab is not None else n_src) if cfg.retained_embeddings else None
         self.local_encoder = LocalEncoder(d_l, cfg.local, retained)
         self.boundary_predictor = BoundaryPredictor(d_l, cfg.boundary_lookahead, cfg.boundary_threshold)
