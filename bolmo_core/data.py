@@ -17,6 +17,21 @@ files (one document per file), JSONL (one per line) or Parquet (one per row); ap
 loads a Hugging Face dataset through ``datasets`` (``hf:json?data_files=/x/*.jsonl`` for
 local files); ``builtin:wiki`` is the offline Wikipedia extracts (en/fr/es) and
 ``builtin:wiki+code`` adds the CPython standard library's ``.py`` files.
+
+Document ids: ``<file uri>`` (text), ``<uri>#<line>`` (JSONL, 1-based), ``<uri>#<row>``
+(Parquet, hf), ``wiki/<lang>/<title>``, ``code/<path>``; a split document's pieces add
+``#part<k>``. Empty documents are skipped and counted; NUL bytes and invalid UTF-8 are
+data (policy in docs/internals.md; invalid-UTF-8 documents are counted).
+
+Output under ``out_uri``: ``data-<key>/{train,validation}-<k>-of-<n>.parquet`` (columns
+``doc_id, text_bytes, token_ids, token_ends``), ``data-<key>/done-<k>-of-<n>.json`` (a
+shard's done-marker) and ``manifest.json``: format, ``inputs_key`` (hash of inputs,
+tokenizer and config: the idempotency key), inputs (sources, resolved files with sizes
+and document counts), tokenizer (source, fingerprint, separator and pad ids), config,
+counts (skipped empty, invalid UTF-8, split long docs), per-split totals, per-shard
+``uri`` (relative to the manifest), split, rows, bytes, tokens, sha256, the code version
+and ``manifest_hash`` (sha256 of the canonical JSON without that field). No timestamps:
+the same job gives the same manifest, byte for byte.
 """
 
 from __future__ import annotations
