@@ -45,9 +45,12 @@ def source_config(src: SourceConfig):
     """The source's transformers config; falls back to KNOWN_ARCHITECTURES when it can't be fetched."""
     try:
         return load_source_config(src)
-    except (SourceError, OSError, ValueError):
+    except (SourceError, OSError, ValueError) as e:
         if src.name_or_path not in KNOWN_ARCHITECTURES:
-            raise
+            if isinstance(e, SourceError):
+                raise
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SourceError(f"source model '{src.name_or_path}': config cannot be loaded ({msg})") from None
     import transformers
 
     cls_name, kwargs = KNOWN_ARCHITECTURES[src.name_or_path]

@@ -121,6 +121,13 @@ def test_tied_lm_head_kept_single():
     assert teacher.lm_head is None
 
 
+def test_unknown_offline_source_is_a_clear_error():
+    from bolmo_core.source import SourceError
+
+    with pytest.raises(SourceError, match="no-such-org/no-such-model"):
+        build_source_skeleton(SourceConfig("no-such-org/no-such-model"))
+
+
 def test_split_source_rejects_unknown_layout():
     with pytest.raises(GlobalModelError, match="model.model"):
         GlobalModel.split_source(torch.nn.Linear(2, 2))
