@@ -1,0 +1,208 @@
+"""Hugging Face export of a byte model (spec §12, done right) and the parity check that gates it.
+
+The folder holds `config.json` (model_type "bolmo", `auto_map` to the remote code, the FULL source
+config as `global_config` so the global blocks are rebuilt offline by transformers' own class for
+that architecture, with rope_theta / rope_scaling / sliding windows / norm eps mirrored at the top
+level), `model.safetensors` (local modules, global blocks, and the retained-subword table as
+buffers: entry ids + their byte strings), the tokenizer files, and the self-contained remote code
+copied from `bolmo_core/hf/` (it never imports bolmo_core). `check_parity` loads the folder with
+`trust_remote_code=True` and compares its logits with the in-memory model; it raises on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .byte_tokenizer import BOS, OFFSET
+
+HF_DIR = Path(__file__).parent / "hf"
+REMOTE_FILES = ("configuration_bolmo.py", "modeling_bolmo.py", "tokenization_bolmo.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_bolmo.BolmoConfig",
+    "AutoModelForCausalLM": "modeling_bolmo.BolmoForCausalLM",
+    "AutoTokenizer": ["tokenization_bolmo.BolmoTokenizer", None],
+}
+PARITY_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Byte-level models spell: s-t-r-a-w-b-e-r-r-y has 3 r's.",
+    "Caf\u00e9 cr\u00e8me, na\u00efve \u2014 \u65e5\u672c\u8a9e \U0001F600 ok",
+    "def f(x):\n    return x * 2  # code\n",
+    "",
+)
+# Source-config fields that must survive the export unchanged (spec §12: rope_theta was lost there).
+CRITICAL_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "sliding_window", "layer_types", "rms_norm_eps",
+                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+                   "intermediate_size", "max_position_embeddings", "attention_bias", "hidden_act")
+
+
+class ExportError(ValueError):
+    """An export that cannot be written or loaded, with a one-line reason."""
+
+
+class ParityError(ExportError):
+    """The exported model does not reproduce the in-memory model."""
+
+
+def _global_config(model) -> dict:
+    """The source config as a plain dict (private/local fields dropped)."""
+    d = model.global_model.config.to_dict()
+    d = {k: v for k, v in d.items() if not k.startswith("_") and k not in ("quantization_config", "transformers_version")}
+    if "model_type" not in d:
+        raise ExportError("source config has no model_type: the global blocks could not be rebuilt")
+    return d
+
+
+def retained_table(vocab) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """(entry ids, offsets, concatenated bytes): what RetainedIndex matches (non-special, lowest id per string)."""
+    seen: dict[bytes, int] = {}
+    for i, b in enumerate(vocab.token_bytes):
+        if b and i not in vocab.special_ids and b not in seen:
+            seen[b] = i
+    ids = np.fromiter(seen.values(), dtype=np.int64, count=len(seen))
+    lens = np.fromiter((len(b) for b in seen), dtype=np.int64, count=len(seen))
+    return ids, np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), b"".join(seen)
+
+
+def _resolve(model_or_dir):
+    if isinstance(model_or_dir, str | os.PathLike):
+        from .load import load_checkpoint_model
+
+        return load_checkpoint_model(str(model_or_dir))
+    return model_or_dir, None
+
+
+def export_model(model_or_dir, out_dir: str | os.PathLike, preset=None, vocab=None, overwrite: bool = False) -> Path:
+    """Write the HF folder for a BolmoModel (or a checkpoint folder) to `out_dir`, atomically."""
+    from safetensors.torch import save_file
+
+    from .hf.configuration_bolmo import BolmoConfig
+
+    model, ckpt_preset = _resolve(model_or_dir)
+    preset = preset or ckpt_preset
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"export folder '{out}': exists and is not empty (pass overwrite=True)")
+    cfg = model.cfg
+    state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()
+             if not k.startswith("teacher.")}
+    extra = dict(retained_vocab_size=0, retained_entries=0, retained_bytes=0)
+    if model.local_encoder.retained_embedding is not None:
+        if vocab is None:
+            from .source import load_tokenizer
+            from .subword import get_vocab
+
+            vocab = get_vocab(load_tokenizer(cfg.source))
+        ids, offsets, blob = retained_table(vocab)
+        state["retained_ids"] = torch.from_numpy(ids)
+        state["retained_offsets"] = torch.from_numpy(offsets)
+        state["retained_bytes"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        extra = dict(retained_vocab_size=model.local_encoder.retained_embedding.weight.shape[0],
+                     retained_entries=len(ids), retained_bytes=len(blob), retained_sep_id=vocab.doc_separator_id,
+                     retained_pad_id=vocab.pad_id, retained_fallback_id=vocab.byte_fallback_id)
+    hf_cfg = BolmoConfig(
+        global_config=_global_config(model), d_local=model.d_local, local_heads=cfg.local.n_heads,
+        local_ffn_hidden=cfg.local.ffn_hidden, n_encoder_layers=cfg.local.n_encoder_layers,
+        n_decoder_layers=cfg.local.n_decoder_layers, qk_dim_factor=cfg.local.qk_dim_factor,
+        gate_soft_cap=cfg.local.gate_soft_cap, block_norm_eps=cfg.local.block_norm_eps,
+        local_norm_eps=cfg.local.norm_eps, boundary_lookahead=cfg.boundary_lookahead,
+        boundary_threshold=cfg.boundary_threshold, architectures=["BolmoForCausalLM"], auto_map=AUTO_MAP,
+        **extra,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        hf_cfg.save_pretrained(tmp)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name in REMOTE_FILES:
+            shutil.copyfile(HF_DIR / name, tmp / name)
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "BolmoTokenizer", "auto_map": {"AutoTokenizer": AUTO_MAP["AutoTokenizer"]},
+            "pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<bos>", "add_bos_token": True,
+            "padding_side": "left", "model_max_length": 1_000_000_000,
+        }, indent=1) + "\n")
+        meta = {"format": "byteify-bolmo-hf/1", "source": cfg.source.name_or_path,
+                "source_revision": cfg.source.revision, "preset": preset.to_dict() if preset is not None else None}
+        (tmp / "byteify_export.json").write_text(json.dumps(meta, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_hf(export_dir, device: str | torch.device = "cpu"):
+    """The exported model through transformers' Auto classes (remote code, fp32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    if not Path(export_dir, "config.json").exists():
+        raise ExportError(f"export folder '{export_dir}': no config.json")
+    m = AutoModelForCausalLM.from_pretrained(str(export_dir), trust_remote_code=True, dtype=torch.float32)
+    return m.to(device).eval()
+
+
+def check_parity(export_dir, model, prompts=PARITY_PROMPTS, atol: float = 1e-4) -> dict:
+    """Exported vs in-memory fp32 logits on fixed prompts, and the source config fields; raises ParityError."""
+    from .generate import retained_index
+
+    hf = load_hf(export_dir, device=next(model.parameters()).device)
+    src = _global_config(model)
+    problems = [f"{k}: exported {getattr(hf.config, k, None)!r} != source {src[k]!r}"
+                for k in CRITICAL_FIELDS if k in src and _norm(getattr(hf.config, k, None)) != _norm(src[k])]
+    problems += [f"global_config.{k} differs" for k in src if _norm(hf.config.global_config.get(k)) != _norm(src[k])]
+    index = retained_index(model)
+    was_training = model.training
+    model.eval()
+    per = []
+    try:
+        with torch.no_grad():
+            for p in prompts:
+                ids = torch.tensor([[BOS, *(b + OFFSET for b in p.encode("utf-8"))]], device=hf.device)
+                ours = model(ids, None if index is None else index.expand(ids)).logits.float()
+                theirs = hf(ids).logits.float()
+                per.append(float((ours - theirs).abs().max()))
+    finally:
+        model.train(was_training)
+    report = {"export_dir": str(export_dir), "prompts": len(per), "max_abs_diff": max(per), "per_prompt": per,
+              "atol": atol, "rope_theta": getattr(hf.config, "rope_theta", None), "config_problems": problems}
+    report["passed"] = report["max_abs_diff"] < atol and not problems
+    if not report["passed"]:
+        why = problems[0] if problems else f"max |logit diff| {report['max_abs_diff']:.3g} >= {atol}"
+        raise ParityError(f"export '{export_dir}' fails the parity check: {why}")
+    return report
+
+
+def _norm(v):
+    """JSON round trip, so tuples/lists and int/float keys compare as saved."""
+    return json.loads(json.dumps(v, sort_keys=True, default=str))
+
+
+def load_exported(path, device: str | torch.device = "cpu"):
+    """(BolmoModel, preset) from an exported folder written by `export_model` (needs its preset)."""
+    from safetensors.torch import load_file
+
+    from .config import Preset
+    from .model import BolmoModel
+
+    meta_path = Path(path, "byteify_export.json")
+    if not meta_path.exists():
+        raise ExportError(f"export folder '{path}': no byteify_export.json (not written by byteify)")
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("preset"):
+        raise ExportError(f"export folder '{path}': exported without a preset, load it with transformers instead")
+    preset = Preset.from_dict(meta["preset"])
+    model = BolmoModel.from_source(preset.model, init=False)
+    state = {k: v for k, v in load_file(str(Path(path, "model.safetensors"))).items() if not k.startswith("retained_")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("teacher.")]
+    if missing or unexpected:
+        raise ExportError(f"export folder '{path}': weights do not fit its preset ({(missing or unexpected)[:3]})")
+    return model.to(device).eval(), preset

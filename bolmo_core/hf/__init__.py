@@ -1,0 +1,1 @@
+"""Remote-code modules copied into every exported model folder (they never import bolmo_core)."""
