@@ -142,12 +142,12 @@ def test_source_boundaries_agree_perfectly(tiny):
 def test_report_and_table(tiny):
     preset, model, tok = tiny
     src = load_source_model(preset.model.source)
-    cfg = E.EvalConfig(cute_tasks=("spell", "del_char"), cute_items=2, max_bytes=500)
+    cfg = E.EvalConfig(cute_tasks=("del_char",), cute_items=2, max_bytes=500)
     report = E.evaluate([_wiki_text(5000)], tok, source_model=src, byte_model=model, cfg=cfg,
                         byte_length=preset.data.byte_slots)
     json.dumps(report)  # JSON-serialisable as is
     assert report["text"]["bytes"] <= 500 and report["text"]["window_bytes"] == preset.data.byte_slots - 1
-    assert report["source"]["cute"]["spell"]["n"] == 2
+    assert report["source"]["cute"]["del_char"]["n"] == 2
     assert report["byte_model"]["bits_per_byte"] > 0
     if E.byte_generation_available():
         assert report["byte_model"]["cute"]["del_char"]["n"] == 2
@@ -155,7 +155,7 @@ def test_report_and_table(tiny):
         assert report["byte_model"]["cute"] is None and any("generate" in n for n in report["notes"])
     table = E.markdown_table(report)
     assert table.splitlines()[0] == "| metric | source | byte model |"
-    assert "| CUTE-style (regenerated): spell |" in table and "| bits per byte |" in table
+    assert "| CUTE-style (regenerated): del_char |" in table and "| bits per byte |" in table
     with pytest.raises(E.EvalError, match="give a source model"):
         E.evaluate([b"x"], tok)
 
