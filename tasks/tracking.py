@@ -29,6 +29,7 @@ from bolmo_core.callbacks import Callback
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in task logs
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_ID_ENV = "MLFLOW_RUN_ID"
