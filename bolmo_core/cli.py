@@ -1,6 +1,8 @@
 """The ``byteify`` console script: one argparse subparser per command.
 
     byteify eval MODEL_DIR --text FILE [--source SOURCE]    prints the JSON evaluation report
+    byteify generate MODEL_DIR --prompt TEXT [--max-new-bytes N] [--temperature T]   streams the continuation
+    byteify export CKPT_DIR OUT_DIR                        HF folder, then the parity check (JSON report)
 
 A new command is a ``_add_<name>(subparsers)`` that sets ``func`` and one line in ``build_parser``.
 """
@@ -102,10 +104,63 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def cmd_generate(args) -> int:
+    from .generate import stream
+    from .load import load_byte_model
+
+    model, _ = load_byte_model(args.model_dir)
+    for chunk in stream(model, args.prompt, max_new_bytes=args.max_new_bytes, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, precision=args.precision):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="stream a byte model's continuation of a prompt")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder or exported model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-bytes", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_export(args) -> int:
+    import shutil
+
+    from .export import ParityError, check_parity, export_model
+    from .load import load_checkpoint_model
+
+    model, preset = load_checkpoint_model(args.ckpt_dir)
+    out = export_model(model, args.out_dir, preset=preset, overwrite=args.overwrite)
+    try:
+        report = check_parity(out, model)
+    except ParityError:
+        shutil.rmtree(out, ignore_errors=True)  # never leave an export that failed validation
+        raise
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint as a Hugging Face folder and check its parity")
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="checkpoint folder (or stage output folder)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="local folder to write (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byteify", description="Byteify a subword LM (Bolmo recipe).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
+    _add_generate(sub)
+    _add_export(sub)
     return parser
 
 
@@ -113,6 +168,8 @@ def _known_errors() -> tuple[type[Exception], ...]:
     """byteify's one-line input errors (a library traceback stays a traceback: it is a bug)."""
     from .checkpoint import CheckpointError
     from .evaluate import EvalError
+    from .export import ExportError
+    from .generate import GenerationError
     from .global_model import GlobalModelError
     from .load import LoadError
     from .source import SourceError
@@ -120,7 +177,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from .subword import TokenizerError
 
     return (CLIError, cute.CuteError, CheckpointError, EvalError, GlobalModelError, LoadError, SourceError,
-            StorageError, TokenizerError)
+            StorageError, TokenizerError, ExportError, GenerationError)
 
 
 def main(argv: list[str] | None = None) -> int:
