@@ -23,7 +23,16 @@ BUDGET = {"stage1_steps": 6, "stage2_steps": 4,
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, s3_server, prefect_api):
+def prefect_api_patient():
+    """A temporary Prefect API like conftest's `prefect_api`, with room for a slow start on a busy box."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, s3_server, prefect_api_patient):
     from prefect.settings import (
         PREFECT_LOCAL_STORAGE_PATH,
         PREFECT_RESULTS_PERSIST_BY_DEFAULT,

@@ -162,8 +162,17 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+@pytest.fixture(scope="module")
+def prefect_api_patient():
+    """A temporary Prefect API like conftest's `prefect_api`, with room for a slow start on a busy box."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield
+
+
 @pytest.mark.slow
-def test_registration_retried_while_mlflow_server_is_down(tmp_path, hf_folder, prefect_api):
+def test_registration_retried_while_mlflow_server_is_down(tmp_path, hf_folder, prefect_api_patient):
     from prefect import flow
     from prefect.client.orchestration import get_client
 
