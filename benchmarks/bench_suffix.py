@@ -1,4 +1,4 @@
-"""Subword alignment speed: retained ids (numba trie walk) vs a per-byte Python reverse-trie walk, and
+"""Subword alignment speed: retained ids (numba Aho-Corasick scan) vs a per-byte Python reverse-trie walk, and
 boundary labeling vs the raw fast tokenizer, side by side on the same ~200 KB of real text.
 
     .venv/bin/python benchmarks/bench_suffix.py [--kb 200] [--repeats 3]
@@ -89,7 +89,7 @@ def main() -> None:
         f"text: {n_bytes / 1e3:.0f} KB, {len(docs)} Wikipedia extracts (en/fr/es); SmolLM2 vocab {vocab.vocab_size}"
     )
     print(
-        f"RetainedIndex build: {build_s:.2f} s ({len(index.node_out)} trie nodes, longest entry {index.max_len} B)"
+        f"RetainedIndex build: {build_s:.2f} s ({len(index.node_out)} automaton states, longest entry {index.max_len} B)"
     )
     print(f"RetainedIndex first expand call (JIT compile or cache load): {first_s:.2f} s")
     print(f"retained ids, Python reverse-trie walk: {len(ids) / t_base / 1e6:8.3f} MB/s")

@@ -17,10 +17,13 @@ is tokenized as that special token; its bytes are its literal text.
 
 Retained ids (`RetainedIndex`): for each byte position, the id of the longest vocabulary
 entry whose bytes are a suffix of the bytes ending there (may cross token boundaries).
-The reverse trie (nodes = all suffixes of vocabulary entries) is stored as flat arrays: a
-dense 256-entry table for the root's children, CSR child lists sorted by byte below it. The
-per-position walk runs in one numba-compiled loop (`cache=True`: compiled once per machine),
-because the walk's data-dependent depth defeats numpy vectorisation.
+Instead of the spec's backward reverse-trie walk from every byte (O(L * longest entry)), one
+forward Aho-Corasick pass per row gives the same answer in amortised O(L): the automaton
+state is the longest suffix of the bytes so far that is a prefix of an entry, so every entry
+that is a suffix of the bytes is a suffix of the state, and the answer is precomputed per
+state. Specials reset the state (no entry crosses them) and EOPs leave it unchanged (skipped).
+States keep CSR child lists sorted by byte; the shortest states also get complete dense
+transitions. The scan is one numba-compiled loop (`cache=True`: compiled once per machine).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import json
 import re
 import weakref
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import torch
@@ -284,29 +288,44 @@ def label_documents(
                 plan.append(part)
         plans.append(plan)
     encs = tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
+    part_ids = [e.ids for e in encs]  # each .ids access builds a fresh Python list: once per part
     out = []
-    table = vocab.token_bytes
-    for n, (doc, plan) in enumerate(zip(docs, plans)):
-        ids_parts, len_parts, spelled = [], [], []
+    for plan in plans:
+        ids_parts, len_parts = [], []
         for p in plan:
             if isinstance(p, int):
-                ids = np.asarray(encs[p].ids, dtype=np.int64)
+                ids = np.asarray(part_ids[p], dtype=np.int64)
                 ids_parts.append(ids)
                 len_parts.append(vocab.token_lens[ids])
-                spelled.append(b"".join(map(table.__getitem__, encs[p].ids)))
             else:  # raw bytes: one token per byte, one byte per token
                 ids_parts.append(raw_ids[np.frombuffer(p, dtype=np.uint8)])
                 len_parts.append(np.ones(len(p), dtype=np.int64))
-                spelled.append(p)
-        if b"".join(spelled) != doc:
+        ids = np.concatenate(ids_parts) if len(ids_parts) != 1 else ids_parts[0]
+        ends = np.cumsum(np.concatenate(len_parts) if len(len_parts) != 1 else len_parts[0])
+        out.append((ids.astype(np.uint32), ends.astype(np.uint32)))
+    _check_spelling(vocab, docs, plans, part_ids, out)
+    return out
+
+
+def _spelled(vocab: SubwordVocab, plan: list, part_ids: list[list[int]]) -> list:
+    """Iterables of the bytes of a document's tokens, part by part (raw parts spell themselves)."""
+    return [map(vocab.token_bytes.__getitem__, part_ids[p]) if isinstance(p, int) else (p,) for p in plan]
+
+
+def _check_spelling(vocab: SubwordVocab, docs: list[bytes], plans: list, part_ids: list, out: list) -> None:
+    """Raise TokenizerError naming the first document whose tokens' bytes are not its bytes."""
+    # One join over the whole batch: equal totals and equal per-document lengths imply that
+    # every document is spelled exactly, without a join and compare per document.
+    lengths_ok = all((int(ends[-1]) if ends.size else 0) == len(doc) for doc, (_, ends) in zip(docs, out))
+    spelled = b"".join(chain.from_iterable(it for plan in plans for it in _spelled(vocab, plan, part_ids)))
+    if lengths_ok and spelled == b"".join(docs):
+        return
+    for n, (doc, plan) in enumerate(zip(docs, plans)):
+        if b"".join(chain.from_iterable(_spelled(vocab, plan, part_ids))) != doc:
             raise TokenizerError(
                 f"label_documents: document {n}: the bytes of its tokens do not spell the document "
                 f"(tokenizer '{vocab.name}' rewrites text, e.g. with a normalizer)"
             )
-        ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, dtype=np.int64)
-        ends = np.cumsum(np.concatenate(len_parts)) if len_parts else np.zeros(0, dtype=np.int64)
-        out.append((ids.astype(np.uint32), ends.astype(np.uint32)))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,11 +333,13 @@ def label_documents(
 
 
 @njit(cache=True, nogil=True)
-def _walk_rows(rows, root, child_start, child_byte, child_node, node_out, sep_id, pad_id, fallback_id, res):
-    """Reverse-trie walk from every position of every row; returns how many ids were out of range."""
+def _scan_rows(rows, dense, child_start, child_byte, child_node, fail, node_out, sep_id, pad_id, res):
+    """One left-to-right automaton pass per row; returns how many ids were out of range."""
     n_rows, width = rows.shape
+    n_dense = dense.shape[0]
     bad = 0
     for r in range(n_rows):
+        state = 0  # the root: a row start sees no bytes before it
         last = pad_id  # an EOP repeats the value of the last real id before it in its row
         for t in range(width):
             x = rows[r, t]
@@ -327,42 +348,38 @@ def _walk_rows(rows, root, child_start, child_byte, child_node, node_out, sep_id
                 continue
             if x >= FUSED_OFFSET:
                 x -= FUSED_OFFSET
-            if x == EOP:
+            if x == EOP:  # skipped: the state carries over it
                 res[r, t] = last
                 continue
-            if x < OFFSET:  # bos/eos -> separator; pad and id 2 -> pad
+            if x < OFFSET:  # bos/eos -> separator; pad and id 2 -> pad; no entry crosses a special
+                state = 0
                 last = sep_id if x == BOS else pad_id
                 res[r, t] = last
                 continue
-            node = root[x - OFFSET]
-            best = fallback_id  # a byte that ends no entry (SmolLM2 lacks e.g. 0x04)
-            j = t - 1
-            while node >= 0:
-                best = node_out[node]
-                # next real byte back: EOPs are skipped, specials and the row start end the walk
-                y = -1
-                while j >= 0:
-                    y = rows[r, j]
-                    j -= 1
-                    if y >= FUSED_OFFSET:
-                        y -= FUSED_OFFSET
-                    if y != EOP:
-                        break
-                    y = -1
-                if y < OFFSET:
+            b = x - OFFSET
+            while True:
+                if state < n_dense:
+                    state = dense[state, b]  # complete transition, failures already folded in
                     break
-                # children of a node are sorted by byte: binary search
-                lo, hi, b = child_start[node], child_start[node + 1], y - OFFSET
+                # children are sorted by byte: binary search
+                lo, hi = child_start[state], child_start[state + 1]
+                end = hi
                 while lo < hi:
                     mid = (lo + hi) >> 1
                     if child_byte[mid] < b:
                         lo = mid + 1
                     else:
                         hi = mid
-                node = child_node[lo] if lo < child_start[node + 1] and child_byte[lo] == b else -1
-            last = best
-            res[r, t] = best
+                if lo < end and child_byte[lo] == b:
+                    state = child_node[lo]
+                    break
+                state = fail[state]  # amortised: each failure undoes one earlier step down
+            last = node_out[state]
+            res[r, t] = last
     return bad
+
+
+_DENSE_STATES = 256  # 256 KB of int32 transitions (cache-resident); more measured no faster
 
 
 class RetainedIndex:
@@ -376,33 +393,42 @@ class RetainedIndex:
             if b and i not in vocab.special_ids and b not in entries:
                 entries[b] = i  # identical byte strings: the lowest id wins
         self.max_len = max(map(len, entries))
-        # Trie nodes = all suffixes of entries; out = longest entry that is a suffix of the node.
-        nodes: dict[bytes, int] = {}
+        # States = all prefixes of entries (state 0 = the empty string), shortest first.
+        states: dict[bytes, int] = {b"": 0}
         for b in entries:
             for k in range(1, len(b) + 1):
-                nodes.setdefault(b[-k:], 0)
-        order = sorted(nodes, key=len)
+                states.setdefault(b[:k], 0)
+        order = sorted(states, key=len)
         for n, s in enumerate(order):
-            nodes[s] = n
-        out = np.empty(len(order), dtype=np.int64)
-        parent = np.full(len(order), -1, dtype=np.int64)  # -1: a child of the root
-        first = np.array([s[0] for s in order], dtype=np.int64)  # the byte that extends the parent
-        for n, s in enumerate(order):
-            if len(s) > 1:
-                parent[n] = nodes[s[1:]]
-            if s in entries:
-                out[n] = entries[s]
-            else:
-                out[n] = out[parent[n]] if len(s) > 1 else vocab.byte_fallback_id
-        self.node_out = out
-        # CSR child lists sorted by (parent, byte); the root's children are a dense 256 table.
-        deep = np.nonzero(parent >= 0)[0]
-        deep = deep[np.lexsort((first[deep], parent[deep]))]
-        self.child_start = np.zeros(len(order) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(parent[deep], minlength=len(order)), out=self.child_start[1:])
-        self.child_byte = first[deep].astype(np.int64)
-        self.child_node = deep.astype(np.int64)
-        self.root = np.array([nodes.get(bytes([b]), -1) for b in range(256)], dtype=np.int64)
+            states[s] = n
+        n_states = len(order)
+        parent = np.zeros(n_states, dtype=np.int64)
+        last_byte = np.zeros(n_states, dtype=np.int64)
+        fail = np.zeros(n_states, dtype=np.int64)  # longest proper suffix that is a state
+        out = np.full(n_states, vocab.byte_fallback_id, dtype=np.int64)  # longest entry that is a suffix
+        for n, s in enumerate(order[1:], start=1):
+            parent[n], last_byte[n] = states[s[:-1]], s[-1]
+            for k in range(1, len(s)):
+                if (f := states.get(s[k:])) is not None:
+                    fail[n] = f
+                    break
+            out[n] = entries[s] if s in entries else out[fail[n]]  # shorter states are done first
+        # int32/uint8 tables: half the cache footprint of int64 for the random accesses of the scan
+        self.node_out, self.fail = out.astype(np.int32), fail.astype(np.int32)
+        # CSR child lists sorted by (parent, byte) for every state; the shortest (hottest) states
+        # also get a dense table of complete transitions (a DFA row: failures folded in).
+        deep = np.nonzero(parent > 0)[0]
+        deep = deep[np.lexsort((last_byte[deep], parent[deep]))]
+        self.child_start = np.zeros(n_states + 1, dtype=np.int32)
+        np.cumsum(np.bincount(parent[deep], minlength=n_states), out=self.child_start[1:])
+        self.child_byte = last_byte[deep].astype(np.uint8)
+        self.child_node = deep.astype(np.int32)
+        self.dense = np.zeros((min(n_states, _DENSE_STATES), 256), dtype=np.int32)
+        self.dense[0] = [states.get(bytes([b]), 0) for b in range(256)]  # no entry starts with b: root
+        for n in range(1, len(self.dense)):
+            lo, hi = self.child_start[n], self.child_start[n + 1]
+            self.dense[n] = self.dense[fail[n]]  # fail[n] < n: shorter states come first
+            self.dense[n, self.child_byte[lo:hi]] = self.child_node[lo:hi]
 
     def expand(self, byte_ids):
         """Retained id per position of byte ids shaped (L,) or (B, L); same type and shape, int64."""
@@ -442,16 +468,16 @@ class RetainedIndex:
         # int64 in one layout, so the compiled walk has a single signature (no copy when already int64)
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         res = np.empty(rows.shape, dtype=np.int64)
-        bad = _walk_rows(
+        bad = _scan_rows(
             rows,
-            self.root,
+            self.dense,
             self.child_start,
             self.child_byte,
             self.child_node,
+            self.fail,
             self.node_out,
             self.sep_id,
             self.pad_id,
-            self.vocab.byte_fallback_id,
             res,
         )
         if bad:

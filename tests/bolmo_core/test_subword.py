@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from bolmo_core.byte_tokenizer import BOS, EOP, FUSED_OFFSET, OFFSET, PAD, ByteTokenizer
@@ -257,3 +257,50 @@ def test_refuses_bpe_without_byte_level():
     )
     with pytest.raises(TokenizerError, match="tiny-meta.*Metaspace, not ByteLevel"):
         check_byte_level_bpe(tok)
+
+
+def test_retained_random_streams_match_brute_force(source):
+    # Long real-text runs reach deep automaton states; random specials, EOPs and fused ids cut them.
+    _, vocab, index = source
+    rng = random.Random(4)
+    text = "".join(tiny_corpus(6_000)).encode()
+    rows = []
+    for _ in range(3):
+        start = rng.randrange(len(text) - 400)
+        ids = [b + OFFSET for b in text[start : start + 400]]
+        for _ in range(12):
+            ids[rng.randrange(len(ids))] = rng.choice(
+                [PAD, BOS, 2, EOP, EOP, rng.randrange(OFFSET, OFFSET + 256)]
+            )
+        rows.append([i + FUSED_OFFSET if rng.random() < 0.2 else i for i in ids])
+    got = index.expand(np.array(rows))
+    for r, row in enumerate(rows):
+        assert got[r].tolist() == brute_force(vocab, row)
+    assert index.expand_last(np.array(rows), 7).tolist() == got[:, -7:].tolist()
+
+
+def test_retained_refuses_out_of_range_ids(smol):
+    _, _, index = smol
+    for bad in ([1, 2 * FUSED_OFFSET], [-1, OFFSET]):
+        with pytest.raises(TokenizerError, match=r"byte ids must lie in 0\.\.519"):
+            index.expand(np.array(bad))
+    with pytest.raises(TokenizerError, match="1-D or 2-D"):
+        index.expand(np.zeros((1, 2, 3), dtype=np.int64))
+
+
+def test_labels_refuse_tokenizer_that_rewrites_text():
+    raw = Tokenizer(models.BPE())
+    raw.normalizer = normalizers.Lowercase()
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    raw.train_from_iterator(tiny_corpus(20_000), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
+    tok.name_or_path = "tiny-lowercase"
+    vocab = SubwordVocab.from_tokenizer(tok)
+    ((ids, ends),) = label_documents(tok, [b"already lower"], vocab)
+    assert ends[-1] == len(b"already lower")
+    with pytest.raises(TokenizerError, match="document 1: .*tiny-lowercase.*rewrites text") as err:
+        label_documents(tok, [b"fine", b"Not Lower"], vocab)
+    assert "\n" not in str(err.value)
