@@ -61,9 +61,11 @@ def build_source_skeleton(src: SourceConfig, device: str | torch.device = "meta"
     """The source causal LM with uninitialised weights (meta device by default): for shapes and counts."""
     from transformers import AutoModelForCausalLM
 
+    from .source import ATTN_IMPLEMENTATION
+
     cfg = source_config(src)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(cfg)
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation=ATTN_IMPLEMENTATION)
 
 
 def _base_of(causal_lm) -> nn.Module:

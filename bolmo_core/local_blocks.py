@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LocalConfig
-from .mlstm import get_mlstm_backend, mlstm_step, reset_forget_gate
+from .mlstm import check_kernel, get_mlstm_backend, mlstm_step, reset_forget_gate
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 HOLD_I = -1e30  # input-gate value with exp(HOLD_I - m) == 0: nothing is written
@@ -47,7 +47,7 @@ class MLSTMLayer(nn.Module):
         if dqk % cfg.n_heads:
             raise ValueError(f"q/k width {dqk} is not divisible by n_heads={cfg.n_heads}")
         self.d, self.h, self.dqk = d, cfg.n_heads, dqk
-        self.soft_cap, self.chunk_size, self.kernel = cfg.gate_soft_cap, cfg.chunk_size, cfg.kernel
+        self.soft_cap, self.chunk_size, self.kernel = cfg.gate_soft_cap, cfg.chunk_size, check_kernel(cfg.kernel)
         self.q = nn.Linear(d, dqk, bias=False)
         self.k = nn.Linear(d, dqk, bias=False)
         self.v = nn.Linear(d, d, bias=False)

@@ -14,6 +14,7 @@ within-chunk cumsum (where -1e5 would cost fp32 precision in every later differe
 the chunk into segments instead.
 """
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -259,61 +260,83 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, eps=1e-6, initial_state=None, 
 
 # ---------------------------------------------------------------------------- backend selector
 
+KERNELS = ("auto", "torch", "triton")
+
+
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
 
 def _triton_chunkwise() -> Callable:
+    """mlstm_kernels' Triton "xl_chunk" kernel (the one xLSTM 7B trains with at chunk 128), in our convention."""
     try:
-        from mlstm_kernels.torch.chunkwise.triton_limit_chunk import mlstm_chunkwise__limit_chunk
+        from mlstm_kernels.torch.chunkwise.triton_xl_chunk import mlstm_chunkwise__xl_chunk
     except ImportError as e:
         raise MLSTMError(
-            f"kernel 'triton' unavailable: cannot import mlstm_kernels triton chunkwise ({e})"
+            f"kernel 'triton' unavailable: cannot import mlstm_kernels triton chunkwise ({e}); pip install byteify[gpu]"
         ) from None
 
-    def run(q, k, v, i, f, chunk_size=64, eps=1e-6, initial_state=None, return_last_state=False):
+    def mlstm_triton_chunkwise(q, k, v, i, f, chunk_size=64, eps=1e-6, initial_state=None, return_last_state=False):
         _check(q, k, v, i, f, initial_state)
-        L = q.shape[2]
+        if not _is_pow2(chunk_size) or chunk_size < 16:
+            raise MLSTMError(f"kernel 'triton': chunk_size must be a power of 2 >= 16, got {chunk_size}")
+        # Exact resets (log f < -1e3) would sit inside the kernel's fp32 within-chunk cumsum and
+        # cost ~1e-2 of precision in every later decay; our kernel cuts chunks there instead.
+        if bool((f < _RESET_LOGF).any()):
+            return mlstm_chunkwise(q, k, v, i, f, chunk_size, eps, initial_state, return_last_state)
+        dtype, L = q.dtype, q.shape[2]
+        # fp32 in, whatever autocast says: the same "all forms compute in fp32" contract as ours
+        q, k, v, i, f = (t.float() for t in (q, k, v, i, f))
         pad = -L % chunk_size
-        if pad:  # the Triton kernel needs L % chunk_size == 0; pad as in mlstm_chunkwise
+        if pad:  # the kernel needs L % chunk_size == 0; pad as in mlstm_chunkwise (no input, no decay)
             q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-            i = F.pad(i.float(), (0, pad), value=_PAD_I)
-            f = F.pad(f.float(), (0, pad), value=1e4)  # logsigmoid(1e4) == 0: no decay
+            i = F.pad(i, (0, pad), value=_PAD_I)
+            f = F.pad(f, (0, pad), value=1e4)  # logsigmoid(1e4) == 0: no decay
         C0 = n0 = m0 = None
         if initial_state is not None:
-            C0, n0, m0 = initial_state[0], initial_state[1], initial_state[2].unsqueeze(-1)
-        out = mlstm_chunkwise__limit_chunk(
-            q,
-            k,
-            v,
-            i,
-            f,
-            c_initial=C0,
-            n_initial=n0,
-            m_initial=m0,
-            return_last_states=return_last_state,
-            eps=eps,
-            chunk_size=chunk_size,
-        )
+            C0, n0, m0 = (t.float() for t in initial_state)
+            m0 = m0.unsqueeze(-1)  # the kernel keeps m as (B, H, 1)
+        with torch.autocast("cuda", enabled=False):
+            out = mlstm_chunkwise__xl_chunk(
+                q, k, v, i, f, c_initial=C0, n_initial=n0, m_initial=m0,
+                return_last_states=return_last_state, eps=eps, chunk_size=chunk_size,
+                autocast_kernel_dtype=torch.float32,
+            )
         if not return_last_state:
-            return out[:, :, :L]
+            return out[:, :, :L].to(dtype)
         h, (C, n, m) = out
-        return h[:, :, :L], (C.float(), n.float(), m.float().squeeze(-1))
+        return h[:, :, :L].to(dtype), (C.float(), n.float(), m.float().reshape(C.shape[:2]))
 
-    return run
+    return mlstm_triton_chunkwise
 
 
-def get_mlstm_backend(kernel: str, device) -> Callable:
-    """Chunkwise kernel for `LocalConfig.kernel`: "torch" (ours), "triton" (CUDA only), "auto"."""
-    dev = torch.device(device)
+@functools.cache
+def _resolve(kernel: str, device_type: str) -> Callable:
     if kernel == "torch":
         return mlstm_chunkwise
     if kernel == "triton":
-        if dev.type != "cuda":
-            raise MLSTMError(f"kernel 'triton' needs a CUDA device, got {dev}")
+        if device_type != "cuda":
+            raise MLSTMError(f"kernel 'triton' needs a CUDA device, got {device_type}")
         return _triton_chunkwise()
-    if kernel == "auto":
-        if dev.type == "cuda":
-            try:
-                return _triton_chunkwise()
-            except MLSTMError:
-                pass
-        return mlstm_chunkwise
-    raise MLSTMError(f"unknown mLSTM kernel {kernel!r}; expected 'torch', 'triton' or 'auto'")
+    if device_type == "cuda":  # auto: Triton where it runs, ours elsewhere (or when mlstm_kernels is missing)
+        try:
+            return _triton_chunkwise()
+        except MLSTMError:
+            pass
+    return mlstm_chunkwise
+
+
+def check_kernel(kernel: str) -> str:
+    """Validate a `LocalConfig.kernel` value (one-line MLSTMError when unknown)."""
+    if kernel not in KERNELS:
+        raise MLSTMError(f"unknown mLSTM kernel {kernel!r}; expected 'torch', 'triton' or 'auto'")
+    return kernel
+
+
+def get_mlstm_backend(kernel: str, device) -> Callable:
+    """Chunkwise kernel for `LocalConfig.kernel`: "torch" (ours), "triton" (CUDA only), "auto".
+
+    "auto" is Triton on CUDA when mlstm_kernels imports, else ours. Resolved once per
+    (kernel, device type); the callable's __name__ says which it is.
+    """
+    return _resolve(check_kernel(kernel), torch.device(device).type)

@@ -184,13 +184,21 @@ def load_tokenizer(src: SourceConfig):
     return tok
 
 
-def load_source_model(src: SourceConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+# PyTorch SDPA: on CUDA it dispatches to its flash / memory-efficient kernels (training runs with no
+# mask). flash_attention_2 is not chosen automatically: generation's 2-D masks with masked cache
+# slots are not padding masks, which is all FA2's unpadding path expresses.
+ATTN_IMPLEMENTATION = "sdpa"
+
+
+def load_source_model(src: SourceConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                      attn_implementation: str = ATTN_IMPLEMENTATION):
     """The source causal LM (weights in `dtype`), in eval mode."""
     from transformers import AutoModelForCausalLM
 
     path, kw = resolve_source(src)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=src.trust_remote_code, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=src.trust_remote_code,
+                                                     attn_implementation=attn_implementation, **kw)
     except OSError as e:
         raise SourceError(f"source model '{src.name_or_path}': cannot be loaded ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
