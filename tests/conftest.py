@@ -81,5 +81,6 @@ def prefect_api():
     """A temporary Prefect API for tests that run flows or tasks (request it explicitly)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    # 120 s, not 60: on the shared 2-core box (load ~10) the temporary server can take over a minute.
+    with prefect_test_harness(server_startup_timeout=120):
         yield
