@@ -170,6 +170,7 @@ def coarsen_batch(batch: dict, target: float | None) -> dict:
     if not target:
         return batch
     b = dict(batch)
+    b["token_patch_lens"] = batch["patch_lens"]  # one patch per source token (source bpb needs these)
     b["patch_lens"] = coarsen_patch_lens(batch["patch_lens"], target)
     b["patch_mask"] = b["patch_lens"] > 0
     b["patch_mask"][:, 0] = True
@@ -545,8 +546,8 @@ class Evaluator:
             ids = b["teacher_ids"].to(self.device)
             logp = src(input_ids=ids).logits.float().log_softmax(-1)
             tok = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            lens = b["patch_lens"][:, 1:].to(self.device)  # the original labels: one patch per token
-            m = b["patch_mask"][:, 1:].to(self.device).bool() & (lens > 0)
+            lens = b.get("token_patch_lens", b["patch_lens"])[:, 1:].to(self.device)  # one patch per token
+            m = lens > 0  # the loader zeroes the lengths of patches cut by truncation
             nll -= float(tok[m].sum())
             n_bytes += int(lens[m].sum())
         del src
@@ -614,26 +615,52 @@ class Evaluator:
 
 # ---------------------------------------------------------------- command line
 
+def config_from_args(args) -> TrainConfig:
+    """A TrainConfig from ``--config FILE`` or from ``--preset/--stage/--manifest/--out [--set k=v ...]``."""
+    if args.config:
+        cfg = TrainConfig.load(args.config)
+    else:
+        missing = [f"--{n}" for n in ("preset", "stage", "manifest", "out") if getattr(args, n) is None]
+        if missing:
+            raise TrainError(f"give --config FILE, or all of --preset --stage --manifest --out (missing {missing[0]})")
+        from .config import get_preset
+
+        try:
+            preset = get_preset(args.preset, args.set or None)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        cfg = TrainConfig(preset=preset.to_dict(), stage=args.stage, manifest_uri=args.manifest, out_uri=args.out,
+                          init_from=args.init_from, deterministic=args.deterministic)
+    if args.allow_mismatch:
+        cfg.allow_mismatch = True
+    if args.max_minutes is not None:
+        cfg.max_minutes = args.max_minutes
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bolmo_core.train", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True, help="JSON TrainConfig (local path or URI)")
+    ap.add_argument("--config", help="JSON TrainConfig (local path or URI)")
+    ap.add_argument("--preset", help="instead of --config: preset name (tiny, smollm2-135m, olmo2-1b, olmo3-7b)")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="preset override, e.g. stage1.steps=50")
+    ap.add_argument("--stage", type=int, choices=(1, 2))
+    ap.add_argument("--manifest", help="data manifest URI")
+    ap.add_argument("--out", help="the stage's output folder (local or s3://)")
+    ap.add_argument("--init-from", default=None, help="Stage 2: the Stage-1 checkpoint or output folder")
+    ap.add_argument("--deterministic", action="store_true")
     ap.add_argument("--allow-mismatch", action="store_true", help="resume from a checkpoint made differently")
-    ap.add_argument("--max-minutes", type=float, default=None, help="override the training-time budget")
+    ap.add_argument("--max-minutes", type=float, default=None, help="training-time budget (all restarts together)")
     args = ap.parse_args(argv)
     from .data import DataError
     from .source import SourceError
 
     try:
-        cfg = TrainConfig.load(args.config)
-        if args.allow_mismatch:
-            cfg.allow_mismatch = True
-        if args.max_minutes is not None:
-            cfg.max_minutes = args.max_minutes
-        summary = train(cfg)
+        summary = train(config_from_args(args))
     except (TrainError, ckpt.CheckpointError, DataError, SourceError, storage.StorageError) as e:
         print(f"bolmo_core.train: error: {e}", file=sys.stderr, flush=True)
         return 2
-    print(json.dumps({"summary": summary}, default=str), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"summary": summary}, default=str), flush=True)
     return 0
 
 

@@ -1,0 +1,173 @@
+"""Checkpoints: round trip of a real model/optimizer/RNG/loader state, atomicity, pruning, refusal, S3."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import OVERRIDES, make_manifest
+
+from bolmo_core import checkpoint as ckpt
+from bolmo_core import storage
+from bolmo_core.config import get_preset
+from bolmo_core.model import BolmoModel
+from bolmo_core.source import load_tokenizer
+from bolmo_core.subword import SubwordVocab
+from bolmo_core.train import build_loader, build_optimizer, build_scheduler
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    manifest = make_manifest(tmp_path_factory.mktemp("ckdata"), chars=12_000)
+    preset = get_preset("tiny", OVERRIDES)
+    vocab = SubwordVocab.from_tokenizer(load_tokenizer(preset.model.source))
+    return manifest, preset, vocab
+
+
+def _trained(setup, steps=2):
+    """A real tiny BolmoModel after `steps` AdamW steps on real loader batches."""
+    manifest, preset, vocab = setup
+    torch.manual_seed(0)
+    model = BolmoModel.from_source(preset.model, vocab=vocab)
+    opt = build_optimizer(model, preset.stage1)
+    sched = build_scheduler(opt, preset.stage1)
+    loader = build_loader(preset, manifest, vocab, 1, "train", 0, 0, 1)
+    it = iter(loader)
+    for _ in range(steps):
+        loss, _ = model.stage1_loss(next(it), preset.stage1.losses)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return model, opt, sched, loader
+
+
+def _save(out, name, model, opt, sched, loader, config=None, keep_last=2):
+    return ckpt.save_checkpoint(
+        str(out), name, rank=0, world_size=1, barrier=lambda: None,
+        rank_state={"rng": ckpt.capture_rng(), "loader": loader.state_dict()},
+        model_state=model.state_dict(), optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
+        trainer_state={"step": 2}, config=config or {"stage": 1}, keep_last=keep_last)
+
+
+def test_round_trip_restores_everything(setup, tmp_path):
+    model, opt, sched, loader = _trained(setup)
+    random.seed(5)
+    np.random.seed(6)
+    torch.manual_seed(7)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    expected_rand = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    expected_batch = next(iter(loader))
+
+    st = ckpt.load_checkpoint(uri, rank=0)
+    manifest, preset, vocab = setup
+    fresh = BolmoModel.from_source(preset.model, vocab=vocab, init=False)
+    fresh.load_state_dict(st["model"])
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    opt2 = build_optimizer(fresh, preset.stage1)
+    opt2.load_state_dict(st["optimizer"])
+    for s1, s2 in zip(opt.state.values(), opt2.state.values()):
+        assert all(torch.equal(s1[k], s2[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    sched2 = build_scheduler(opt2, preset.stage1)
+    sched2.load_state_dict(st["scheduler"])
+    assert sched2.get_last_lr() == sched.get_last_lr()
+    ckpt.restore_rng(st["rank"]["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected_rand
+    loader2 = build_loader(preset, manifest, vocab, 1, "train", 0, 0, 1)
+    loader2.load_state_dict(st["rank"]["loader"])
+    got = next(iter(loader2))
+    assert all(torch.equal(got[k], expected_batch[k]) for k in got)
+    assert st["trainer_state"] == {"step": 2}
+
+
+def test_shared_tensors_stored_once(tmp_path):
+    w = torch.randn(64, 32)
+    data = ckpt.state_to_bytes({"embed.weight": w, "head.weight": w, "bias": torch.zeros(3)})
+    back = ckpt.state_from_bytes(data)
+    assert torch.equal(back["head.weight"], w) and torch.equal(back["embed.weight"], w)
+    assert len(data) < 64 * 32 * 4 * 1.5  # one copy of the tied matrix, not two
+
+
+def test_uncommitted_folders_ignored_and_cleaned(setup, tmp_path):
+    model, opt, sched, loader = _trained(setup, steps=1)
+    _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    # a save that died before COMMIT (S3 layout) and a local temp folder left by a crash
+    (tmp_path / "step-000004").mkdir()
+    (tmp_path / "step-000004" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / ".tmp-step-000006").mkdir()
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step-000002")
+    assert sorted(ckpt.clean_uncommitted(str(tmp_path))) == [".tmp-step-000006", "step-000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]
+    with pytest.raises(ckpt.CheckpointError, match="no COMMIT marker"):
+        ckpt.load_checkpoint(str(tmp_path / "step-000004"), 0)
+
+
+def test_keep_last_and_final(setup, tmp_path):
+    model, opt, sched, loader = _trained(setup, steps=1)
+    for s in (2, 4, 6):
+        _save(tmp_path, ckpt.step_name(s), model, opt, sched, loader, keep_last=2)
+    assert [s for s, _ in ckpt.committed_steps(str(tmp_path))] == [4, 6]
+    assert ckpt.final_checkpoint(str(tmp_path)) is None
+    _save(tmp_path, ckpt.FINAL, model, opt, sched, loader, keep_last=2)
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("/final")
+    assert ckpt.resolve_checkpoint(str(tmp_path)).endswith("/final")
+
+
+def test_damaged_file_gives_one_line(setup, tmp_path):
+    model, opt, sched, loader = _trained(setup, steps=1)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    (tmp_path / "step-000002" / "optimizer.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_checkpoint(uri, 0)
+    assert "optimizer.pt: cannot be loaded" in str(e.value) and "\n" not in str(e.value)
+
+
+def _ident(preset, **kw):
+    return {"preset": preset.to_dict(), "stage": 1, "world_size": 1, "manifest_hash": "aaa",
+            "source": {"source_id": "x"}, **kw}
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"world_size": 2}, "world_size: 1 in the checkpoint, 2 now"),
+    ({"manifest_hash": "bbb"}, "manifest_hash: 'aaa' in the checkpoint, 'bbb' now"),
+    ({"source": {"source_id": "y"}}, "source:"),
+])
+def test_mismatch_named(change, field):
+    preset = get_preset("tiny", OVERRIDES)
+    with pytest.raises(ckpt.CheckpointMismatch) as e:
+        ckpt.check_compatible(_ident(preset), _ident(preset, **change), "out/step-000002")
+    msg = str(e.value)
+    assert field in msg and "allow_mismatch" in msg and "\n" not in msg
+    assert ckpt.check_compatible(_ident(preset), _ident(preset, **change), "x", allow_mismatch=True)
+
+
+def test_config_mismatch_names_field_and_ignores_logging_fields():
+    a = get_preset("tiny", OVERRIDES)
+    b = a.with_overrides({"stage1.optim.lr": 0.002})
+    with pytest.raises(ckpt.CheckpointMismatch, match=r"config stage1\.optim\.lr: 0\.001 in the checkpoint, 0\.002 now"):
+        ckpt.check_compatible(_ident(a), _ident(b), "c")
+    # where checkpoints go and how often one evaluates do not change the training math
+    c = a.with_overrides({"stage1.eval_every": 7, "stage1.keep_last": 5, "stage1.callbacks": ["m:C"]})
+    assert ckpt.check_compatible(_ident(a), _ident(c), "c") == []
+    # Stage 2 settings do not matter to a Stage-1 resume
+    assert ckpt.check_compatible(_ident(a), _ident(a.with_overrides({"stage2.steps": 9})), "c") == []
+
+
+def test_s3_checkpoint(setup, s3_server, tmp_path):
+    from conftest import S3_BUCKET
+
+    model, opt, sched, loader = _trained(setup, steps=1)
+    out = f"s3://{S3_BUCKET}/ckpt-test/stage1"
+    uri = _save(out, ckpt.step_name(2), model, opt, sched, loader, config={"stage": 1, "k": "v"})
+    assert ckpt.is_committed(uri)
+    storage.write_bytes_atomic(storage.join(out, "step-000004", "model.safetensors"), b"partial")  # no COMMIT
+    assert ckpt.latest_checkpoint(out) == uri
+    st = ckpt.load_checkpoint(uri, 0)
+    assert all(torch.equal(st["model"][k], v) for k, v in model.state_dict().items())
+    assert st["config"] == {"stage": 1, "k": "v"}
+    commit = json.loads(storage.read_bytes(storage.join(uri, ckpt.COMMIT)))
+    assert "model.safetensors" in commit["files"] and "rank-00000.pt" in commit["files"]
+    assert ckpt.clean_uncommitted(out) == ["step-000004"]
+    assert [name for name in storage.listdir(out)] == ["step-000002"]

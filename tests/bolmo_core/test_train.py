@@ -1,0 +1,248 @@
+"""The trainer on the real tiny model and real loader.
+
+Fast tests run the trainer in this process (schedule, compression knob, Stage 1 -> Stage 2,
+finished-stage skip, refusal of mismatched checkpoints, errors). The `slow` ones run it as
+separate processes (1 and 2 ranks), SIGKILL it mid-run and check bit-exact resume, and
+compare 2 ranks against 1 rank at the same global batch.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import launch, make_manifest, run_config, write_config
+
+from bolmo_core import checkpoint as ckpt
+from bolmo_core.callbacks import parse_progress_line
+from bolmo_core.train import TrainConfig, coarsen_patch_lens, lr_factor, main, train
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_manifest(tmp_path_factory.mktemp("traindata"))
+
+
+def _events(text: str) -> list[dict]:
+    return [e for e in map(parse_progress_line, text.splitlines()) if e]
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    f = [lr_factor(s, 100, 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # 10 warm-up steps
+    assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.5) and f[99] == pytest.approx(1 / 90)
+    assert lr_factor(100, 100, 0.1) == 0.0
+    assert all(a <= b for a, b in zip(f[:10], f[1:10])) and all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_coarsen_patch_lens_reaches_target_by_merging_neighbours():
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(1, 6, (3, 40), generator=g)
+    lens[:, 0] = 1
+    lens[2, 30:] = 0  # truncated tail
+    out = coarsen_patch_lens(lens, 6.0)
+    for r in range(3):
+        a, b = lens[r][lens[r] > 0], out[r][out[r] > 0]
+        assert b.sum() == a.sum() and b[0] == 1  # bytes kept, BOS untouched
+        assert a.sum() / len(b) >= 6.0 > a.sum() / (len(b) + 1)  # just enough merges
+        assert set(b.cumsum(0).tolist()) <= set(a.cumsum(0).tolist())  # only merges of neighbours
+    assert torch.equal(out, coarsen_patch_lens(lens, 6.0))
+    assert torch.equal(coarsen_patch_lens(lens, 1.0), lens)  # already coarser than asked: unchanged
+
+
+def test_train_config_rejects_bad_fields():
+    with pytest.raises(ValueError, match="unknown field 'stages'"):
+        TrainConfig.from_dict({"preset": {}, "stages": 1, "stage": 1, "manifest_uri": "m", "out_uri": "o"})
+    with pytest.raises(ValueError, match="stage must be 1 or 2"):
+        TrainConfig.from_dict({"preset": {}, "stage": 3, "manifest_uri": "m", "out_uri": "o"})
+
+
+RECORDER = '''
+import json
+from bolmo_core.callbacks import Callback
+class Recorder(Callback):
+    def __init__(self, path):
+        self.path = path
+    def _w(self, *a):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(a, default=str) + "\\n")
+    def on_train_start(self, step, total, info): self._w("start", step, total)
+    def on_step_end(self, step, m): self._w("step", step, sorted(m))
+    def on_eval(self, step, m): self._w("eval", step, m)
+    def on_checkpoint(self, step, uri): self._w("checkpoint", step, uri)
+    def on_error(self, step, e): self._w("error", step, str(e))
+    def on_train_end(self, step, m): self._w("end", step)
+'''
+
+
+def test_stage1_then_stage2_skip_and_refusals(manifest, tmp_path, monkeypatch, capsys):
+    (tmp_path / "rec_cb.py").write_text(RECORDER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    log = tmp_path / "events.jsonl"
+    s1 = run_config(manifest, str(tmp_path / "s1"), 1, {"stage1.steps": 4, "stage1.eval_every": 2},
+                    deterministic=False, callbacks=["rec_cb:Recorder"],
+                    callback_kwargs={"rec_cb:Recorder": {"path": str(log)}})
+    out = train(TrainConfig.from_dict(s1))
+    assert out["step"] == 4 and not out["skipped"] and out["final"].endswith("/final")
+    m = out["metrics"]
+    for k in ("val_bpb", "val_source_bpb", "val_boundary_acc", "val_patch_cos", "val_overflow_frac"):
+        assert k in m and m[k] == m[k], k  # present and not NaN
+    assert 0 < m["val_bpb"] < 12 and 0 < m["val_source_bpb"] < 16 and 0 <= m["val_boundary_acc"] <= 1
+    rec = [json.loads(line) for line in log.read_text().splitlines()]
+    kinds = [r[0] for r in rec]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("step") == 4 and kinds.count("eval") == 2
+    assert [r[1] for r in rec if r[0] == "checkpoint"] == [2, 4]
+    step_keys = next(r[2] for r in rec if r[0] == "step")
+    for k in ("loss", "loss_ce", "loss_distill", "loss_encoder", "loss_boundary", "boundary_acc",
+              "boundary_precision", "boundary_recall", "bytes_per_s", "grad_norm", "lr/local"):
+        assert k in step_keys, k
+    stdout_events = _events(capsys.readouterr().out)  # the progress stream is always on
+    assert [e["event"] for e in stdout_events][:2] == ["start", "step"] and stdout_events[-1]["event"] == "end"
+
+    # a finished stage is recognised and skipped
+    again = train(TrainConfig.from_dict(s1))
+    assert again["skipped"] and again["step"] == 4
+
+    # refusal: another config for the same output folder names the field
+    other = run_config(manifest, str(tmp_path / "s1"), 1, {"stage1.steps": 4, "stage1.optim.lr": 0.002},
+                       deterministic=False)
+    with pytest.raises(ckpt.CheckpointMismatch, match=r"config stage1\.optim\.lr: 0\.001 in the checkpoint, 0\.002 now"):
+        train(TrainConfig.from_dict(other))
+
+    # Stage 2 from the Stage-1 checkpoint, with the compression knob
+    capsys.readouterr()
+    s2 = run_config(manifest, str(tmp_path / "s2"), 2, {"stage2.steps": 2, "stage2.target_bytes_per_patch": 5.0},
+                    deterministic=False, init_from=str(tmp_path / "s1"))
+    out2 = train(TrainConfig.from_dict(s2))
+    assert out2["step"] == 2
+    cfg2 = ckpt.read_config(out2["final"])
+    assert cfg2["init_from"] == str(tmp_path / "s1") and cfg2["stage"] == 2
+    ev = _events(capsys.readouterr().out)
+    info = next(e for e in ev if e["event"] == "start")["info"]
+    assert info["init_from"].endswith("/final") and len(info["init_from_hash"]) == 64
+    step = next(e for e in ev if e["event"] == "step")["metrics"]
+    assert "overflow_frac" in step and "clipped_byte_frac" in step
+    assert step["boundary_rate_label"] < 1 / 4.0  # labels coarsened to >= 5 bytes per patch (+ BOS)
+    # Stage 2 weights started from Stage 1: the byte embedding differs from a fresh init only by 2 steps
+    w1 = ckpt.load_model_state(out["final"])
+    w2 = ckpt.load_model_state(out2["final"])
+    k = next(k for k in w1 if "byte_embedding" in k)
+    assert (w1[k] - w2[k]).abs().max() < 0.05
+
+
+def test_manifest_mismatch_refused(manifest, tmp_path_factory, tmp_path):
+    out = str(tmp_path / "s1")
+    train(TrainConfig.from_dict(run_config(manifest, out, 1, {"stage1.steps": 2}, deterministic=False)))
+    other = make_manifest(tmp_path_factory.mktemp("otherdata"), chars=24_000)
+    with pytest.raises(ckpt.CheckpointMismatch, match="manifest_hash: '[0-9a-f]+' in the checkpoint, '[0-9a-f]+' now"):
+        train(TrainConfig.from_dict(run_config(other, out, 1, {"stage1.steps": 2}, deterministic=False)))
+    # the user may override the refusal: the finished stage is then accepted as it is
+    assert train(TrainConfig.from_dict(run_config(other, out, 1, {"stage1.steps": 2}, deterministic=False,
+                                                  allow_mismatch=True)))["skipped"]
+
+
+def test_error_reaches_callbacks_and_exits_nonzero(manifest, tmp_path, capsys):
+    bad = tmp_path / "manifest.json"
+    m = json.loads(open(manifest).read())
+    m["splits"]["train"]["rows"] += 1  # edited after the fact: its hash no longer matches
+    bad.write_text(json.dumps(m))
+    cfg = write_config(tmp_path / "run.json", run_config(str(bad), str(tmp_path / "out"), 1))
+    assert main(["--config", cfg]) == 2
+    cap = capsys.readouterr()
+    err = [line for line in cap.err.splitlines() if line.strip()]
+    assert len(err) == 1 and "manifest_hash does not match" in err[0]
+    assert [e["event"] for e in _events(cap.out)] == ["error"]
+    assert main(["--config", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- processes, SIGKILL, resume (slow)
+
+def _wait(proc, timeout=900):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def _kill_after_checkpoint(proc, total: int, rng: random.Random) -> int:
+    """Read progress until a checkpoint exists, then SIGKILL the whole group at a random later step."""
+    ckpt_step, kill_at = None, None
+    for line in proc.stdout:
+        e = parse_progress_line(line)
+        if not e:
+            continue
+        if e["event"] == "checkpoint" and ckpt_step is None:
+            ckpt_step = e["step"]
+            kill_at = rng.randint(ckpt_step + 1, total - 1)
+        if e["event"] == "step" and kill_at is not None and e["step"] >= kill_at:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+            return e["step"]
+    raise AssertionError(f"trainer ended before it could be killed: {proc.stderr.read()[-2000:]}")
+
+
+def _weights(final_uri: str) -> dict:
+    return load_file(os.path.join(final_uri, "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight_runs(manifest, tmp_path_factory):
+    """The same Stage-1 run straight through with 1 process and with 2 (accelerate launch, CPU)."""
+    d = tmp_path_factory.mktemp("straight")
+    out = {}
+    for n, launcher in ((1, None), (2, "accelerate")):
+        cfg = write_config(d / f"run{n}.json", run_config(manifest, str(d / f"out{n}"), 1))
+        _wait(launch(cfg, n, launcher or "torchrun"))
+        out[n] = str(d / f"out{n}" / "final")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_resume_is_bit_exact(manifest, straight_runs, tmp_path, nproc):
+    cfg = write_config(tmp_path / "run.json", run_config(manifest, str(tmp_path / "out"), 1))
+    killed_at = _kill_after_checkpoint(launch(cfg, nproc), 6, random.Random(nproc))
+    assert not os.path.exists(tmp_path / "out" / "final") and killed_at < 6
+    out = _wait(launch(cfg, nproc))
+    start = next(e for e in _events(out) if e["event"] == "start")
+    assert start["info"]["resumed_from"].endswith(ckpt.step_name(start["step"])) and start["step"] >= 2
+    a, b = _weights(straight_runs[nproc]), _weights(str(tmp_path / "out" / "final"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    opt_a = torch.load(os.path.join(straight_runs[nproc], "optimizer.pt"), weights_only=True)
+    opt_b = torch.load(str(tmp_path / "out" / "final" / "optimizer.pt"), weights_only=True)
+    for i, s in opt_a["state"].items():
+        assert torch.equal(s["exp_avg"], opt_b["state"][i]["exp_avg"])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(straight_runs):
+    a, b = _weights(straight_runs[1]), _weights(straight_runs[2])
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-5, worst
+    changed = max(float((a[k] - load_file(os.path.join(os.path.dirname(straight_runs[1]), "step-000002",
+                                                       "model.safetensors"))[k]).abs().max()) for k in a)
+    assert changed > 1e-4  # the comparison is not vacuous: training moved the weights
+
+
+@pytest.mark.slow
+def test_world_size_mismatch_refused(straight_runs, tmp_path):
+    cfg_path = os.path.join(os.path.dirname(os.path.dirname(straight_runs[2])), "run2.json")
+    proc = launch(cfg_path, 1)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2
+    assert "world_size: 2 in the checkpoint, 1 now" in err and "allow_mismatch" in err
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
