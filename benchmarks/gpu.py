@@ -45,8 +45,16 @@ from bolmo_core.model import BolmoModel  # noqa: E402
 from bolmo_core.subword import RetainedIndex, SubwordVocab  # noqa: E402
 
 # bf16 dense tensor-core peaks (FLOP/s) from the vendors' datasheets, matched on the device name
-GPU_PEAKS = {"H200": 989.4e12, "H100": 989.4e12, "GH200": 989.4e12, "A100": 312e12, "L40S": 362e12,
-             "A10G": 70e12, "L4": 121e12, "B200": 2250e12}
+GPU_PEAKS = {
+    "H200": 989.4e12,
+    "H100": 989.4e12,
+    "GH200": 989.4e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "B200": 2250e12,
+}
 
 
 # ---------------------------------------------------------------- synthetic inputs
@@ -56,7 +64,7 @@ def synthetic_vocab(n: int, sep: int, pad: int, seed: int = 0) -> SubwordVocab:
     """n byte strings: the 256 single bytes, then random words (~4.4 bytes mean, half with a leading space)."""
     rng = np.random.default_rng(seed)
     letters = np.frombuffer(b"etaoinshrdlucmfwypvbgkqjxz", np.uint8)
-    lens = rng.choice(np.arange(1, 10), size=n, p=[.04, .12, .18, .2, .16, .12, .09, .05, .04])
+    lens = rng.choice(np.arange(1, 10), size=n, p=[0.04, 0.12, 0.18, 0.2, 0.16, 0.12, 0.09, 0.05, 0.04])
     token_bytes = [bytes([b]) for b in range(min(n, 256))]
     for i in range(len(token_bytes), n):
         w = bytes(rng.choice(letters, lens[i]))
@@ -66,10 +74,19 @@ def synthetic_vocab(n: int, sep: int, pad: int, seed: int = 0) -> SubwordVocab:
         token_bytes[i] = t
     ws = torch.tensor([b[:1] in (b" ", b"\t", b"\n") and i not in special for i, b in enumerate(token_bytes)])
     single = np.arange(256, dtype=np.int64) if n >= 256 else np.full(256, -1, np.int64)
-    return SubwordVocab(name="synthetic", token_bytes=token_bytes, special_ids=frozenset(special),
-                        doc_separator_id=sep, pad_id=pad, vocab_size=n, fingerprint=f"synthetic-{n}-{seed}",
-                        token_lens=np.array([len(b) for b in token_bytes], np.int64), single_byte_ids=single,
-                        whitespace_start_mask=ws, byte_fallback_id=sep)
+    return SubwordVocab(
+        name="synthetic",
+        token_bytes=token_bytes,
+        special_ids=frozenset(special),
+        doc_separator_id=sep,
+        pad_id=pad,
+        vocab_size=n,
+        fingerprint=f"synthetic-{n}-{seed}",
+        token_lens=np.array([len(b) for b in token_bytes], np.int64),
+        single_byte_ids=single,
+        whitespace_start_mask=ws,
+        byte_fallback_id=sep,
+    )
 
 
 def synthetic_batch(vocab: SubwordVocab, index: RetainedIndex, B: int, P: int, L: int, rng) -> dict:
@@ -83,7 +100,9 @@ def synthetic_batch(vocab: SubwordVocab, index: RetainedIndex, B: int, P: int, L
     for r in range(B):
         toks = rng.choice(words, P)
         toks[1:][rng.random(P - 1) < 1 / 400] = sep
-        pieces = [[BOS]] + [[BOS] if t == sep else [b + OFFSET for b in vocab.token_bytes[t]] for t in toks[:-1]]
+        pieces = [[BOS]] + [
+            [BOS] if t == sep else [b + OFFSET for b in vocab.token_bytes[t]] for t in toks[:-1]
+        ]
         flat = [x for p in pieces for x in p][:L]
         input_ids[r, : len(flat)] = flat
         patch_lens[r] = [len(p) for p in pieces]
@@ -96,8 +115,15 @@ def synthetic_batch(vocab: SubwordVocab, index: RetainedIndex, B: int, P: int, L
     expanded[input_ids == BOS] = sep
     expanded[~byte_mask] = vocab.pad_id
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-    return {"input_ids": t(input_ids), "expanded_ids": t(expanded), "patch_lens": t(patch_lens),
-            "teacher_ids": t(teacher), "teacher_next": t(nxt), "byte_mask": t(byte_mask), "patch_mask": t(patch_mask)}
+    return {
+        "input_ids": t(input_ids),
+        "expanded_ids": t(expanded),
+        "patch_lens": t(patch_lens),
+        "teacher_ids": t(teacher),
+        "teacher_next": t(nxt),
+        "byte_mask": t(byte_mask),
+        "patch_mask": t(patch_mask),
+    }
 
 
 # ---------------------------------------------------------------- measuring
@@ -136,7 +162,9 @@ def peak_flops(dev: torch.device, bf16: bool) -> tuple[float, str]:
 def param_counts(model: BolmoModel) -> dict:
     emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     glob = sum(p.numel() for p in model.global_model.parameters())
-    skip = {id(p) for p in model.teacher.parameters()} | {id(p) for p in model.global_model.parameters()} | emb
+    skip = (
+        {id(p) for p in model.teacher.parameters()} | {id(p) for p in model.global_model.parameters()} | emb
+    )
     local = sum(p.numel() for p in model.parameters() if id(p) not in skip)
     return {"global_blocks": glob, "local_non_embedding": local, "total_trainable_stage2": model.num_params()}
 
@@ -191,25 +219,36 @@ def _train(model, stage_cfg, vocab, index, P, L, micro, steps, warmup, dev, rng,
     dt = time.perf_counter() - t0
     del opt
     flops = step_flops(model, stage_cfg.stage, micro, P, L)
-    out = {"micro_batch": micro, "steps": steps, "step_s": dt / steps,
-           "tokens_per_s": micro * P * steps / dt,
-           "bytes_per_s": float(batch["byte_mask"].sum()) * steps / dt,
-           "byte_slots_per_s": micro * L * steps / dt,
-           "flops_per_step": flops, "flops_per_s": flops * steps / dt, "loss": metrics["loss"]}
+    out = {
+        "micro_batch": micro,
+        "steps": steps,
+        "step_s": dt / steps,
+        "tokens_per_s": micro * P * steps / dt,
+        "bytes_per_s": float(batch["byte_mask"].sum()) * steps / dt,
+        "byte_slots_per_s": micro * L * steps / dt,
+        "flops_per_step": flops,
+        "flops_per_s": flops * steps / dt,
+        "loss": metrics["loss"],
+    }
     if dev.type == "cuda":
         out["peak_mem_bytes"] = torch.cuda.max_memory_allocated(dev)
     return out
 
 
 def generation_speed(model, vocab, batch: int, new_bytes: int, rng, precision: str) -> dict:
-    words = [vocab.token_bytes[i] for i in rng.integers(256, vocab.vocab_size, 200)
-             if i not in vocab.special_ids]
+    words = [
+        vocab.token_bytes[i] for i in rng.integers(256, vocab.vocab_size, 200) if i not in vocab.special_ids
+    ]
     prompt = b"".join(words)[:64]
-    gen.generate_ids(model, [prompt] * batch, max_new_bytes=4, stop_on_eos=False, precision=precision)  # warm-up
+    gen.generate_ids(
+        model, [prompt] * batch, max_new_bytes=4, stop_on_eos=False, precision=precision
+    )  # warm-up
     dev = next(model.parameters()).device
     _sync(dev)
     t = time.perf_counter()
-    out = gen.generate_ids(model, [prompt] * batch, max_new_bytes=new_bytes, stop_on_eos=False, precision=precision)
+    out = gen.generate_ids(
+        model, [prompt] * batch, max_new_bytes=new_bytes, stop_on_eos=False, precision=precision
+    )
     _sync(dev)
     dt = time.perf_counter() - t
     n = sum(len(f) for f in out.fused_ids)
@@ -226,23 +265,35 @@ def triton_check(dev: torch.device, H: int, Dqk: int, Dv: int, chunk: int, L: in
     q, k, v = r(2, H, L, Dqk), r(2, H, L, Dqk), r(2, H, L, Dv)
     i, f = r(2, H, L), 3.0 + r(2, H, L)  # forget gates near 1, as trained models have them
     half = L // 2
-    _, s0 = mlstm_chunkwise(q[:, :, :half], k[:, :, :half], v[:, :, :half], i[:, :, :half], f[:, :, :half],
-                            chunk_size=chunk, return_last_state=True)
+    _, s0 = mlstm_chunkwise(
+        q[:, :, :half],
+        k[:, :, :half],
+        v[:, :, :half],
+        i[:, :, :half],
+        f[:, :, :half],
+        chunk_size=chunk,
+        return_last_state=True,
+    )
     rest = [t[:, :, half:] for t in (q, k, v, i, f)]
     h_ref, s_ref = mlstm_chunkwise(*rest, chunk_size=chunk, initial_state=s0, return_last_state=True)
     h_tri, s_tri = triton(*rest, chunk_size=chunk, initial_state=s0, return_last_state=True)
-    out = {"kernel": triton.__name__, "shape": [2, H, L, Dqk, Dv], "chunk_size": chunk,
-           "h_max_abs_diff": float((h_ref - h_tri).abs().max()),
-           "h_max_abs": float(h_ref.abs().max()),
-           "state_C_max_rel_diff": float((s_ref[0] - s_tri[0]).abs().max() / s_ref[0].abs().max()),
-           "state_m_max_abs_diff": float((s_ref[2] - s_tri[2]).abs().max())}
+    out = {
+        "kernel": triton.__name__,
+        "shape": [2, H, L, Dqk, Dv],
+        "chunk_size": chunk,
+        "h_max_abs_diff": float((h_ref - h_tri).abs().max()),
+        "h_max_abs": float(h_ref.abs().max()),
+        "state_C_max_rel_diff": float((s_ref[0] - s_tri[0]).abs().max() / s_ref[0].abs().max()),
+        "state_m_max_abs_diff": float((s_ref[2] - s_tri[2]).abs().max()),
+    }
     grads = {}
     for name, fn in (("ref", mlstm_chunkwise), ("tri", triton)):
         xs = [t.clone().requires_grad_(True) for t in (q, k, v, i, f)]
         fn(*xs, chunk_size=chunk).square().sum().backward()
         grads[name] = [x.grad for x in xs]
-    out["grad_max_rel_diff"] = {n: float((a - b).abs().max() / a.abs().max())
-                                for n, a, b in zip("qkvif", grads["ref"], grads["tri"])}
+    out["grad_max_rel_diff"] = {
+        n: float((a - b).abs().max() / a.abs().max()) for n, a, b in zip("qkvif", grads["ref"], grads["tri"])
+    }
     return out
 
 
@@ -253,17 +304,30 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     ap.add_argument("--preset", default=None, help="default: olmo2-1b on CUDA, tiny on the CPU")
-    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps per stage (default 3 CUDA, 2 CPU)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="timed optimizer steps per stage (default 3 CUDA, 2 CPU)"
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--micro-batch", type=int, default=None, help="windows per step (default: the stage's)")
-    ap.add_argument("--gen-bytes", type=int, default=None, help="new bytes per row (default 128 CUDA, 16 CPU)")
+    ap.add_argument(
+        "--gen-bytes", type=int, default=None, help="new bytes per row (default 128 CUDA, 16 CPU)"
+    )
     ap.add_argument("--kernel", default="auto", help="LocalConfig.kernel: auto | torch | triton")
-    ap.add_argument("--precision", default=None, choices=("bf16", "fp32"),
-                    help="autocast dtype (default bf16 on CUDA, fp32 on the CPU, where bf16 matmuls are slow)")
+    ap.add_argument(
+        "--precision",
+        default=None,
+        choices=("bf16", "fp32"),
+        help="autocast dtype (default bf16 on CUDA, fp32 on the CPU, where bf16 matmuls are slow)",
+    )
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
-    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                       "cpu" if a.device == "auto" else a.device)
+    dev = torch.device(
+        "cuda"
+        if a.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if a.device == "auto"
+        else a.device
+    )
     preset = get_preset(a.preset or ("olmo2-1b" if dev.type == "cuda" else "tiny"))
     preset.model.local.kernel = a.kernel
     precision = a.precision or ("bf16" if dev.type == "cuda" else "fp32")
@@ -282,17 +346,24 @@ def main(argv=None) -> dict:
     model = BolmoModel(preset.model, src_lm, vocab).to(dev)
     gen._INDEXES[model] = index  # generation's suffix index: the synthetic vocabulary, not a hub tokenizer
 
-    out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-           "preset": preset.name, "window_tokens": P, "byte_slots": L, "precision": f"{precision} autocast, fp32 weights",
-           "mlstm_kernel": get_mlstm_backend(a.kernel, dev).__name__,
-           "attn_implementation": model.global_model.config._attn_implementation,
-           "params": param_counts(model), "torch_threads": torch.get_num_threads()}
+    out = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "preset": preset.name,
+        "window_tokens": P,
+        "byte_slots": L,
+        "precision": f"{precision} autocast, fp32 weights",
+        "mlstm_kernel": get_mlstm_backend(a.kernel, dev).__name__,
+        "attn_implementation": model.global_model.config._attn_implementation,
+        "params": param_counts(model),
+        "torch_threads": torch.get_num_threads(),
+    }
     peak, peak_src = peak_flops(dev, bf16)
     out["peak_flops"], out["peak_source"] = peak, peak_src
     for stage_cfg in (preset.stage1, preset.stage2):
         micro = a.micro_batch or stage_cfg.micro_batch
-        out[f"stage{stage_cfg.stage}"] = r = train_stage(model, stage_cfg, vocab, index, P, L, micro,
-                                                          steps, a.warmup, dev, rng, bf16)
+        out[f"stage{stage_cfg.stage}"] = r = train_stage(
+            model, stage_cfg, vocab, index, P, L, micro, steps, a.warmup, dev, rng, bf16
+        )
         r["mfu"] = r["flops_per_s"] / peak
     model.zero_grad(set_to_none=True)
     if dev.type == "cuda":
@@ -303,18 +374,24 @@ def main(argv=None) -> dict:
     out["triton_check"] = triton_check(dev, m.h, m.dqk // m.h, m.d // m.h, preset.model.local.chunk_size)
     # headline fields (Stage 2: the whole model trains)
     s2 = out["stage2"]
-    out.update(tokens_per_s=s2["tokens_per_s"], bytes_per_s=s2["bytes_per_s"], mfu=s2["mfu"],
-               gen_bytes_per_s_b1=out["generation"]["batch1"]["bytes_per_s"],
-               gen_bytes_per_s_b8=out["generation"]["batch8"]["bytes_per_s"])
+    out.update(
+        tokens_per_s=s2["tokens_per_s"],
+        bytes_per_s=s2["bytes_per_s"],
+        mfu=s2["mfu"],
+        gen_bytes_per_s_b1=out["generation"]["batch1"]["bytes_per_s"],
+        gen_bytes_per_s_b8=out["generation"]["batch8"]["bytes_per_s"],
+    )
     if dev.type == "cuda":
         out["peak_mem_bytes"] = max(out["stage1"]["peak_mem_bytes"], s2["peak_mem_bytes"])
         out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
     else:
         out["peak_mem_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out["peak_mem_kind"] = "process max RSS"
-    out["flop_model"] = ("stage1: 2*N_g*P + attn/3 (teacher) + 4*N_g*(k/n)*P + 2/3*attn*(k/n) (student, frozen blocks) "
-                         "+ 6*N_loc*L + 2*d*V*P (teacher logits); stage2: 6*N_g*P + attn + 6*N_loc*L; "
-                         "attn = 12*n*d*P^2; per window")
+    out["flop_model"] = (
+        "stage1: 2*N_g*P + attn/3 (teacher) + 4*N_g*(k/n)*P + 2/3*attn*(k/n) (student, frozen blocks) "
+        "+ 6*N_loc*L + 2*d*V*P (teacher logits); stage2: 6*N_g*P + attn + 6*N_loc*L; "
+        "attn = 12*n*d*P^2; per window"
+    )
     out["wall_s"] = time.perf_counter() - t_start
     print(json.dumps(out, sort_keys=True))
     return out

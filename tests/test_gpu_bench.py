@@ -11,7 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_bench_cpu_tiny():
     env = dict(os.environ, OMP_NUM_THREADS="1")  # shared CPU: one intra-op thread is ~10x faster here
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--steps", "1", "--gen-bytes", "8"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu.py"),
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--gen-bytes",
+        "8",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
