@@ -1,0 +1,105 @@
+"""Generation speed, side by side on the CPU: the byte model vs its source's HF `generate` (KV cache).
+
+Byte model: the smollm2-135m preset (real SmolLM2-135M blocks as the global model, init-only local
+modules). An untrained model's boundary flags are arbitrary, so, like the reference benchmark
+("random generation steps marked as boundaries", spec §11.5), a hook on the byte head sets each
+row's flag at random with p = 1 / (the source's bytes per token in this very run): the byte model
+runs its global model as often per byte as a trained Bolmo, which mimics the source's
+segmentation, would. The actual bytes/patch is printed. Source:
+SmolLM2-135M-Instruct, greedy, `min_new_tokens` so nothing stops early. bytes/s = generated
+bytes / wall time of the whole call (prefill included, same prompt). Greedy everywhere.
+
+    .venv/bin/python benchmarks/bench_generate.py [--threads 1] [--new-bytes 96] [--repeats 2] [--precision fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bolmo_core.config import get_preset
+from bolmo_core.generate import generate_ids
+from bolmo_core.model import BolmoModel
+from bolmo_core.source import load_source_model, load_tokenizer
+
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+          "combined movable metal type, oil-based ink and a wooden press into a practical system. ")
+
+
+def source_bytes_per_s(model, tok, new_bytes: int, precision: str) -> tuple[float, float]:
+    """(bytes/s, bytes/token) of HF greedy generate; tokens are sized to give about `new_bytes` bytes."""
+    enc = tok([PROMPT], return_tensors="pt")
+    n_tok = max(8, round(new_bytes / 4.0))
+    kw = dict(max_new_tokens=n_tok, min_new_tokens=n_tok, do_sample=False, use_cache=True,
+              pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        model.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                       pad_token_id=kw["pad_token_id"])  # warm-up
+        t = time.perf_counter()
+        out = model.generate(**enc, **kw)
+        dt = time.perf_counter() - t
+    new = out[0, enc["input_ids"].shape[1]:]
+    n_bytes = len(tok.decode(new, skip_special_tokens=False).encode("utf-8"))
+    return n_bytes / dt, n_bytes / len(new)
+
+
+def random_flags(model, p: float, seed: int = 0):
+    """Forward hook on the byte head: each position's boundary flag is on with probability p."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(mod, inp, out):
+        on = torch.rand(out.shape[:-1], generator=gen) < p
+        shift = torch.where(on, 100.0, -100.0).to(out.dtype)[..., None]
+        return torch.cat([out[..., :260], out[..., 260:] + shift], -1)
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+def byte_run(model, batch: int, new_bytes: int, precision: str):
+    prompts = [PROMPT[: len(PROMPT) - 7 * r] for r in range(batch)]  # different lengths on purpose
+    t = time.perf_counter()
+    out = generate_ids(model, prompts, max_new_bytes=new_bytes, stop_on_eos=False, precision=precision)
+    dt = time.perf_counter() - t
+    n_bytes = sum(len(s) for s in out.sequences)
+    patches = sum(sum(1 for v in ids if v >= 260) for ids in out.fused_ids)
+    return n_bytes / dt, n_bytes / max(patches, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--new-bytes", type=int, default=96)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    preset = get_preset("smollm2-135m")
+    src = load_source_model(preset.model.source)
+    tok = load_tokenizer(preset.model.source)
+    torch.manual_seed(0)
+    model = BolmoModel.from_source(preset.model).eval()
+    if args.precision == "bf16":
+        src = src.to(torch.bfloat16)
+        model.global_model.to(torch.bfloat16)
+    src_bps, src_bpt = source_bytes_per_s(src, tok, args.new_bytes, args.precision)
+    random_flags(model, 1.0 / src_bpt)
+    byte_run(model, 1, 8, args.precision)  # warm-up
+    b1, bpp1 = byte_run(model, 1, args.new_bytes, args.precision)
+    b8, bpp8 = byte_run(model, 8, args.new_bytes, args.precision)
+    for _ in range(args.repeats - 1):  # interleaved repeats, best of each: a shared box is noisy
+        src_bps = max(src_bps, source_bytes_per_s(src, tok, args.new_bytes, args.precision)[0])
+        b1 = max(b1, byte_run(model, 1, args.new_bytes, args.precision)[0])
+        b8 = max(b8, byte_run(model, 8, args.new_bytes, args.precision)[0])
+    print(f"threads={args.threads} precision={args.precision} new_bytes={args.new_bytes} per row, "
+          f"best of {args.repeats}")
+    print("| run | bytes/s | bytes per patch/token | ratio |")
+    print("|---|---|---|---|")
+    print(f"| source HF generate, batch 1 | {src_bps:.1f} | {src_bpt:.2f} | 1.00x source |")
+    print(f"| byte model, batch 1 | {b1:.1f} | {bpp1:.2f} | {b1 / src_bps:.2f}x source |")
+    print(f"| byte model, batch 8 | {b8:.1f} | {bpp8:.2f} | {b8 / b1:.2f}x byte batch 1 ({b8 / src_bps:.2f}x source) |")
+
+
+if __name__ == "__main__":
+    main()
