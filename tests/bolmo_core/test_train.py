@@ -146,6 +146,16 @@ def test_manifest_mismatch_refused(manifest, tmp_path_factory, tmp_path):
                                                   allow_mismatch=True)))["skipped"]
 
 
+def test_time_budget_ends_stage_as_finished(manifest, tmp_path):
+    cfg = run_config(manifest, str(tmp_path / "s1"), 1, {"stage1.steps": 50}, deterministic=False,
+                     max_minutes=1e-6)
+    out = train(TrainConfig.from_dict(cfg))
+    assert out["reason"] == "max_minutes" and out["step"] < 50 and out["final"].endswith("/final")
+    state = json.loads((tmp_path / "s1" / "final" / "trainer_state.json").read_text())
+    assert state["finished"] and state["reason"] == "max_minutes"
+    assert train(TrainConfig.from_dict(cfg))["skipped"]
+
+
 def test_error_reaches_callbacks_and_exits_nonzero(manifest, tmp_path, capsys):
     bad = tmp_path / "manifest.json"
     m = json.loads(open(manifest).read())
