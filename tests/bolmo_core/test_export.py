@@ -113,6 +113,7 @@ print(json.dumps({"rope_theta": m.config.rope_theta, "new": out[0, enc["input_id
 """
 
 
+@pytest.mark.slow  # ~60-90 s on 2 shared cores: a 135M model built, exported, parity-checked and reloaded
 def test_smollm2_export_keeps_rope_theta_and_reloads_offline(tmp_path):
     m = _build("smollm2-135m")
     out = export_model(m, tmp_path / "smol", preset=get_preset("smollm2-135m"))
