@@ -159,8 +159,7 @@ class _StepStack:
         B = x.shape[0]
         keep = hold[:, None]
         for (blk, ml, w, b, ff, split), (C, n, m) in zip(self.layers, states):
-            xn = F.rms_norm(x, (x.shape[-1],), blk.mlstm_norm.weight, blk.mlstm_norm.eps)
-            q, k, v, o, i, f = F.linear(xn, w, b).split(split, -1)
+            q, k, v, o, i, f = F.linear(blk.mlstm_norm(x), w, b).split(split, -1)
             q, k, v = (t.float().view(B, ml.h, -1) for t in (q, k, v))
             i = torch.where(keep, HOLD_I, ml.soft_cap * torch.tanh(i.float() / ml.soft_cap))
             f = torch.where(keep, HOLD_F, ml.soft_cap * torch.tanh(f.float() / ml.soft_cap))
@@ -175,7 +174,7 @@ class _StepStack:
             var, mean = torch.var_mean(h, -1, unbiased=False, keepdim=True)
             h = ((h - mean) * torch.rsqrt(var + ml.head_norm_eps)).reshape(B, -1) * ml.head_norm_weight.float()
             x = x + F.linear(h.to(o.dtype) * torch.sigmoid(o), ml.out.weight)
-            g, u = F.linear(F.rms_norm(x, (x.shape[-1],), blk.ffn_norm.weight, blk.ffn_norm.eps), ff).chunk(2, -1)
+            g, u = F.linear(blk.ffn_norm(x), ff).chunk(2, -1)
             x = x + F.linear(F.silu(g) * u, blk.ffn.down.weight)
             new.append((C, n, m_new))
         return x, new
