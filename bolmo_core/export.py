@@ -84,9 +84,11 @@ def export_model(model_or_dir, out_dir: str | os.PathLike, preset=None, vocab=No
 
     from .hf.configuration_bolmo import BolmoConfig
 
+    if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
+        raise ExportError(f"export folder '{out_dir}': must be a local path (copy the finished folder to object storage)")
+    out = Path(str(out_dir).removeprefix("file://"))
     model, ckpt_preset = _resolve(model_or_dir)
     preset = preset or ckpt_preset
-    out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"export folder '{out}': exists and is not empty (pass overwrite=True)")
     cfg = model.cfg
