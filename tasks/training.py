@@ -42,7 +42,7 @@ from . import tracking
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CURVE_FILE = "curve.jsonl"
-MLFLOW_CALLBACK = "tasks.tracking:MlflowCallback"
+MLFLOW_CALLBACK = "tasks.mlflow_callback:MlflowCallback"  # light: no Prefect import in the trainer
 ERROR_PREFIX = "bolmo_core.train: error:"  # what the trainer prints before exiting on bad input
 
 
