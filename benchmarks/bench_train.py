@@ -91,9 +91,10 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():  # warm-up (allocations, first-call overheads)
         fn()
-    for _ in range(args.steps):
+    for i in range(args.steps):
         for k, fn in runs.items():
             times[k].append(fn())
+            print(f"  step {i} {k}: {times[k][-1]:.2f} s", flush=True)
 
     bps = {k: text_bytes / min(v) for k, v in times.items()}
     print(f"threads={torch.get_num_threads()} windows={args.windows} x {args.window_tokens} tokens, "
