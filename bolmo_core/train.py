@@ -502,7 +502,7 @@ def _run_eval(evaluator, model, accelerator, callbacks, step, stage_cfg) -> dict
 # ---------------------------------------------------------------- validation
 
 class Evaluator:
-    """Validation on the manifest's validation split (rank 0, fp32, fixed windows).
+    """Validation on the manifest's validation split (rank 0, the stage's precision, fixed windows).
 
     * ``val_bpb``: byte bits per byte from folded fused probabilities (p(v) + p(v+260)),
       boundaries predicted by the model (no patch-slot limit);
@@ -517,6 +517,9 @@ class Evaluator:
         self.preset, self.cfg, self.vocab, self.stage_cfg, self.device = preset, cfg, vocab, stage_cfg, device
         self.batches: list[dict] | None = None
         self.source_bpb: float | None = None
+        # bf16 stages evaluate under bf16 autocast too (4-5x faster on CPUs); log-probs in fp32
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
+            if stage_cfg.precision == "bf16" else contextlib.nullcontext
 
     def _load_batches(self) -> list[dict]:
         loader = build_loader(self.preset, self.cfg.manifest_uri, self.vocab, self.stage_cfg.micro_batch,
@@ -544,7 +547,9 @@ class Evaluator:
         nll, n_bytes = 0.0, 0
         for b in self.batches:
             ids = b["teacher_ids"].to(self.device)
-            logp = src(input_ids=ids).logits.float().log_softmax(-1)
+            with self.autocast():
+                logits = src(input_ids=ids).logits
+            logp = logits.float().log_softmax(-1)
             tok = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             lens = b.get("token_patch_lens", b["patch_lens"])[:, 1:].to(self.device)  # one patch per token
             m = lens > 0  # the loader zeroes the lengths of patches cut by truncation
@@ -568,7 +573,12 @@ class Evaluator:
         for b in self.batches:
             d = _batch_to(b, self.device)
             ids, byte_mask = d["input_ids"], d["byte_mask"].bool()
-            out = model(ids, d["expanded_ids"], byte_mask=byte_mask)
+            with self.autocast():
+                out = model(ids, d["expanded_ids"], byte_mask=byte_mask)
+                h, _, _ = model.encode(ids, d["expanded_ids"])
+                P = d["patch_lens"].shape[1]
+                b_true = boundaries_from_patch_lens(d["patch_lens"], ids.shape[1]) & byte_mask
+                reps, pmask, _, _ = model.patches(h, b_true, P)
             folded = fold_logprobs(out.logits.float().log_softmax(-1))  # (B, L, 260)
             nxt = torch.nn.functional.pad(ids[:, 1:], (0, 1))
             tgt = self._target_mask(b).to(self.device)
@@ -576,7 +586,6 @@ class Evaluator:
             nll -= float(lp[tgt].sum())
             n_bytes += int(tgt.sum())
             over += float(out.overflow.float().mean())
-            b_true = boundaries_from_patch_lens(d["patch_lens"], ids.shape[1]) & byte_mask
             lab, mask = model.boundary_targets(ids, b_true, byte_mask)
             pred = model.boundary_predictor.decide(out.boundary_logp) & mask
             lab = lab & mask
@@ -585,9 +594,6 @@ class Evaluator:
             tp += int((pred & lab).sum())
             n_pred += int(pred.sum())
             n_lab += int(lab.sum())
-            h, _, _ = model.encode(ids, d["expanded_ids"])
-            P = d["patch_lens"].shape[1]
-            reps, pmask, _, _ = model.patches(h, b_true, P)
             if self.cfg.stage == 1 or not self.stage_cfg.target_bytes_per_patch:
                 emb = model.teacher.embed(d["teacher_ids"]).float()
                 cos = torch.nn.functional.cosine_similarity(reps.float(), emb, dim=-1)
