@@ -50,24 +50,42 @@ def plain(work: Path, corpus: str, steps: int, tracking_uri: str) -> dict:
     for stage in (1, 2):
         out = str(work / f"stage{stage}")
         conf = work / f"stage{stage}.json"
-        conf.write_text(json.dumps({"preset": cfg["preset"], "stage": stage, "manifest_uri": manifest,
-                                    "out_uri": out, "init_from": init}))
+        conf.write_text(
+            json.dumps(
+                {
+                    "preset": cfg["preset"],
+                    "stage": stage,
+                    "manifest_uri": manifest,
+                    "out_uri": out,
+                    "init_from": init,
+                }
+            )
+        )
         subprocess.run(launch_command(str(conf), 1), check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         init = ckpt.final_checkpoint(out)
     h2 = ckpt.checkpoint_hash(init)
     run_evaluation(init, manifest, str(work / "eval"), max_bytes=3000)
     export_uri, export_hash = export_model.fn(init, h2, str(work))
-    tracking.register_model(tracking_uri, "bench-plain", export_uri,
-                            {"manifest_hash": mhash, "stage2_checkpoint_hash": h2, "export_hash": export_hash})
+    tracking.register_model(
+        tracking_uri,
+        "bench-plain",
+        export_uri,
+        {"manifest_hash": mhash, "stage2_checkpoint_hash": h2, "export_hash": export_hash},
+    )
     return {"stage2_hash": h2}
 
 
 def flow(work: Path, corpus: str, steps: int, tracking_uri: str) -> dict:
     from flows.byteify import Budget, Evaluation, Tracking, byteify
 
-    out = byteify(preset="tiny", data_sources=[corpus], storage_root=str(work),
-                  budget=Budget(stage1_steps=steps, stage2_steps=steps), evaluation=Evaluation(max_bytes=3000),
-                  tracking_cfg=Tracking(tracking_uri=tracking_uri, experiment="bench", model_name="bench-flow"))
+    out = byteify(
+        preset="tiny",
+        data_sources=[corpus],
+        storage_root=str(work),
+        budget=Budget(stage1_steps=steps, stage2_steps=steps),
+        evaluation=Evaluation(max_bytes=3000),
+        tracking_cfg=Tracking(tracking_uri=tracking_uri, experiment="bench", model_name="bench-flow"),
+    )
     return {"stage2_hash": out["stage2_hash"]}
 
 
@@ -77,9 +95,16 @@ def main() -> int:
     ap.add_argument("--chars", type=int, default=60_000, help="corpus size (characters)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-flow-"))
-    os.environ.update({"PREFECT_HOME": str(tmp / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                       "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "results"), "HF_HUB_OFFLINE": "1",
-                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "PREFECT_LOGGING_LEVEL": "WARNING"})
+    os.environ.update(
+        {
+            "PREFECT_HOME": str(tmp / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "results"),
+            "HF_HUB_OFFLINE": "1",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
+    )
     corpus = _corpus(tmp / "corpus.jsonl", args.chars)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     from prefect.testing.utilities import prefect_test_harness
@@ -97,8 +122,10 @@ def main() -> int:
         b = flow(tmp / "flow", corpus, args.steps, uri)
         flow_s = time.time() - t
     same = a["stage2_hash"] == b["stage2_hash"]
-    print(f"tiny preset, {args.steps} steps per stage, {args.chars} chars of text; Prefect API start-up "
-          f"(not counted) {api_s:.1f} s")
+    print(
+        f"tiny preset, {args.steps} steps per stage, {args.chars} chars of text; Prefect API start-up "
+        f"(not counted) {api_s:.1f} s"
+    )
     print(f"{'what':<44}{'wall s':>10}{'ratio':>8}")
     print(f"{'plain script (same steps, no Prefect)':<44}{plain_s:>10.1f}{1.0:>8.2f}")
     print(f"{'byteify flow (Prefect + MLflow tracking)':<44}{flow_s:>10.1f}{flow_s / plain_s:>8.2f}")

@@ -24,23 +24,31 @@ from bolmo_core.generate import generate_ids
 from bolmo_core.model import BolmoModel
 from bolmo_core.source import load_source_model, load_tokenizer
 
-PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-          "combined movable metal type, oil-based ink and a wooden press into a practical system. ")
+PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden press into a practical system. "
+)
 
 
 def source_bytes_per_s(model, tok, new_bytes: int, precision: str) -> tuple[float, float]:
     """(bytes/s, bytes/token) of HF greedy generate; tokens are sized to give about `new_bytes` bytes."""
     enc = tok([PROMPT], return_tensors="pt")
     n_tok = max(8, round(new_bytes / 4.0))
-    kw = dict(max_new_tokens=n_tok, min_new_tokens=n_tok, do_sample=False, use_cache=True,
-              pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    kw = dict(
+        max_new_tokens=n_tok,
+        min_new_tokens=n_tok,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=tok.pad_token_id or tok.eos_token_id,
+    )
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        model.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                       pad_token_id=kw["pad_token_id"])  # warm-up
+        model.generate(
+            **enc, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=kw["pad_token_id"]
+        )  # warm-up
         t = time.perf_counter()
         out = model.generate(**enc, **kw)
         dt = time.perf_counter() - t
-    new = out[0, enc["input_ids"].shape[1]:]
+    new = out[0, enc["input_ids"].shape[1] :]
     n_bytes = len(tok.decode(new, skip_special_tokens=False).encode("utf-8"))
     return n_bytes / dt, n_bytes / len(new)
 
@@ -92,13 +100,17 @@ def main() -> None:
         src_bps = max(src_bps, source_bytes_per_s(src, tok, args.new_bytes, args.precision)[0])
         b1 = max(b1, byte_run(model, 1, args.new_bytes, args.precision)[0])
         b8 = max(b8, byte_run(model, 8, args.new_bytes, args.precision)[0])
-    print(f"threads={args.threads} precision={args.precision} new_bytes={args.new_bytes} per row, "
-          f"best of {args.repeats}")
+    print(
+        f"threads={args.threads} precision={args.precision} new_bytes={args.new_bytes} per row, "
+        f"best of {args.repeats}"
+    )
     print("| run | bytes/s | bytes per patch/token | ratio |")
     print("|---|---|---|---|")
     print(f"| source HF generate, batch 1 | {src_bps:.1f} | {src_bpt:.2f} | 1.00x source |")
     print(f"| byte model, batch 1 | {b1:.1f} | {bpp1:.2f} | {b1 / src_bps:.2f}x source |")
-    print(f"| byte model, batch 8 | {b8:.1f} | {bpp8:.2f} | {b8 / b1:.2f}x byte batch 1 ({b8 / src_bps:.2f}x source) |")
+    print(
+        f"| byte model, batch 8 | {b8:.1f} | {bpp8:.2f} | {b8 / b1:.2f}x byte batch 1 ({b8 / src_bps:.2f}x source) |"
+    )
 
 
 if __name__ == "__main__":

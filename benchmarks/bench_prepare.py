@@ -53,7 +53,7 @@ def main() -> None:
     docs = corpus()
     nbytes = sum(len(d) for _, d in docs)
     texts = [d.decode() for _, d in docs]
-    shards = [docs[i:i + SHARD_DOCS] for i in range(0, len(docs), SHARD_DOCS)]
+    shards = [docs[i : i + SHARD_DOCS] for i in range(0, len(docs), SHARD_DOCS)]
     out = tempfile.mkdtemp(prefix="bench_prepare_")
     backend = tok.backend_tokenizer
     # Build the vocab tables and import the Parquet writer once, outside the timings.
@@ -69,8 +69,10 @@ def main() -> None:
             D.write_shard(os.path.join(out, f"s{k}.parquet"), rows)
 
     t_base, t_ours = best_interleaved(baseline, ours)
-    print(f"corpus: {len(docs)} docs, {nbytes / 1e6:.2f} MB, {len(shards)} shards; cores: {os.cpu_count()}; "
-          f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}")
+    print(
+        f"corpus: {len(docs)} docs, {nbytes / 1e6:.2f} MB, {len(shards)} shards; cores: {os.cpu_count()}; "
+        f"TOKENIZERS_PARALLELISM={os.environ.get('TOKENIZERS_PARALLELISM', '(unset)')}"
+    )
     print(f"raw tokenizers encode_batch (offsets): {nbytes / t_base / 1e6:6.2f} MB/s  ({t_base:.2f} s)")
     print(f"byteify label_batch + write_shard   : {nbytes / t_ours / 1e6:6.2f} MB/s  ({t_ours:.2f} s)")
     print(f"ratio byteify / raw: {t_base / t_ours:.2f}x  (goal >= 0.8x)")
@@ -87,8 +89,10 @@ def main() -> None:
         t = time.perf_counter()
         D.prepare_dataset([jsonl], src, target, cfg, workers=workers, executor=ex)
         dt = time.perf_counter() - t
-        print(f"prepare_dataset workers={workers} {ex:7s}: {nbytes / dt / 1e6:6.2f} MB/s  ({dt:.2f} s, "
-              f"incl. tokenizer load and planning)")
+        print(
+            f"prepare_dataset workers={workers} {ex:7s}: {nbytes / dt / 1e6:6.2f} MB/s  ({dt:.2f} s, "
+            f"incl. tokenizer load and planning)"
+        )
     shutil.rmtree(out, ignore_errors=True)
 
 

@@ -79,7 +79,9 @@ def main() -> None:
     t0 = time.perf_counter()
     index.expand(ids_np[:64])  # first call: numba JIT compile, or load from its on-disk cache
     first_s = time.perf_counter() - t0
-    assert index.expand(ids_np).tolist() == baseline.expand(ids), "RetainedIndex and the Python trie walk disagree"
+    assert index.expand(ids_np).tolist() == baseline.expand(ids), (
+        "RetainedIndex and the Python trie walk disagree"
+    )
 
     t_base = best_of(lambda: baseline.expand(ids), max(1, args.repeats - 1))
     t_vec = best_of(lambda: index.expand(ids_np), args.repeats)

@@ -84,8 +84,13 @@ def main() -> None:
     labels = torch.cat([ids[:, 1:], batch["teacher_next"][:, None]], 1)
 
     runs = {
-        "source": lambda: _step(s_params, s_opt, lambda: torch.nn.functional.cross_entropy(
-            source(input_ids=ids).logits.flatten(0, 1).float(), labels.flatten())),
+        "source": lambda: _step(
+            s_params,
+            s_opt,
+            lambda: torch.nn.functional.cross_entropy(
+                source(input_ids=ids).logits.flatten(0, 1).float(), labels.flatten()
+            ),
+        ),
         "bolmo": lambda: _step(b_params, b_opt, lambda: bolmo.stage2_loss(batch, preset.stage2.losses)[0]),
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -97,8 +102,10 @@ def main() -> None:
             print(f"  step {i} {k}: {times[k][-1]:.2f} s", flush=True)
 
     bps = {k: text_bytes / min(v) for k, v in times.items()}
-    print(f"threads={torch.get_num_threads()} windows={args.windows} x {args.window_tokens} tokens, "
-          f"{text_bytes} text bytes per step, bf16 autocast, fwd+bwd+clip+AdamW, best of {args.steps}")
+    print(
+        f"threads={torch.get_num_threads()} windows={args.windows} x {args.window_tokens} tokens, "
+        f"{text_bytes} text bytes per step, bf16 autocast, fwd+bwd+clip+AdamW, best of {args.steps}"
+    )
     print(f"{'model':<28}{'step s (best)':>14}{'bytes/s':>12}")
     print(f"{'source SmolLM2-135M':<28}{min(times['source']):>14.2f}{bps['source']:>12.1f}")
     print(f"{'Bolmo Stage 2 (smollm2)':<28}{min(times['bolmo']):>14.2f}{bps['bolmo']:>12.1f}")

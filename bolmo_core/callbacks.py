@@ -105,7 +105,7 @@ def parse_progress_line(line: str) -> dict | None:
     if not line.startswith(PROGRESS_PREFIX):
         return None
     try:
-        return json.loads(line[len(PROGRESS_PREFIX):])
+        return json.loads(line[len(PROGRESS_PREFIX) :])
     except json.JSONDecodeError:
         return None
 

@@ -60,6 +60,7 @@ def rank_file(rank: int) -> str:
 
 # ---------------------------------------------------------------- finding checkpoints
 
+
 def is_committed(ckpt_uri: str) -> bool:
     return storage.exists(storage.join(ckpt_uri, COMMIT))
 
@@ -112,6 +113,7 @@ def clean_uncommitted(out_uri: str) -> list[str]:
 
 # ---------------------------------------------------------------- model weights
 
+
 def state_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
     """safetensors bytes of a state dict; tensors that share memory are stored once."""
     seen: dict[tuple, str] = {}
@@ -131,7 +133,7 @@ def state_to_bytes(state: dict[str, torch.Tensor]) -> bytes:
 def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     tensors = st_load(data)
     header_len = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+    meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
     for alias, canonical in json.loads(meta.get("aliases", "{}")).items():
         tensors[alias] = tensors[canonical]
     return tensors
@@ -142,6 +144,7 @@ def load_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- RNG and torch-saved state
+
 
 def capture_rng() -> dict[str, Any]:
     """This process's RNG states as tensors and plain values (loadable with weights_only)."""
@@ -164,10 +167,22 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate((state["python_version"], tuple(int(x) for x in state["python_state"].tolist()),
-                     state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_cached_gaussian"]))
+    random.setstate(
+        (
+            state["python_version"],
+            tuple(int(x) for x in state["python_state"].tolist()),
+            state["python_gauss"],
+        )
+    )
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_pos"],
+            state["numpy_has_gauss"],
+            state["numpy_cached_gaussian"],
+        )
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -184,10 +199,13 @@ def _torch_load(uri: str) -> Any:
     except storage.StorageError:
         raise
     except Exception as e:  # a truncated or foreign file: one line, not a pickle traceback
-        raise CheckpointError(f"{uri}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"{uri}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
 
 
 # ---------------------------------------------------------------- save / load
+
 
 def save_checkpoint(
     out_uri: str,
@@ -275,6 +293,7 @@ def checkpoint_hash(ckpt_uri: str) -> str:
 
 
 # ---------------------------------------------------------------- compatibility
+
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):

@@ -58,9 +58,15 @@ def cmd_eval(args) -> int:
     text = _read_text(args.text)
     tasks = cute.check_tasks([t for t in args.cute_tasks.split(",") if t] if args.cute_tasks else [])
     cfg = EvalConfig(
-        window_bytes=args.window_bytes, batch_size=args.batch_size, precision=args.precision,
-        max_bytes=args.max_bytes, cute_tasks=tasks, cute_items=args.cute_items, cute_seed=args.seed,
-        cute_data_dir=args.cute_data, boundaries=args.boundaries,
+        window_bytes=args.window_bytes,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        max_bytes=args.max_bytes,
+        cute_tasks=tasks,
+        cute_items=args.cute_items,
+        cute_seed=args.seed,
+        cute_data_dir=args.cute_data,
+        boundaries=args.boundaries,
     )
     torch.manual_seed(args.seed)
     byte_model, preset = load_byte_model(args.model_dir)
@@ -73,8 +79,14 @@ def cmd_eval(args) -> int:
 
         if get_vocab(load_tokenizer(src_cfg)).fingerprint != get_vocab(tok).fingerprint:
             raise CLIError(f"--source '{args.source}': its tokenizer differs from the byte model's source")
-    report = evaluate([text], tok, source_model=source_model, byte_model=byte_model, cfg=cfg,
-                      byte_length=preset.data.byte_slots)
+    report = evaluate(
+        [text],
+        tok,
+        source_model=source_model,
+        byte_model=byte_model,
+        cfg=cfg,
+        byte_length=preset.data.byte_slots,
+    )
     report["model_dir"] = args.model_dir
     report["source_name"] = src_cfg.name_or_path
     report = _nan_to_none(report)
@@ -86,7 +98,9 @@ def cmd_eval(args) -> int:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a byte model against its source on held-out text (JSON report)")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (or stage output folder) or exported model")
+    p.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="checkpoint folder (or stage output folder) or exported model"
+    )
     p.add_argument("--text", required=True, help="held-out text file (local path or fsspec URI)")
     p.add_argument("--source", help="source model to compare with (default: the byte model's own source)")
     p.add_argument("--no-source", action="store_true", help="evaluate the byte model only")
@@ -94,8 +108,12 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--max-bytes", type=int, help="evaluate only the first N bytes of the text")
-    p.add_argument("--boundaries", choices=("predicted", "source"), default="predicted",
-                   help="byte-model boundaries: its own predictor (default) or the source tokenizer's")
+    p.add_argument(
+        "--boundaries",
+        choices=("predicted", "source"),
+        default="predicted",
+        help="byte-model boundaries: its own predictor (default) or the source tokenizer's",
+    )
     p.add_argument("--cute-tasks", default=",".join(cute.CHAR_TASKS), help="comma-separated; empty to skip")
     p.add_argument("--cute-items", type=int, default=50, help="items per CUTE-style task")
     p.add_argument("--cute-data", help="folder with CUTE TSV files to use instead of regenerating")
@@ -109,8 +127,16 @@ def cmd_generate(args) -> int:
     from .load import load_byte_model
 
     model, _ = load_byte_model(args.model_dir)
-    for chunk in stream(model, args.prompt, max_new_bytes=args.max_new_bytes, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, precision=args.precision):
+    for chunk in stream(
+        model,
+        args.prompt,
+        max_new_bytes=args.max_new_bytes,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        precision=args.precision,
+    ):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -176,8 +202,19 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from .storage import StorageError
     from .subword import TokenizerError
 
-    return (CLIError, cute.CuteError, CheckpointError, EvalError, GlobalModelError, LoadError, SourceError,
-            StorageError, TokenizerError, ExportError, GenerationError)
+    return (
+        CLIError,
+        cute.CuteError,
+        CheckpointError,
+        EvalError,
+        GlobalModelError,
+        LoadError,
+        SourceError,
+        StorageError,
+        TokenizerError,
+        ExportError,
+        GenerationError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -178,6 +178,7 @@ def _from_dict(cls, d: dict[str, Any]):
 
 # ---------------------------------------------------------------- presets
 
+
 def _stage2_from(stage1: StageConfig, **kw) -> StageConfig:
     s = copy.deepcopy(stage1)
     s.stage = 2
@@ -192,8 +193,15 @@ def _stage2_from(stage1: StageConfig, **kw) -> StageConfig:
 def tiny() -> Preset:
     """Exercises every path in seconds on a CPU (spec Appendix A)."""
     s1 = StageConfig(
-        stage=1, steps=200, global_batch=8, micro_batch=4, checkpoint_every=50, keep_last=2,
-        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.999)), eval_every=0, eval_batches=2,
+        stage=1,
+        steps=200,
+        global_batch=8,
+        micro_batch=4,
+        checkpoint_every=50,
+        keep_last=2,
+        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.999)),
+        eval_every=0,
+        eval_batches=2,
     )
     s2 = _stage2_from(s1, steps=200, seed=1234, optim=OptimConfig(lr=3e-4, betas=(0.9, 0.95)))
     return Preset(
@@ -216,8 +224,16 @@ def smollm2_135m() -> Preset:
     AVX512-BF16/AMX, like the 2-core CI box) bf16 matmuls measured ~40x slower than fp32.
     """
     s1 = StageConfig(
-        stage=1, steps=300, global_batch=8, micro_batch=4, checkpoint_every=50, keep_last=2,
-        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.999)), precision="fp32", eval_every=100, eval_batches=4,
+        stage=1,
+        steps=300,
+        global_batch=8,
+        micro_batch=4,
+        checkpoint_every=50,
+        keep_last=2,
+        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.999)),
+        precision="fp32",
+        eval_every=100,
+        eval_batches=4,
     )
     s2 = _stage2_from(s1, steps=100, seed=1234, optim=OptimConfig(lr=1e-4, betas=(0.9, 0.95)))
     return Preset(
@@ -235,11 +251,21 @@ def smollm2_135m() -> Preset:
 def olmo2_1b() -> Preset:
     """The released 1B recipe (spec §3.2, §8.6, §9.2)."""
     s1 = StageConfig(
-        stage=1, steps=75_000, global_batch=32, micro_batch=2, checkpoint_every=1000,
-        optim=OptimConfig(lr=7e-4, betas=(0.9, 0.999)), precision="bf16",
+        stage=1,
+        steps=75_000,
+        global_batch=32,
+        micro_batch=2,
+        checkpoint_every=1000,
+        optim=OptimConfig(lr=7e-4, betas=(0.9, 0.999)),
+        precision="bf16",
     )
     s2 = _stage2_from(
-        s1, steps=150_000, global_batch=64, micro_batch=4, checkpoint_every=1000, seed=1234,
+        s1,
+        steps=150_000,
+        global_batch=64,
+        micro_batch=4,
+        checkpoint_every=1000,
+        seed=1234,
         optim=OptimConfig(lr=5.2e-5, global_lr_ratio=0.5, betas=(0.9, 0.95)),
     )
     return Preset(

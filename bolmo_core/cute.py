@@ -135,7 +135,9 @@ def word_list(n: int = 4000, source: str = "auto") -> list[str]:
             from wordfreq import top_n_list
         except ImportError:
             if source == "wordfreq":
-                raise CuteError("word source 'wordfreq': package not installed (pip install wordfreq)") from None
+                raise CuteError(
+                    "word source 'wordfreq': package not installed (pip install wordfreq)"
+                ) from None
         else:
             # Ask for more than n: short words and non a-z entries are dropped afterwards.
             words = [w for w in top_n_list("en", 4 * n + 1000) if _WORD.fullmatch(w)]
@@ -221,7 +223,9 @@ def read_tsv(path: str | Path, task: str) -> list[CuteItem]:
     header = lines[0].split("\t")
     n = _TASKS[task][0]
     if header != [f"input{i}" for i in range(1, n + 1)] + ["label"]:
-        raise CuteError(f"CUTE file '{path}': header {header} is not input1..input{n}, label for task '{task}'")
+        raise CuteError(
+            f"CUTE file '{path}': header {header} is not input1..input{n}, label for task '{task}'"
+        )
     items = []
     for lineno, line in enumerate(lines[1:], start=2):
         if not line:
@@ -234,8 +238,11 @@ def read_tsv(path: str | Path, task: str) -> list[CuteItem]:
 
 
 def load_tasks(
-    tasks: Sequence[str] = CHAR_TASKS, n_items: int = 1000, seed: int = 0,
-    data_dir: str | Path | None = None, word_source: str = "auto",
+    tasks: Sequence[str] = CHAR_TASKS,
+    n_items: int = 1000,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    word_source: str = "auto",
 ) -> dict[str, list[CuteItem]]:
     """Items per task: from ``data_dir/<task>.tsv`` where such a file exists, else regenerated."""
     check_tasks(tasks)
@@ -243,7 +250,9 @@ def load_tasks(
     out = {}
     for t in tasks:
         f = Path(data_dir, f"{t}.tsv") if data_dir else None
-        out[t] = read_tsv(f, t)[:n_items] if f is not None and f.exists() else make_items(t, words, n_items, seed)
+        out[t] = (
+            read_tsv(f, t)[:n_items] if f is not None and f.exists() else make_items(t, words, n_items, seed)
+        )
     return out
 
 
@@ -258,8 +267,9 @@ def answer_budget(items: Sequence[CuteItem]) -> int:
     return max(len(it.label.encode()) for it in items) + 16
 
 
-def run_tasks(generate_fn: GenerateFn, tasks: dict[str, list[CuteItem]], batch_size: int = 8,
-              keep_examples: int = 3) -> dict[str, dict]:
+def run_tasks(
+    generate_fn: GenerateFn, tasks: dict[str, list[CuteItem]], batch_size: int = 8, keep_examples: int = 3
+) -> dict[str, dict]:
     """Greedy answers for every item, scored by exact match; per task accuracy and a few examples."""
     results = {}
     for task, items in tasks.items():
@@ -268,15 +278,17 @@ def run_tasks(generate_fn: GenerateFn, tasks: dict[str, list[CuteItem]], batch_s
         budget = answer_budget(items)
         preds: list[str] = []
         for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
+            chunk = items[i : i + batch_size]
             outs = generate_fn([prompt(it) for it in chunk], budget)
             preds.extend(parse_answer(o) for o in outs)
         correct = [p == it.label for p, it in zip(preds, items)]
         results[task] = {
             "accuracy": sum(correct) / len(items),
             "n": len(items),
-            "examples": [{"inputs": list(it.inputs), "label": it.label, "prediction": p}
-                         for it, p in zip(items[:keep_examples], preds)],
+            "examples": [
+                {"inputs": list(it.inputs), "label": it.label, "prediction": p}
+                for it, p in zip(items[:keep_examples], preds)
+            ],
         }
     return results
 

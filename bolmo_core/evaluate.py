@@ -71,7 +71,9 @@ class Window:
 # ---------------------------------------------------------------- windows
 
 
-def make_windows(tok, docs: Sequence[bytes], window_bytes: int, vocab: SubwordVocab | None = None) -> list[Window]:
+def make_windows(
+    tok, docs: Sequence[bytes], window_bytes: int, vocab: SubwordVocab | None = None
+) -> list[Window]:
     """Cut documents into windows of <= window_bytes at source-token ends (greedy, no overlap)."""
     if window_bytes < 1:
         raise EvalError(f"window_bytes must be >= 1, got {window_bytes}")
@@ -85,14 +87,16 @@ def make_windows(tok, docs: Sequence[bytes], window_bytes: int, vocab: SubwordVo
         too_long = np.flatnonzero(ends - starts > window_bytes)
         if len(too_long):
             k = int(too_long[0])
-            raise EvalError(f"document {n}: token {k} is {int(ends[k] - starts[k])} bytes, longer than "
-                            f"window_bytes={window_bytes}")
+            raise EvalError(
+                f"document {n}: token {k} is {int(ends[k] - starts[k])} bytes, longer than "
+                f"window_bytes={window_bytes}"
+            )
         i = 0
         while i < len(ids):
             # Last token whose end is within window_bytes of this window's start.
             j = int(np.searchsorted(ends, starts[i] + window_bytes, side="right"))
             s = int(starts[i])
-            windows.append(Window(n, s, doc[s:int(ends[j - 1])], ids[i:j].astype(np.int64), ends[i:j] - s))
+            windows.append(Window(n, s, doc[s : int(ends[j - 1])], ids[i:j].astype(np.int64), ends[i:j] - s))
             i = j
     return windows
 
@@ -107,21 +111,22 @@ def _autocast(precision: str, device: torch.device):
 
 
 @torch.no_grad()
-def source_bits(model, vocab: SubwordVocab, windows: Sequence[Window], batch_size: int = 4,
-                precision: str = "fp32") -> dict:
+def source_bits(
+    model, vocab: SubwordVocab, windows: Sequence[Window], batch_size: int = 4, precision: str = "fp32"
+) -> dict:
     """Σ −log₂ p(token) of the source model over all windows (separator first in each)."""
     device = next(model.parameters()).device
     total_bits, n_tokens = 0.0, 0
     for b in range(0, len(windows), batch_size):
-        chunk = windows[b:b + batch_size]
+        chunk = windows[b : b + batch_size]
         width = 1 + max(len(w.token_ids) for w in chunk)
         ids = torch.full((len(chunk), width), vocab.pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for r, w in enumerate(chunk):
             n = len(w.token_ids)
             ids[r, 0] = vocab.doc_separator_id
-            ids[r, 1:n + 1] = torch.from_numpy(w.token_ids)
-            mask[r, :n + 1] = 1
+            ids[r, 1 : n + 1] = torch.from_numpy(w.token_ids)
+            mask[r, : n + 1] = 1
         ids, mask = ids.to(device), mask.to(device)
         with _autocast(precision, device):
             logits = model(input_ids=ids, attention_mask=mask).logits
@@ -132,8 +137,13 @@ def source_bits(model, vocab: SubwordVocab, windows: Sequence[Window], batch_siz
         total_bits += float(nll[valid].double().sum()) / LN2
         n_tokens += int(valid.sum())
     n_bytes = sum(len(w.data) for w in windows)
-    return {"bits": total_bits, "bytes": n_bytes, "tokens": n_tokens,
-            "bits_per_byte": total_bits / n_bytes, "bytes_per_token": n_bytes / n_tokens}
+    return {
+        "bits": total_bits,
+        "bytes": n_bytes,
+        "tokens": n_tokens,
+        "bits_per_byte": total_bits / n_bytes,
+        "bytes_per_token": n_bytes / n_tokens,
+    }
 
 
 def source_generate_fn(model, tok, vocab: SubwordVocab | None = None):
@@ -149,13 +159,18 @@ def source_generate_fn(model, tok, vocab: SubwordVocab | None = None):
         ids = torch.full((len(rows), width), vocab.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, row in enumerate(rows):
-            ids[r, width - len(row):] = torch.tensor(row)
-            mask[r, width - len(row):] = 1
+            ids[r, width - len(row) :] = torch.tensor(row)
+            mask[r, width - len(row) :] = 1
         # Every token is >= 1 byte, so a budget of max_new_bytes tokens covers max_new_bytes bytes.
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_bytes,
-            do_sample=False, eos_token_id=stop_ids, pad_token_id=vocab.pad_id,
-            stop_strings=['"'], tokenizer=tok,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_bytes,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=vocab.pad_id,
+            stop_strings=['"'],
+            tokenizer=tok,
         )
         texts = []
         for row in out[:, width:].tolist():
@@ -169,13 +184,15 @@ def source_generate_fn(model, tok, vocab: SubwordVocab | None = None):
 # ---------------------------------------------------------------- byte model
 
 
-def byte_batch(windows: Sequence[Window], retained: RetainedIndex, vocab: SubwordVocab, width: int | None = None):
+def byte_batch(
+    windows: Sequence[Window], retained: RetainedIndex, vocab: SubwordVocab, width: int | None = None
+):
     """input_ids / expanded_ids (B, width) for windows: BOS + bytes, right-padded (docs/internals.md)."""
     width = width or 1 + max(len(w.data) for w in windows)
     input_ids = np.full((len(windows), width), PAD, dtype=np.int64)
     for r, w in enumerate(windows):
         input_ids[r, 0] = BOS
-        input_ids[r, 1:len(w.data) + 1] = np.frombuffer(w.data, dtype=np.uint8).astype(np.int64) + OFFSET
+        input_ids[r, 1 : len(w.data) + 1] = np.frombuffer(w.data, dtype=np.uint8).astype(np.int64) + OFFSET
     expanded = np.asarray(retained.expand(input_ids), dtype=np.int64)
     expanded[input_ids == BOS] = vocab.doc_separator_id
     expanded[input_ids == PAD] = vocab.pad_id
@@ -192,9 +209,15 @@ def source_boundaries(windows: Sequence[Window], width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def byte_model_stats(model, vocab: SubwordVocab, windows: Sequence[Window], batch_size: int = 4,
-                     precision: str = "fp32", retained: RetainedIndex | None = None,
-                     boundaries: str = "predicted") -> dict:
+def byte_model_stats(
+    model,
+    vocab: SubwordVocab,
+    windows: Sequence[Window],
+    batch_size: int = 4,
+    precision: str = "fp32",
+    retained: RetainedIndex | None = None,
+    boundaries: str = "predicted",
+) -> dict:
     """Folded bits per byte, boundary agreement with the source tokenizer, bytes per patch.
 
     boundaries="source" pools at the source tokenizer's token ends instead of the predicted
@@ -207,7 +230,7 @@ def byte_model_stats(model, vocab: SubwordVocab, windows: Sequence[Window], batc
     bits, n_bytes, patches = 0.0, 0, 0
     tp = fp = fn = tn = 0
     for b in range(0, len(windows), batch_size):
-        chunk = windows[b:b + batch_size]
+        chunk = windows[b : b + batch_size]
         input_ids, expanded = byte_batch(chunk, retained, vocab)
         forced = source_boundaries(chunk, input_ids.shape[1]).to(device) if boundaries == "source" else None
         input_ids, expanded = input_ids.to(device), expanded.to(device)
@@ -224,7 +247,7 @@ def byte_model_stats(model, vocab: SubwordVocab, windows: Sequence[Window], batc
             # Position p (1-based byte index) ends a token when p is one of the token ends.
             label = np.zeros(n + 1, dtype=bool)
             label[w.token_ends.astype(np.int64)] = True
-            pred = mask[r, :n + 1].numpy()
+            pred = mask[r, : n + 1].numpy()
             # A window's bytes form this many patches: boundaries before its last byte, plus the last.
             patches += int(pred[1:n].sum()) + 1
             p, y = pred[1:n], label[1:n]  # BOS is forced, the last byte is undecidable
@@ -234,8 +257,11 @@ def byte_model_stats(model, vocab: SubwordVocab, windows: Sequence[Window], batc
             tn += int((~p & ~y).sum())
     decided = tp + fp + fn + tn
     return {
-        "bits": bits, "bytes": n_bytes, "bits_per_byte": bits / n_bytes,
-        "patches": patches, "bytes_per_patch": n_bytes / patches,
+        "bits": bits,
+        "bytes": n_bytes,
+        "bits_per_byte": bits / n_bytes,
+        "patches": patches,
+        "bytes_per_patch": n_bytes / patches,
         "boundary": {
             "accuracy": (tp + tn) / decided if decided else float("nan"),
             "precision": tp / (tp + fp) if tp + fp else float("nan"),
@@ -252,7 +278,9 @@ def byte_generate_fn(model, **gen_kwargs):
     from .generate import generate as byte_generate
 
     def generate(prompts: list[str], max_new_bytes: int) -> list[str]:
-        outs = byte_generate(model, [p.encode("utf-8") for p in prompts], max_new_bytes=max_new_bytes, **gen_kwargs)
+        outs = byte_generate(
+            model, [p.encode("utf-8") for p in prompts], max_new_bytes=max_new_bytes, **gen_kwargs
+        )
         return [o.decode("utf-8", errors="replace") for o in outs]
 
     return generate
@@ -270,8 +298,13 @@ def byte_generation_available() -> bool:
 
 
 def evaluate(
-    docs: Sequence[bytes], tok, source_model=None, byte_model=None, cfg: EvalConfig | None = None,
-    byte_length: int | None = None, byte_gen_kwargs: dict | None = None,
+    docs: Sequence[bytes],
+    tok,
+    source_model=None,
+    byte_model=None,
+    cfg: EvalConfig | None = None,
+    byte_length: int | None = None,
+    byte_gen_kwargs: dict | None = None,
 ) -> dict:
     """The JSON-serialisable report for the source and/or byte model on held-out `docs`."""
     cfg = cfg or EvalConfig()
@@ -287,29 +320,50 @@ def evaluate(
         f"windows of at most {window} bytes cut at source-token ends, no overlap: each window is scored "
         "without the previous window's context (BOS / document separator only)",
         "byte-model bits per byte fold p(v)+p(v+260) and condition on "
-        + ("the model's own predicted boundaries (one byte of lookahead, spec §5.2)" if cfg.boundaries == "predicted"
-           else "the source tokenizer's boundaries (diagnostic: not the model's own bpb)"),
+        + (
+            "the model's own predicted boundaries (one byte of lookahead, spec §5.2)"
+            if cfg.boundaries == "predicted"
+            else "the source tokenizer's boundaries (diagnostic: not the model's own bpb)"
+        ),
         "CUTE-style prompts are plain text for both models (no chat template), answers greedy",
     ]
     report: dict = {
-        "text": {"documents": len(docs), "bytes": sum(map(len, docs)), "windows": len(windows),
-                 "window_bytes": window},
-        "source": None, "byte_model": None,
-        "cute": {"name": cute.REPORT_NAME, "tasks": list(cfg.cute_tasks), "items_per_task": cfg.cute_items,
-                 "seed": cfg.cute_seed, "data_dir": cfg.cute_data_dir, "word_source": cfg.word_source},
-        "config": asdict(cfg), "notes": notes,
+        "text": {
+            "documents": len(docs),
+            "bytes": sum(map(len, docs)),
+            "windows": len(windows),
+            "window_bytes": window,
+        },
+        "source": None,
+        "byte_model": None,
+        "cute": {
+            "name": cute.REPORT_NAME,
+            "tasks": list(cfg.cute_tasks),
+            "items_per_task": cfg.cute_items,
+            "seed": cfg.cute_seed,
+            "data_dir": cfg.cute_data_dir,
+            "word_source": cfg.word_source,
+        },
+        "config": asdict(cfg),
+        "notes": notes,
     }
-    tasks = cute.load_tasks(cfg.cute_tasks, cfg.cute_items, cfg.cute_seed, cfg.cute_data_dir,
-                            cfg.word_source) if cfg.cute_tasks else {}
+    tasks = (
+        cute.load_tasks(cfg.cute_tasks, cfg.cute_items, cfg.cute_seed, cfg.cute_data_dir, cfg.word_source)
+        if cfg.cute_tasks
+        else {}
+    )
     if source_model is not None:
         src = source_bits(source_model, vocab, windows, cfg.batch_size, cfg.precision)
         if tasks:
-            src["cute"] = cute.run_tasks(source_generate_fn(source_model, tok, vocab), tasks, cfg.cute_batch_size)
+            src["cute"] = cute.run_tasks(
+                source_generate_fn(source_model, tok, vocab), tasks, cfg.cute_batch_size
+            )
             src["cute_mean"] = cute.mean_accuracy(src["cute"])
         report["source"] = src
     if byte_model is not None:
-        byt = byte_model_stats(byte_model, vocab, windows, cfg.batch_size, cfg.precision,
-                               boundaries=cfg.boundaries)
+        byt = byte_model_stats(
+            byte_model, vocab, windows, cfg.batch_size, cfg.precision, boundaries=cfg.boundaries
+        )
         byt["boundaries"] = cfg.boundaries
         if tasks:
             if byte_generation_available():
@@ -357,14 +411,21 @@ def markdown_table(report: dict) -> str:
     ]
     sc, bc = src.get("cute") or {}, byt.get("cute") or {}
     for task in report["cute"]["tasks"]:
-        rows.append((f"{report['cute']['name']}: {task}", (sc.get(task) or {}).get("accuracy"),
-                     (bc.get(task) or {}).get("accuracy")))
+        rows.append(
+            (
+                f"{report['cute']['name']}: {task}",
+                (sc.get(task) or {}).get("accuracy"),
+                (bc.get(task) or {}).get("accuracy"),
+            )
+        )
     if report["cute"]["tasks"]:
         rows.append((f"{report['cute']['name']}: mean", src.get("cute_mean"), byt.get("cute_mean")))
     lines = ["| metric | source | byte model |", "|---|---|---|"]
     lines += [f"| {name} | {_fmt(a)} | {_fmt(b)} |" for name, a, b in rows]
     t = report["text"]
     lines.append("")
-    lines.append(f"{t['bytes']} bytes in {t['documents']} document(s), {t['windows']} windows of <= "
-                 f"{t['window_bytes']} bytes (no overlap).")
+    lines.append(
+        f"{t['bytes']} bytes in {t['documents']} document(s), {t['windows']} windows of <= "
+        f"{t['window_bytes']} bytes (no overlap)."
+    )
     return "\n".join(lines)

@@ -32,14 +32,28 @@ AUTO_MAP = {
 PARITY_PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
     "Byte-level models spell: s-t-r-a-w-b-e-r-r-y has 3 r's.",
-    "Caf\u00e9 cr\u00e8me, na\u00efve \u2014 \u65e5\u672c\u8a9e \U0001F600 ok",
+    "Caf\u00e9 cr\u00e8me, na\u00efve \u2014 \u65e5\u672c\u8a9e \U0001f600 ok",
     "def f(x):\n    return x * 2  # code\n",
     "",
 )
 # Source-config fields that must survive the export unchanged (spec §12: rope_theta was lost there).
-CRITICAL_FIELDS = ("rope_parameters", "rope_scaling", "rope_theta", "sliding_window", "layer_types", "rms_norm_eps",
-                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
-                   "intermediate_size", "max_position_embeddings", "attention_bias", "hidden_act")
+CRITICAL_FIELDS = (
+    "rope_parameters",
+    "rope_scaling",
+    "rope_theta",
+    "sliding_window",
+    "layer_types",
+    "rms_norm_eps",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_size",
+    "intermediate_size",
+    "max_position_embeddings",
+    "attention_bias",
+    "hidden_act",
+)
 
 
 class ExportError(ValueError):
@@ -53,7 +67,11 @@ class ParityError(ExportError):
 def _global_config(model) -> dict:
     """The source config as a plain dict (private/local fields dropped)."""
     d = model.global_model.config.to_dict()
-    d = {k: v for k, v in d.items() if not k.startswith("_") and k not in ("quantization_config", "transformers_version")}
+    d = {
+        k: v
+        for k, v in d.items()
+        if not k.startswith("_") and k not in ("quantization_config", "transformers_version")
+    }
     if "model_type" not in d:
         raise ExportError("source config has no model_type: the global blocks could not be rebuilt")
     return d
@@ -78,22 +96,29 @@ def _resolve(model_or_dir):
     return model_or_dir, None
 
 
-def export_model(model_or_dir, out_dir: str | os.PathLike, preset=None, vocab=None, overwrite: bool = False) -> Path:
+def export_model(
+    model_or_dir, out_dir: str | os.PathLike, preset=None, vocab=None, overwrite: bool = False
+) -> Path:
     """Write the HF folder for a BolmoModel (or a checkpoint folder) to `out_dir`, atomically."""
     from safetensors.torch import save_file
 
     from .hf.configuration_bolmo import BolmoConfig
 
     if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
-        raise ExportError(f"export folder '{out_dir}': must be a local path (copy the finished folder to object storage)")
+        raise ExportError(
+            f"export folder '{out_dir}': must be a local path (copy the finished folder to object storage)"
+        )
     out = Path(str(out_dir).removeprefix("file://"))
     model, ckpt_preset = _resolve(model_or_dir)
     preset = preset or ckpt_preset
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"export folder '{out}': exists and is not empty (pass overwrite=True)")
     cfg = model.cfg
-    state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()
-             if not k.startswith("teacher.")}
+    state = {
+        k: v.detach().to("cpu").clone().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith("teacher.")
+    }
     extra = dict(retained_vocab_size=0, retained_entries=0, retained_bytes=0)
     if model.local_encoder.retained_embedding is not None:
         if vocab is None:
@@ -105,16 +130,29 @@ def export_model(model_or_dir, out_dir: str | os.PathLike, preset=None, vocab=No
         state["retained_ids"] = torch.from_numpy(ids)
         state["retained_offsets"] = torch.from_numpy(offsets)
         state["retained_bytes"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-        extra = dict(retained_vocab_size=model.local_encoder.retained_embedding.weight.shape[0],
-                     retained_entries=len(ids), retained_bytes=len(blob), retained_sep_id=vocab.doc_separator_id,
-                     retained_pad_id=vocab.pad_id, retained_fallback_id=vocab.byte_fallback_id)
+        extra = dict(
+            retained_vocab_size=model.local_encoder.retained_embedding.weight.shape[0],
+            retained_entries=len(ids),
+            retained_bytes=len(blob),
+            retained_sep_id=vocab.doc_separator_id,
+            retained_pad_id=vocab.pad_id,
+            retained_fallback_id=vocab.byte_fallback_id,
+        )
     hf_cfg = BolmoConfig(
-        global_config=_global_config(model), d_local=model.d_local, local_heads=cfg.local.n_heads,
-        local_ffn_hidden=cfg.local.ffn_hidden, n_encoder_layers=cfg.local.n_encoder_layers,
-        n_decoder_layers=cfg.local.n_decoder_layers, qk_dim_factor=cfg.local.qk_dim_factor,
-        gate_soft_cap=cfg.local.gate_soft_cap, block_norm_eps=cfg.local.block_norm_eps,
-        local_norm_eps=cfg.local.norm_eps, boundary_lookahead=cfg.boundary_lookahead,
-        boundary_threshold=cfg.boundary_threshold, architectures=["BolmoForCausalLM"], auto_map=AUTO_MAP,
+        global_config=_global_config(model),
+        d_local=model.d_local,
+        local_heads=cfg.local.n_heads,
+        local_ffn_hidden=cfg.local.ffn_hidden,
+        n_encoder_layers=cfg.local.n_encoder_layers,
+        n_decoder_layers=cfg.local.n_decoder_layers,
+        qk_dim_factor=cfg.local.qk_dim_factor,
+        gate_soft_cap=cfg.local.gate_soft_cap,
+        block_norm_eps=cfg.local.block_norm_eps,
+        local_norm_eps=cfg.local.norm_eps,
+        boundary_lookahead=cfg.boundary_lookahead,
+        boundary_threshold=cfg.boundary_threshold,
+        architectures=["BolmoForCausalLM"],
+        auto_map=AUTO_MAP,
         **extra,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,13 +162,28 @@ def export_model(model_or_dir, out_dir: str | os.PathLike, preset=None, vocab=No
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name in REMOTE_FILES:
             shutil.copyfile(HF_DIR / name, tmp / name)
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "BolmoTokenizer", "auto_map": {"AutoTokenizer": AUTO_MAP["AutoTokenizer"]},
-            "pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<bos>", "add_bos_token": True,
-            "padding_side": "left", "model_max_length": 1_000_000_000,
-        }, indent=1) + "\n")
-        meta = {"format": "byteify-bolmo-hf/1", "source": cfg.source.name_or_path,
-                "source_revision": cfg.source.revision, "preset": preset.to_dict() if preset is not None else None}
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "BolmoTokenizer",
+                    "auto_map": {"AutoTokenizer": AUTO_MAP["AutoTokenizer"]},
+                    "pad_token": "<pad>",
+                    "bos_token": "<bos>",
+                    "eos_token": "<bos>",
+                    "add_bos_token": True,
+                    "padding_side": "left",
+                    "model_max_length": 1_000_000_000,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+        meta = {
+            "format": "byteify-bolmo-hf/1",
+            "source": cfg.source.name_or_path,
+            "source_revision": cfg.source.revision,
+            "preset": preset.to_dict() if preset is not None else None,
+        }
         (tmp / "byteify_export.json").write_text(json.dumps(meta, indent=1) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -157,9 +210,14 @@ def check_parity(export_dir, model, prompts=PARITY_PROMPTS, atol: float = 1e-4) 
 
     hf = load_hf(export_dir, device=next(model.parameters()).device)
     src = _global_config(model)
-    problems = [f"{k}: exported {getattr(hf.config, k, None)!r} != source {src[k]!r}"
-                for k in CRITICAL_FIELDS if k in src and _norm(getattr(hf.config, k, None)) != _norm(src[k])]
-    problems += [f"global_config.{k} differs" for k in src if _norm(hf.config.global_config.get(k)) != _norm(src[k])]
+    problems = [
+        f"{k}: exported {getattr(hf.config, k, None)!r} != source {src[k]!r}"
+        for k in CRITICAL_FIELDS
+        if k in src and _norm(getattr(hf.config, k, None)) != _norm(src[k])
+    ]
+    problems += [
+        f"global_config.{k} differs" for k in src if _norm(hf.config.global_config.get(k)) != _norm(src[k])
+    ]
     index = retained_index(model)
     was_training = model.training
     model.eval()
@@ -173,8 +231,15 @@ def check_parity(export_dir, model, prompts=PARITY_PROMPTS, atol: float = 1e-4) 
                 per.append(float((ours - theirs).abs().max()))
     finally:
         model.train(was_training)
-    report = {"export_dir": str(export_dir), "prompts": len(per), "max_abs_diff": max(per), "per_prompt": per,
-              "atol": atol, "rope_theta": getattr(hf.config, "rope_theta", None), "config_problems": problems}
+    report = {
+        "export_dir": str(export_dir),
+        "prompts": len(per),
+        "max_abs_diff": max(per),
+        "per_prompt": per,
+        "atol": atol,
+        "rope_theta": getattr(hf.config, "rope_theta", None),
+        "config_problems": problems,
+    }
     report["passed"] = report["max_abs_diff"] < atol and not problems
     if not report["passed"]:
         why = problems[0] if problems else f"max |logit diff| {report['max_abs_diff']:.3g} >= {atol}"
@@ -199,12 +264,20 @@ def load_exported(path, device: str | torch.device = "cpu"):
         raise ExportError(f"export folder '{path}': no byteify_export.json (not written by byteify)")
     meta = json.loads(meta_path.read_text())
     if not meta.get("preset"):
-        raise ExportError(f"export folder '{path}': exported without a preset, load it with transformers instead")
+        raise ExportError(
+            f"export folder '{path}': exported without a preset, load it with transformers instead"
+        )
     preset = Preset.from_dict(meta["preset"])
     model = BolmoModel.from_source(preset.model, init=False)
-    state = {k: v for k, v in load_file(str(Path(path, "model.safetensors"))).items() if not k.startswith("retained_")}
+    state = {
+        k: v
+        for k, v in load_file(str(Path(path, "model.safetensors"))).items()
+        if not k.startswith("retained_")
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("teacher.")]
     if missing or unexpected:
-        raise ExportError(f"export folder '{path}': weights do not fit its preset ({(missing or unexpected)[:3]})")
+        raise ExportError(
+            f"export folder '{path}': weights do not fit its preset ({(missing or unexpected)[:3]})"
+        )
     return model.to(device).eval(), preset

@@ -102,7 +102,10 @@ def _as_bytes(p) -> bytes:
 def _has_sliding_window(config) -> bool:
     if any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or ())):
         return True
-    return bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True) is not False
+    return (
+        bool(getattr(config, "sliding_window", None))
+        and getattr(config, "use_sliding_window", True) is not False
+    )
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -112,7 +115,7 @@ def _allowed_mask(stop_on_eos: bool, device) -> torch.Tensor:
     """Bytes (with or without flag), and EOS when it may stop a row; pad/EOP/id 2 are never emitted."""
     allowed = torch.zeros(FUSED_VOCAB, dtype=torch.bool, device=device)
     allowed[OFFSET:FUSED_OFFSET] = True
-    allowed[FUSED_OFFSET + OFFSET:] = True
+    allowed[FUSED_OFFSET + OFFSET :] = True
     if stop_on_eos:
         allowed[EOS] = allowed[EOS + FUSED_OFFSET] = True
     return allowed
@@ -147,7 +150,9 @@ class _StepStack:
         self.layers = []
         for blk in blocks:
             ml = blk.mlstm
-            w = torch.cat([ml.q.weight, ml.k.weight, ml.v.weight, ml.o_gate.weight, ml.i_gate.weight, ml.f_gate.weight])
+            w = torch.cat(
+                [ml.q.weight, ml.k.weight, ml.v.weight, ml.o_gate.weight, ml.i_gate.weight, ml.f_gate.weight]
+            )
             b = torch.cat([w.new_zeros(2 * ml.dqk + 2 * ml.d), ml.i_gate.bias, ml.f_gate.bias])
             ff = torch.cat([blk.ffn.gate.weight, blk.ffn.up.weight])
             split = [ml.dqk, ml.dqk, ml.d, ml.d, ml.h, ml.h]
@@ -172,7 +177,9 @@ class _StepStack:
             den = torch.maximum((qs * n).sum(-1).abs(), torch.exp(-m_new)) + 1e-6
             h = (qs.unsqueeze(-2) @ C).squeeze(-2) / den[..., None]
             var, mean = torch.var_mean(h, -1, unbiased=False, keepdim=True)
-            h = ((h - mean) * torch.rsqrt(var + ml.head_norm_eps)).reshape(B, -1) * ml.head_norm_weight.float()
+            h = ((h - mean) * torch.rsqrt(var + ml.head_norm_eps)).reshape(
+                B, -1
+            ) * ml.head_norm_weight.float()
             x = x + F.linear(h.to(o.dtype) * torch.sigmoid(o), ml.out.weight)
             g, u = F.linear(blk.ffn_norm(x), ff).chunk(2, -1)
             x = x + F.linear(F.silu(g) * u, blk.ffn.down.weight)
@@ -188,8 +195,8 @@ class _Rows:
         self.width = (index.max_len + 1) if index is not None else 1
         self.hist = np.zeros((len(seqs), self.width), dtype=np.int64)
         for r, s in enumerate(seqs):
-            tail = s[-self.width:]
-            self.hist[r, self.width - len(tail):] = tail
+            tail = s[-self.width :]
+            self.hist[r, self.width - len(tail) :] = tail
 
     def push(self, rows: np.ndarray, ids: np.ndarray) -> None:
         if rows.size:
@@ -233,8 +240,13 @@ def _steps(model, prompts: list[bytes], cfg: GenerationConfig, trace: bool) -> I
     reps, patch_mask, _, _ = model.patches(h, b, P)
     cache = model.global_model.new_cache()
     attn = patch_mask.long()  # filler slots of rows with fewer patches are masked (spec §11.4)
-    G = model.global_model(reps, cache=cache, use_cache=True, attention_mask=attn,
-                           position_ids=torch.arange(P, device=dev).expand(B, P)).hidden
+    G = model.global_model(
+        reps,
+        cache=cache,
+        use_cache=True,
+        attention_mask=attn,
+        position_ids=torch.arange(P, device=dev).expand(B, P),
+    ).hidden
     gp = dec.project_global(G)
     y, dec_state = run_blocks(dec.blocks, dec.in_projection(h) + depool(gp, b), None, hold=~in_pre)
     last_value = gp[ar, count - 1]
@@ -305,8 +317,13 @@ def _steps(model, prompts: list[bytes], cfg: GenerationConfig, trace: bool) -> I
         n_wait, n_act = int(waiting.sum()), int(active.sum())
         if n_wait and (n_wait >= math.ceil(cfg.sync * n_act) or not bool(ready.any())):
             attn = torch.cat([attn, waiting.long()[:, None]], 1)
-            g = model.global_model(model.out_projection(h_cur)[:, None], cache=cache, use_cache=True,
-                                   attention_mask=attn, position_ids=n_patches[:, None]).hidden
+            g = model.global_model(
+                model.out_projection(h_cur)[:, None],
+                cache=cache,
+                use_cache=True,
+                attention_mask=attn,
+                position_ids=n_patches[:, None],
+            ).hidden
             last_value = torch.where(waiting[:, None], dec.project_global(g)[:, 0], last_value)
             n_patches = n_patches + waiting.long()
             ready = ready | waiting
@@ -317,7 +334,7 @@ def _steps(model, prompts: list[bytes], cfg: GenerationConfig, trace: bool) -> I
         logits = model.lm_head(yd).float()
         if trace:
             for r in ready.nonzero().squeeze(-1).tolist():
-                traces[r].append(logits[r: r + 1])
+                traces[r].append(logits[r : r + 1])
         chosen = sample((logits + flag_bias).masked_fill(~allowed, -math.inf), cfg, gen)
         pend_x = torch.where(ready, chosen % FUSED_OFFSET, pend_x)
         pend_b = torch.where(ready, chosen >= FUSED_OFFSET, pend_b)
@@ -325,11 +342,16 @@ def _steps(model, prompts: list[bytes], cfg: GenerationConfig, trace: bool) -> I
             yield r, v
 
     seq_bytes = [bytes((v % FUSED_OFFSET) - OFFSET for v in o if v % FUSED_OFFSET >= OFFSET) for o in out_ids]
-    yield "done", GenerationOutput(
-        sequences=seq_bytes, fused_ids=out_ids, stop_reasons=reasons,
-        boundaries=[torch.tensor(f, dtype=torch.bool) for f in flags],
-        logits=[torch.cat(t, 0).cpu() for t in traces] if trace else None,
-        n_patches=n_patches.cpu().tolist(),
+    yield (
+        "done",
+        GenerationOutput(
+            sequences=seq_bytes,
+            fused_ids=out_ids,
+            stop_reasons=reasons,
+            boundaries=[torch.tensor(f, dtype=torch.bool) for f in flags],
+            logits=[torch.cat(t, 0).cpu() for t in traces] if trace else None,
+            n_patches=n_patches.cpu().tolist(),
+        ),
     )
 
 
@@ -351,7 +373,10 @@ def _run(model, prompts, cfg: GenerationConfig, trace: bool) -> Iterator[tuple]:
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with (
+            torch.inference_mode(),
+            torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"),
+        ):
             yield from _steps(model, data, cfg, trace)
     finally:
         model.train(was_training)
@@ -359,8 +384,10 @@ def _run(model, prompts, cfg: GenerationConfig, trace: bool) -> Iterator[tuple]:
 
 def _merge(outs: list[GenerationOutput]) -> GenerationOutput:
     return GenerationOutput(
-        sequences=[s for o in outs for s in o.sequences], fused_ids=[s for o in outs for s in o.fused_ids],
-        stop_reasons=[s for o in outs for s in o.stop_reasons], boundaries=[s for o in outs for s in o.boundaries],
+        sequences=[s for o in outs for s in o.sequences],
+        fused_ids=[s for o in outs for s in o.fused_ids],
+        stop_reasons=[s for o in outs for s in o.stop_reasons],
+        boundaries=[s for o in outs for s in o.boundaries],
         logits=None if outs[0].logits is None else [s for o in outs for s in o.logits],
         n_patches=[s for o in outs for s in o.n_patches],
     )
@@ -375,23 +402,55 @@ def generate_ids(model, prompts: list[bytes | str], trace: bool = False, **kwarg
     raise AssertionError("generation ended without a result")
 
 
-def generate(model, prompts: list[bytes | str], max_new_bytes: int = 256, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_on_eos: bool = True, **kwargs) -> list[bytes]:
+def generate(
+    model,
+    prompts: list[bytes | str],
+    max_new_bytes: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_on_eos: bool = True,
+    **kwargs,
+) -> list[bytes]:
     """Continuation bytes for each prompt (without the prompt and without EOS)."""
-    return generate_ids(model, prompts, max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k,
-                        top_p=top_p, seed=seed, stop_on_eos=stop_on_eos, **kwargs).sequences
+    return generate_ids(
+        model,
+        prompts,
+        max_new_bytes=max_new_bytes,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_on_eos=stop_on_eos,
+        **kwargs,
+    ).sequences
 
 
-def stream(model, prompt: bytes | str, max_new_bytes: int = 256, temperature: float = 0.0,
-           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           stop_on_eos: bool = True, **kwargs) -> Iterator[str]:
+def stream(
+    model,
+    prompt: bytes | str,
+    max_new_bytes: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_on_eos: bool = True,
+    **kwargs,
+) -> Iterator[str]:
     """Text chunks of one prompt's continuation as they are generated; never a partial UTF-8 character.
 
     Invalid byte sequences come out as U+FFFD (display only; `generate` returns the exact bytes).
     """
-    cfg = GenerationConfig(max_new_bytes=max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, stop_on_eos=stop_on_eos, **kwargs)
+    cfg = GenerationConfig(
+        max_new_bytes=max_new_bytes,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_on_eos=stop_on_eos,
+        **kwargs,
+    )
 
     def new_bytes():
         for ev in _run(model, [prompt], cfg, trace=False):

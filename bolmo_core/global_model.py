@@ -22,18 +22,41 @@ from .source import SourceConfig, SourceError, load_source_config
 # Architectures of the released sources (spec §6), used when their config cannot be fetched
 # (offline): class name in transformers + constructor arguments.
 KNOWN_ARCHITECTURES: dict[str, tuple[str, dict]] = {
-    "allenai/OLMo-2-0425-1B": ("Olmo2Config", dict(
-        hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
-        intermediate_size=8192, vocab_size=100278, rms_norm_eps=1e-6, max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False,
-        eos_token_id=100257, pad_token_id=100277,
-    )),
-    "allenai/Olmo-3-1025-7B": ("Olmo3Config", dict(
-        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-        intermediate_size=11008, vocab_size=100278, rms_norm_eps=1e-6, max_position_embeddings=65536,
-        sliding_window=4096, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        tie_word_embeddings=False, eos_token_id=100257, pad_token_id=100277,
-    )),
+    "allenai/OLMo-2-0425-1B": (
+        "Olmo2Config",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            intermediate_size=8192,
+            vocab_size=100278,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            tie_word_embeddings=False,
+            eos_token_id=100257,
+            pad_token_id=100277,
+        ),
+    ),
+    "allenai/Olmo-3-1025-7B": (
+        "Olmo3Config",
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=11008,
+            vocab_size=100278,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=65536,
+            sliding_window=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            tie_word_embeddings=False,
+            eos_token_id=100257,
+            pad_token_id=100277,
+        ),
+    ),
 }
 
 
@@ -73,7 +96,8 @@ def _base_of(causal_lm) -> nn.Module:
     for attr in ("layers", "rotary_emb", "norm", "embed_tokens"):
         if base is None or not hasattr(base, attr):
             raise GlobalModelError(
-                f"source model {type(causal_lm).__name__}: expected model.model.{attr} (a Llama/OLMo-style decoder)")
+                f"source model {type(causal_lm).__name__}: expected model.model.{attr} (a Llama/OLMo-style decoder)"
+            )
     return base
 
 
@@ -151,9 +175,16 @@ class GlobalModel(nn.Module):
 
         return DynamicCache(config=self.model.config)
 
-    def forward(self, inputs_embeds: torch.Tensor, n_layers: int | None = None, cache=None,
-                use_cache: bool = False, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False) -> GlobalOutput:
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        n_layers: int | None = None,
+        cache=None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> GlobalOutput:
         if n_layers is not None and not 1 <= n_layers <= self.n_layers:
             raise GlobalModelError(f"n_layers={n_layers}: the global model has {self.n_layers} blocks")
         if n_layers is not None and n_layers != self.n_layers and (cache is not None or use_cache):
@@ -162,8 +193,16 @@ class GlobalModel(nn.Module):
         if not torch.is_autocast_enabled(inputs_embeds.device.type):
             inputs_embeds = inputs_embeds.to(dtype)
         with _limit_layers(self.model.config, n_layers):
-            out = self.model(inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache,
-                             position_ids=position_ids, attention_mask=attention_mask,
-                             output_hidden_states=output_hidden_states)
-        return GlobalOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None,
-                            getattr(out, "cache", None) if use_cache or cache is not None else None)
+            out = self.model(
+                inputs_embeds=inputs_embeds,
+                cache=cache,
+                use_cache=use_cache,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=output_hidden_states,
+            )
+        return GlobalOutput(
+            out.last_hidden_state,
+            out.hidden_states if output_hidden_states else None,
+            getattr(out, "cache", None) if use_cache or cache is not None else None,
+        )

@@ -35,8 +35,17 @@ def _byte_ids(text: str) -> list[int]:
 class ByteifyLM(LM):
     """A BolmoModel behind lm-eval's LM interface (bytes in, folded byte log-probs out)."""
 
-    def __init__(self, pretrained: str | None = None, model=None, tokenizer=None, max_length: int | None = None,
-                 batch_size: int | str = 4, device: str = "cpu", max_gen_bytes: int = 256, **_ignored):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        model=None,
+        tokenizer=None,
+        max_length: int | None = None,
+        batch_size: int | str = 4,
+        device: str = "cpu",
+        max_gen_bytes: int = 256,
+        **_ignored,
+    ):
         super().__init__()
         if model is None:
             if pretrained is None:
@@ -70,11 +79,11 @@ class ByteifyLM(LM):
         """(Σ folded log p of the last n ids, all of them greedy) for rows of (ids with BOS first, n)."""
         out: list[tuple[float, bool]] = []
         for b in range(0, len(rows), self.batch_size):
-            chunk = rows[b:b + self.batch_size]
+            chunk = rows[b : b + self.batch_size]
             width = max(len(ids) for ids, _ in chunk)
             input_ids = torch.full((len(chunk), width), PAD, dtype=torch.long)
             for r, (ids, _) in enumerate(chunk):
-                input_ids[r, :len(ids)] = torch.tensor(ids)
+                input_ids[r, : len(ids)] = torch.tensor(ids)
             expanded = torch.as_tensor(self.retained.expand(input_ids.numpy()), dtype=torch.long)
             expanded[input_ids == BOS] = self.vocab.doc_separator_id
             expanded[input_ids == PAD] = self.vocab.pad_id
@@ -82,8 +91,8 @@ class ByteifyLM(LM):
             res = self.model(input_ids, expanded, byte_mask=input_ids != PAD)
             logp = fold_logprobs(torch.log_softmax(res.logits.float(), dim=-1))
             for r, (ids, n) in enumerate(chunk):
-                tgt = input_ids[r, len(ids) - n:len(ids)]
-                lp = logp[r, len(ids) - n - 1:len(ids) - 1]
+                tgt = input_ids[r, len(ids) - n : len(ids)]
+                lp = logp[r, len(ids) - n - 1 : len(ids) - 1]
                 score = float(lp.gather(-1, tgt[:, None]).double().sum())
                 greedy = bool((lp.argmax(-1) == tgt).all())
                 out.append((score, greedy))
@@ -104,7 +113,7 @@ class ByteifyLM(LM):
         for req in requests:
             (text,) = req.args
             ids = _byte_ids(text)
-            rows = [([BOS, *ids[s:s + room]], len(ids[s:s + room])) for s in range(0, len(ids), room)]
+            rows = [([BOS, *ids[s : s + room]], len(ids[s : s + room])) for s in range(0, len(ids), room)]
             results.append(sum(score for score, _ in self._score(rows)))
         return results
 
@@ -114,8 +123,9 @@ class ByteifyLM(LM):
         try:
             from .generate import generate
         except ImportError:
-            raise EvalError("byteify lm-eval model: generate_until needs bolmo_core.generate, "
-                            "which is not available") from None
+            raise EvalError(
+                "byteify lm-eval model: generate_until needs bolmo_core.generate, which is not available"
+            ) from None
         outs = []
         for req in requests:
             context, kwargs = req.args

@@ -62,5 +62,7 @@ def load_byte_model(path: str, device: str | torch.device = "cpu") -> tuple[torc
         load_exported = None
     if load_exported is not None and storage.exists(storage.join(path, "config.json")):
         return load_exported(path, device=device)
-    raise LoadError(f"model folder '{path}': neither a committed checkpoint (no COMMIT marker) "
-                    "nor a loadable exported model")
+    raise LoadError(
+        f"model folder '{path}': neither a committed checkpoint (no COMMIT marker) "
+        "nor a loadable exported model"
+    )

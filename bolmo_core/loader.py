@@ -50,7 +50,11 @@ def load_split(manifest_uri: str, split: str) -> tuple[dict, pa.Table]:
             raise DataError(str(err)) from None
         if storage.sha256_bytes(data) != e["sha256"]:
             raise DataError(f"{uri}: sha256 differs from the manifest (shard changed or damaged)")
-        tables.append(pq.read_table(io.BytesIO(data), schema=SHARD_SCHEMA, columns=["text_bytes", "token_ids", "token_ends"]))
+        tables.append(
+            pq.read_table(
+                io.BytesIO(data), schema=SHARD_SCHEMA, columns=["text_bytes", "token_ids", "token_ends"]
+            )
+        )
     if not tables:
         return m, SHARD_SCHEMA.empty_table().select(["text_bytes", "token_ids", "token_ends"])
     return m, pa.concat_tables(tables).combine_chunks()
@@ -74,8 +78,12 @@ def pack_stream(table: pa.Table, sep_id: int) -> tuple[np.ndarray, np.ndarray, n
     tlen = np.insert(lens, doc_tok_end, 1)
     starts = np.concatenate([[0], np.cumsum(tlen)])
     text = table.column("text_bytes").chunk(0)
-    boffs = np.frombuffer(text.buffers()[1], dtype=np.int32, count=len(text) + 1, offset=4 * text.offset).astype(np.int64)
-    raw = np.frombuffer(text.buffers()[2], dtype=np.uint8, count=int(boffs[-1] - boffs[0]), offset=int(boffs[0]))
+    boffs = np.frombuffer(
+        text.buffers()[1], dtype=np.int32, count=len(text) + 1, offset=4 * text.offset
+    ).astype(np.int64)
+    raw = np.frombuffer(
+        text.buffers()[2], dtype=np.uint8, count=int(boffs[-1] - boffs[0]), offset=int(boffs[0])
+    )
     byte_ids = np.insert(raw.astype(np.int16) + OFFSET, boffs[1:] - boffs[0], BOS)
     if len(byte_ids) != starts[-1]:
         raise DataError(f"token ends do not cover the document bytes ({starts[-1]} vs {len(byte_ids)} bytes)")
@@ -85,8 +93,18 @@ def pack_stream(table: pa.Table, sep_id: int) -> tuple[np.ndarray, np.ndarray, n
 class WindowLoader:
     """Batches of training windows from a manifest's split; resumable and rank-aware."""
 
-    def __init__(self, manifest_uri: str, vocab: SubwordVocab, window_tokens: int, batch_size: int,
-                 split: str = "train", byte_expansion: int = 6, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        manifest_uri: str,
+        vocab: SubwordVocab,
+        window_tokens: int,
+        batch_size: int,
+        split: str = "train",
+        byte_expansion: int = 6,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} outside world_size {world_size}")
         if window_tokens < 2:
@@ -94,7 +112,9 @@ class WindowLoader:
         self.manifest, table = load_split(manifest_uri, split)
         fp = self.manifest["tokenizer"]["fingerprint"]
         if fp != vocab.fingerprint:
-            raise DataError(f"{manifest_uri}: prepared with tokenizer {fp[:12]}, loader given {vocab.fingerprint[:12]}")
+            raise DataError(
+                f"{manifest_uri}: prepared with tokenizer {fp[:12]}, loader given {vocab.fingerprint[:12]}"
+            )
         self.vocab, self.retained = vocab, RetainedIndex(vocab)
         self.sep, self.pad = int(vocab.doc_separator_id), int(vocab.pad_id)
         self.P, self.L, self.B = window_tokens, byte_expansion * window_tokens, batch_size
@@ -121,7 +141,7 @@ class WindowLoader:
     def _rank_windows(self, epoch: int) -> np.ndarray:
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
         per_rank = self.n_windows // self.world_size
-        return perm[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def make_batch(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
         """The batch for the given window indices (docs/internals.md, "The training batch")."""
@@ -132,14 +152,14 @@ class WindowLoader:
         nxt = np.zeros(B, np.int64)
         for r, w in enumerate(windows):
             s = int(self.window_starts[w])
-            toks = self.tok[s:s + P]
+            toks = self.tok[s : s + P]
             b0, b1 = self.starts[s], self.starts[s + P - 1]
             n = min(int(b1 - b0) + 1, L)
             input_ids[r, 0] = BOS
-            input_ids[r, 1:n] = self.byte_ids[b0:b0 + n - 1]
+            input_ids[r, 1:n] = self.byte_ids[b0 : b0 + n - 1]
             patch_lens[r, 0] = 1
-            patch_lens[r, 1:] = self.starts[s + 1:s + P] - self.starts[s:s + P - 1]
-            teacher[r, 1:] = toks[:P - 1]
+            patch_lens[r, 1:] = self.starts[s + 1 : s + P] - self.starts[s : s + P - 1]
+            teacher[r, 1:] = toks[: P - 1]
             nxt[r] = toks[P - 1]
         patch_mask = np.cumsum(patch_lens, axis=1) <= L
         patch_lens[~patch_mask] = 0
@@ -148,40 +168,57 @@ class WindowLoader:
         expanded[input_ids == BOS] = self.sep
         expanded[~byte_mask] = self.pad
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-        return {"input_ids": t(input_ids), "expanded_ids": t(expanded), "patch_lens": t(patch_lens),
-                "teacher_ids": t(teacher), "teacher_next": t(nxt), "byte_mask": t(byte_mask),
-                "patch_mask": t(patch_mask)}
+        return {
+            "input_ids": t(input_ids),
+            "expanded_ids": t(expanded),
+            "patch_lens": t(patch_lens),
+            "teacher_ids": t(teacher),
+            "teacher_next": t(nxt),
+            "byte_mask": t(byte_mask),
+            "patch_mask": t(patch_mask),
+        }
 
     def __iter__(self):
         """Batches forever (epoch after epoch), from the current position."""
         if len(self) == 0:
-            raise DataError(f"split '{self.split}' has {self.n_windows} windows of {self.P} tokens: "
-                            f"fewer than world_size x batch_size = {self.world_size * self.B}")
+            raise DataError(
+                f"split '{self.split}' has {self.n_windows} windows of {self.P} tokens: "
+                f"fewer than world_size x batch_size = {self.world_size * self.B}"
+            )
         while True:
             mine = self._rank_windows(self.epoch)
             while self.batch < len(self):
-                idx = mine[self.batch * self.B:(self.batch + 1) * self.B]
+                idx = mine[self.batch * self.B : (self.batch + 1) * self.B]
                 self.batch += 1  # advance first: state_dict() after k batches points at batch k
                 yield self.make_batch(idx)
             self.epoch, self.batch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "split": self.split,
-                "rank": self.rank, "world_size": self.world_size, "manifest_hash": self.manifest["manifest_hash"]}
+        return {
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "split": self.split,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "manifest_hash": self.manifest["manifest_hash"],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("manifest_hash") != self.manifest["manifest_hash"]:
             raise DataError("loader state belongs to another dataset (manifest_hash differs)")
         if (state.get("seed"), state.get("world_size")) != (self.seed, self.world_size):
-            raise DataError(f"loader state has seed/world_size {state.get('seed')}/{state.get('world_size')}, "
-                            f"this loader {self.seed}/{self.world_size}")
+            raise DataError(
+                f"loader state has seed/world_size {state.get('seed')}/{state.get('world_size')}, "
+                f"this loader {self.seed}/{self.world_size}"
+            )
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def iter_eval(self, batch_size: int | None = None, max_batches: int | None = None):
         """This rank's share of the split's windows, once, in order (the last batch may be short)."""
         bs = batch_size or self.B
-        mine = np.arange(self.n_windows)[self.rank::self.world_size]
+        mine = np.arange(self.n_windows)[self.rank :: self.world_size]
         for k, i in enumerate(range(0, len(mine), bs)):
             if max_batches is not None and k >= max_batches:
                 return
-            yield self.make_batch(mine[i:i + bs])
+            yield self.make_batch(mine[i : i + bs])

@@ -47,7 +47,11 @@ class MLSTMLayer(nn.Module):
         if dqk % cfg.n_heads:
             raise ValueError(f"q/k width {dqk} is not divisible by n_heads={cfg.n_heads}")
         self.d, self.h, self.dqk = d, cfg.n_heads, dqk
-        self.soft_cap, self.chunk_size, self.kernel = cfg.gate_soft_cap, cfg.chunk_size, check_kernel(cfg.kernel)
+        self.soft_cap, self.chunk_size, self.kernel = (
+            cfg.gate_soft_cap,
+            cfg.chunk_size,
+            check_kernel(cfg.kernel),
+        )
         self.q = nn.Linear(d, dqk, bias=False)
         self.k = nn.Linear(d, dqk, bias=False)
         self.v = nn.Linear(d, d, bias=False)
@@ -66,13 +70,20 @@ class MLSTMLayer(nn.Module):
     def _head_norm(self, h: torch.Tensor) -> torch.Tensor:
         """Per-head LayerNorm (group norm, one group per head, weight only), reductions in fp32."""
         hf = h.float()
-        hf = (hf - hf.mean(-1, keepdim=True)) * torch.rsqrt(hf.var(-1, unbiased=False, keepdim=True) + self.head_norm_eps)
+        hf = (hf - hf.mean(-1, keepdim=True)) * torch.rsqrt(
+            hf.var(-1, unbiased=False, keepdim=True) + self.head_norm_eps
+        )
         B, H, L, Dv = h.shape
         hf = hf.permute(0, 2, 1, 3).reshape(B, L, H * Dv)
         return (hf * self.head_norm_weight.float()).to(h.dtype)
 
-    def forward(self, x: torch.Tensor, state: State | None = None, reset: torch.Tensor | None = None,
-                hold: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: State | None = None,
+        reset: torch.Tensor | None = None,
+        hold: torch.Tensor | None = None,
+    ):
         B, L, _ = x.shape
         H = self.h
         q = self.q(x).view(B, L, H, -1).transpose(1, 2)
@@ -91,7 +102,9 @@ class MLSTMLayer(nn.Module):
             h = h.unsqueeze(2)
         else:
             kernel = get_mlstm_backend(self.kernel, x.device)
-            h, state = kernel(q, k, v, i, f, chunk_size=self.chunk_size, initial_state=state, return_last_state=True)
+            h, state = kernel(
+                q, k, v, i, f, chunk_size=self.chunk_size, initial_state=state, return_last_state=True
+            )
         y = self._head_norm(h) * torch.sigmoid(self.o_gate(x))
         return self.out(y), state
 
@@ -117,15 +130,25 @@ class LocalBlock(nn.Module):
         self.ffn_norm = RMSNorm(d, eps=cfg.block_norm_eps)
         self.ffn = SwiGLU(d, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, state: State | None = None, reset: torch.Tensor | None = None,
-                hold: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: State | None = None,
+        reset: torch.Tensor | None = None,
+        hold: torch.Tensor | None = None,
+    ):
         a, state = self.mlstm(self.mlstm_norm(x), state, reset, hold)
         x = x + a
         return x + self.ffn(self.ffn_norm(x)), state
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, states: list | None = None, reset: torch.Tensor | None = None,
-               hold: torch.Tensor | None = None):
+def run_blocks(
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    states: list | None = None,
+    reset: torch.Tensor | None = None,
+    hold: torch.Tensor | None = None,
+):
     """Run a stack of LocalBlocks, threading one state per block (`hold`: see the module docstring)."""
     states = states if states is not None else [None] * len(blocks)
     new = []

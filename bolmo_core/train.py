@@ -53,7 +53,9 @@ class TrainConfig:
     stage: int  # 1 or 2
     manifest_uri: str  # data manifest (bolmo_core.data.prepare_dataset)
     out_uri: str  # this stage's output folder: checkpoints step-*/ and final/
-    init_from: str | None = None  # Stage 2: Stage-1 checkpoint (or its folder); None = "Stage 2 without Stage 1"
+    init_from: str | None = (
+        None  # Stage 2: Stage-1 checkpoint (or its folder); None = "Stage 2 without Stage 1"
+    )
     allow_mismatch: bool = False  # resume from a checkpoint made with another config/data/world size
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed seeds (bit-exact resume on CPU)
     max_minutes: float | None = None  # training-time budget (all restarts together); then stop as finished
@@ -88,6 +90,7 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- schedule, optimizer, determinism
 
+
 def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
     """Linear warm-up over ``warmup_fraction`` of the steps, then linear decay to 0 at ``total``."""
     warm = max(1, int(round(warmup_fraction * total)))
@@ -121,6 +124,7 @@ def set_determinism(seed: int, deterministic: bool) -> None:
 
 
 # ---------------------------------------------------------------- compression knob (Stage 2)
+
 
 def coarsen_patch_lens(patch_lens: torch.Tensor, target: float) -> torch.Tensor:
     """Merge adjacent label patches until each row has at least ``target`` bytes per patch.
@@ -179,6 +183,7 @@ def coarsen_batch(batch: dict, target: float | None) -> dict:
 
 # ---------------------------------------------------------------- data
 
+
 def _global_order_loader_cls():
     from .loader import WindowLoader
 
@@ -198,14 +203,32 @@ def _global_order_loader_cls():
     return GlobalOrderLoader
 
 
-def build_loader(preset: Preset, manifest_uri: str, vocab, batch_size: int, split: str, seed: int,
-                 rank: int, world_size: int):
+def build_loader(
+    preset: Preset,
+    manifest_uri: str,
+    vocab,
+    batch_size: int,
+    split: str,
+    seed: int,
+    rank: int,
+    world_size: int,
+):
     cls = _global_order_loader_cls()
-    return cls(manifest_uri, vocab, preset.data.window_tokens, batch_size, split=split,
-               byte_expansion=preset.data.byte_expansion, seed=seed, rank=rank, world_size=world_size)
+    return cls(
+        manifest_uri,
+        vocab,
+        preset.data.window_tokens,
+        batch_size,
+        split=split,
+        byte_expansion=preset.data.byte_expansion,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 # ---------------------------------------------------------------- model
+
 
 class StageObjective(torch.nn.Module):
     """The stage's loss as a module forward, so DDP/FSDP see every call (they hook forward())."""
@@ -234,7 +257,11 @@ def build_model(cfg: TrainConfig, preset: Preset, vocab):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
             raise TrainError(f"init_from {src}: {len(missing)} model weights missing (e.g. '{missing[0]}')")
-        info = {"init_from": src, "init_from_hash": ckpt.checkpoint_hash(src), "ignored_keys": len(unexpected)}
+        info = {
+            "init_from": src,
+            "init_from_hash": ckpt.checkpoint_hash(src),
+            "ignored_keys": len(unexpected),
+        }
     return model, info
 
 
@@ -248,6 +275,7 @@ def _scalar(v) -> float:
 
 # ---------------------------------------------------------------- distributed state
 
+
 def _is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
@@ -260,9 +288,12 @@ def _full_states(accelerator, objective, optimizer) -> tuple[dict | None, dict |
         from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        with FSDP.state_dict_type(objective, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
-                                  FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        with FSDP.state_dict_type(
+            objective,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
+        ):
             msd = objective.state_dict()
             osd = FSDP.optim_state_dict(objective, optimizer)
         if accelerator.process_index != 0:
@@ -278,9 +309,12 @@ def _load_full_states(accelerator, objective, optimizer, model_state: dict, opti
         from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        with FSDP.state_dict_type(objective, StateDictType.FULL_STATE_DICT,
-                                  FullStateDictConfig(offload_to_cpu=True, rank0_only=False),
-                                  FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+        with FSDP.state_dict_type(
+            objective,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=True, rank0_only=False),
+            FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False),
+        ):
             objective.load_state_dict({"model." + k: v for k, v in model_state.items()})
             optimizer.load_state_dict(FSDP.optim_state_dict_to_load(objective, optimizer, optim_state))
         return
@@ -317,6 +351,7 @@ def build_callbacks(cfg: TrainConfig, stage_cfg: StageConfig, rank: int) -> Call
 
 # ---------------------------------------------------------------- the run
 
+
 def run_identity(cfg: TrainConfig, preset: Preset, world_size: int) -> dict:
     """What a checkpoint of this run records and a resume must match (checkpoint.check_compatible)."""
     from .data import read_manifest
@@ -336,8 +371,10 @@ def run_identity(cfg: TrainConfig, preset: Preset, world_size: int) -> dict:
 def _check_batch(stage_cfg: StageConfig, world_size: int) -> int:
     per_step = stage_cfg.micro_batch * world_size
     if stage_cfg.global_batch % per_step:
-        raise TrainError(f"stage{stage_cfg.stage}.global_batch {stage_cfg.global_batch} is not a multiple of "
-                         f"micro_batch {stage_cfg.micro_batch} x world size {world_size}")
+        raise TrainError(
+            f"stage{stage_cfg.stage}.global_batch {stage_cfg.global_batch} is not a multiple of "
+            f"micro_batch {stage_cfg.micro_batch} x world size {world_size}"
+        )
     return stage_cfg.global_batch // per_step
 
 
@@ -348,8 +385,10 @@ def train(cfg: TrainConfig) -> dict:
 
     preset = Preset.from_dict(cfg.preset)
     stage_cfg = preset.stage1 if cfg.stage == 1 else preset.stage2
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused)])
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused)],
+    )
     callbacks = build_callbacks(cfg, stage_cfg, accelerator.process_index)
     progress = {"step": 0}
     try:
@@ -385,12 +424,17 @@ def _train(cfg, preset, stage_cfg, accelerator, callbacks, progress: dict) -> di
     model, init_info = build_model(cfg, preset, vocab)
     model.configure_stage(stage_cfg)  # requires_grad per stage, before DDP registers its hooks
     model.to(accelerator.device)
-    loader = build_loader(preset, cfg.manifest_uri, vocab, stage_cfg.micro_batch, "train", stage_cfg.seed, rank, world)
+    loader = build_loader(
+        preset, cfg.manifest_uri, vocab, stage_cfg.micro_batch, "train", stage_cfg.seed, rank, world
+    )
     objective = accelerator.prepare_model(StageObjective(model, cfg.stage, stage_cfg.losses))
     optimizer = build_optimizer(model, stage_cfg)
     scheduler = build_scheduler(optimizer, stage_cfg)
-    evaluator = Evaluator(preset, cfg, vocab, stage_cfg, accelerator.device) \
-        if rank == 0 and not _is_fsdp(accelerator) else None
+    evaluator = (
+        Evaluator(preset, cfg, vocab, stage_cfg, accelerator.device)
+        if rank == 0 and not _is_fsdp(accelerator)
+        else None
+    )
     # Per-rank randomness from here on (the model itself is already identical everywhere).
     set_determinism(stage_cfg.seed + 1 + rank, cfg.deterministic)
 
@@ -400,7 +444,9 @@ def _train(cfg, preset, stage_cfg, accelerator, callbacks, progress: dict) -> di
         saved = ckpt.read_config(latest)
         diffs = ckpt.check_compatible(saved, ident, latest, cfg.allow_mismatch)
         # Per-rank RNG/loader positions only mean something for the same world size and data.
-        same_layout = saved.get("world_size") == world and saved.get("manifest_hash") == ident["manifest_hash"]
+        same_layout = (
+            saved.get("world_size") == world and saved.get("manifest_hash") == ident["manifest_hash"]
+        )
         st = ckpt.load_checkpoint(latest, rank if same_layout else None)
         _load_full_states(accelerator, objective, optimizer, st["model"], st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
@@ -412,14 +458,24 @@ def _train(cfg, preset, stage_cfg, accelerator, callbacks, progress: dict) -> di
         resumed = latest
 
     progress["step"] = step
-    info = {"stage": cfg.stage, "world_size": world, "accum": accum, "resumed_from": resumed,
-            "mismatches_allowed": diffs if resumed else [],
-            "out_uri": out, "n_params": sum(p.numel() for p in model.parameters()),
-            "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), **init_info}
+    info = {
+        "stage": cfg.stage,
+        "world_size": world,
+        "accum": accum,
+        "resumed_from": resumed,
+        "mismatches_allowed": diffs if resumed else [],
+        "out_uri": out,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        **init_info,
+    }
     callbacks.on_train_start(step, stage_cfg.steps, info)
 
-    autocast = (lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16)) \
-        if stage_cfg.precision == "bf16" else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16))
+        if stage_cfg.precision == "bf16"
+        else contextlib.nullcontext
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     t_start = time.time()
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -429,19 +485,36 @@ def _train(cfg, preset, stage_cfg, accelerator, callbacks, progress: dict) -> di
 
     def save(name: str, finished: bool, metrics: dict) -> str:
         msd, osd = _full_states(accelerator, objective, optimizer)
-        trainer_state = {"step": step, "elapsed_s": elapsed_before + time.time() - t_start,
-                         "finished": finished, "reason": reason if finished else None, "metrics": metrics,
-                         "samples": step * stage_cfg.global_batch}
+        trainer_state = {
+            "step": step,
+            "elapsed_s": elapsed_before + time.time() - t_start,
+            "finished": finished,
+            "reason": reason if finished else None,
+            "metrics": metrics,
+            "samples": step * stage_cfg.global_batch,
+        }
         rank_state = {"rng": ckpt.capture_rng(), "loader": loader.state_dict()}
-        uri = ckpt.save_checkpoint(out, name, rank=rank, world_size=world, barrier=barrier, rank_state=rank_state,
-                                   model_state=msd, optimizer_state=osd,
-                                   scheduler_state=scheduler.state_dict() if rank == 0 else None,
-                                   trainer_state=trainer_state, config=ident, keep_last=stage_cfg.keep_last)
+        uri = ckpt.save_checkpoint(
+            out,
+            name,
+            rank=rank,
+            world_size=world,
+            barrier=barrier,
+            rank_state=rank_state,
+            model_state=msd,
+            optimizer_state=osd,
+            scheduler_state=scheduler.state_dict() if rank == 0 else None,
+            trainer_state=trainer_state,
+            config=ident,
+            keep_last=stage_cfg.keep_last,
+        )
         callbacks.on_checkpoint(step, uri)
         return uri
 
     while step < stage_cfg.steps:
-        if budget_s is not None and _any_rank(accelerator, elapsed_before + time.time() - t_start >= budget_s):
+        if budget_s is not None and _any_rank(
+            accelerator, elapsed_before + time.time() - t_start >= budget_s
+        ):
             reason = "max_minutes"
             break
         t0 = time.time()
@@ -501,6 +574,7 @@ def _run_eval(evaluator, model, accelerator, callbacks, step, stage_cfg) -> dict
 
 # ---------------------------------------------------------------- validation
 
+
 class Evaluator:
     """Validation on the manifest's validation split (rank 0, the stage's precision, fixed windows).
 
@@ -518,18 +592,26 @@ class Evaluator:
         self.batches: list[dict] | None = None
         self.source_bpb: float | None = None
         # bf16 stages evaluate under bf16 autocast too (4-5x faster on CPUs); log-probs in fp32
-        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) \
-            if stage_cfg.precision == "bf16" else contextlib.nullcontext
+        self.autocast = (
+            (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+            if stage_cfg.precision == "bf16"
+            else contextlib.nullcontext
+        )
 
     def _load_batches(self) -> list[dict]:
-        loader = build_loader(self.preset, self.cfg.manifest_uri, self.vocab, self.stage_cfg.micro_batch,
-                              "validation", 0, 0, 1)
+        loader = build_loader(
+            self.preset, self.cfg.manifest_uri, self.vocab, self.stage_cfg.micro_batch, "validation", 0, 0, 1
+        )
         n = max(1, self.stage_cfg.eval_batches)
-        out = [coarsen_batch(b, self.stage_cfg.target_bytes_per_patch if self.cfg.stage == 2 else None)
-               for b in loader.iter_eval(max_batches=n)]
+        out = [
+            coarsen_batch(b, self.stage_cfg.target_bytes_per_patch if self.cfg.stage == 2 else None)
+            for b in loader.iter_eval(max_batches=n)
+        ]
         if not out:
-            raise TrainError(f"{self.cfg.manifest_uri}: the validation split has no window of "
-                             f"{self.preset.data.window_tokens} tokens")
+            raise TrainError(
+                f"{self.cfg.manifest_uri}: the validation split has no window of "
+                f"{self.preset.data.window_tokens} tokens"
+            )
         return out
 
     @staticmethod
@@ -569,7 +651,18 @@ class Evaluator:
             self.source_bpb = self._source_bpb()
         was_training = model.training
         model.eval()
-        nll, n_bytes, acc_n, acc_d, tp, n_pred, n_lab, cos_sum, cos_n, over = 0.0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0.0
+        nll, n_bytes, acc_n, acc_d, tp, n_pred, n_lab, cos_sum, cos_n, over = (
+            0.0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0.0,
+            0,
+            0.0,
+        )
         for b in self.batches:
             d = _batch_to(b, self.device)
             ids, byte_mask = d["input_ids"], d["byte_mask"].bool()
@@ -621,6 +714,7 @@ class Evaluator:
 
 # ---------------------------------------------------------------- command line
 
+
 def config_from_args(args) -> TrainConfig:
     """A TrainConfig from ``--config FILE`` or from ``--preset/--stage/--manifest/--out [--set k=v ...]``."""
     if args.config:
@@ -628,15 +722,23 @@ def config_from_args(args) -> TrainConfig:
     else:
         missing = [f"--{n}" for n in ("preset", "stage", "manifest", "out") if getattr(args, n) is None]
         if missing:
-            raise TrainError(f"give --config FILE, or all of --preset --stage --manifest --out (missing {missing[0]})")
+            raise TrainError(
+                f"give --config FILE, or all of --preset --stage --manifest --out (missing {missing[0]})"
+            )
         from .config import get_preset
 
         try:
             preset = get_preset(args.preset, args.set or None)
         except ValueError as e:
             raise TrainError(str(e)) from None
-        cfg = TrainConfig(preset=preset.to_dict(), stage=args.stage, manifest_uri=args.manifest, out_uri=args.out,
-                          init_from=args.init_from, deterministic=args.deterministic)
+        cfg = TrainConfig(
+            preset=preset.to_dict(),
+            stage=args.stage,
+            manifest_uri=args.manifest,
+            out_uri=args.out,
+            init_from=args.init_from,
+            deterministic=args.deterministic,
+        )
     if args.allow_mismatch:
         cfg.allow_mismatch = True
     if args.max_minutes is not None:
@@ -647,15 +749,21 @@ def config_from_args(args) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bolmo_core.train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="JSON TrainConfig (local path or URI)")
-    ap.add_argument("--preset", help="instead of --config: preset name (tiny, smollm2-135m, olmo2-1b, olmo3-7b)")
-    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="preset override, e.g. stage1.steps=50")
+    ap.add_argument(
+        "--preset", help="instead of --config: preset name (tiny, smollm2-135m, olmo2-1b, olmo3-7b)"
+    )
+    ap.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="preset override, e.g. stage1.steps=50"
+    )
     ap.add_argument("--stage", type=int, choices=(1, 2))
     ap.add_argument("--manifest", help="data manifest URI")
     ap.add_argument("--out", help="the stage's output folder (local or s3://)")
     ap.add_argument("--init-from", default=None, help="Stage 2: the Stage-1 checkpoint or output folder")
     ap.add_argument("--deterministic", action="store_true")
     ap.add_argument("--allow-mismatch", action="store_true", help="resume from a checkpoint made differently")
-    ap.add_argument("--max-minutes", type=float, default=None, help="training-time budget (all restarts together)")
+    ap.add_argument(
+        "--max-minutes", type=float, default=None, help="training-time budget (all restarts together)"
+    )
     args = ap.parse_args(argv)
     from .data import DataError
     from .source import SourceError

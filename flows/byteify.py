@@ -26,8 +26,10 @@ class SourceModel(BaseModel):
     """The pretrained subword model to byteify."""
 
     name_or_path: str | None = Field(
-        None, description="hub id (org/name), local HF folder, .gguf file, or a built-in "
-        "(smollm2-135m, tiny-olmo2); empty: the preset's source")
+        None,
+        description="hub id (org/name), local HF folder, .gguf file, or a built-in "
+        "(smollm2-135m, tiny-olmo2); empty: the preset's source",
+    )
     revision: str | None = Field(None, description="hub revision (commit or tag), recorded in lineage")
     gguf_file: str | None = Field(None, description="GGUF file inside the folder, if the weights are a GGUF")
 
@@ -38,14 +40,18 @@ class Budget(BaseModel):
     stage1_steps: int | None = Field(None, ge=1)
     stage2_steps: int | None = Field(None, ge=1)
     max_minutes: float | None = Field(None, gt=0, description="per stage, wall-clock training budget")
-    overrides: dict[str, Any] = Field(default_factory=dict, description='dotted preset keys, e.g. {"stage1.micro_batch": 2}')
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description='dotted preset keys, e.g. {"stage1.micro_batch": 2}'
+    )
 
 
 class Compute(BaseModel):
     """Where training runs: processes per stage (CPU ranks or GPUs) and an accelerate config."""
 
     processes: int = Field(1, ge=1, description="training processes (GPUs, or CPU ranks)")
-    accelerate_config: str | None = Field(None, description="accelerate yaml (deployments/accelerate/), for GPUs/FSDP")
+    accelerate_config: str | None = Field(
+        None, description="accelerate yaml (deployments/accelerate/), for GPUs/FSDP"
+    )
     deterministic: bool = Field(False, description="bit-exact resume on CPU (slower)")
     data_workers: int = Field(1, ge=1, description="parallel shard-labeling tasks")
 
@@ -59,9 +65,13 @@ class Evaluation(BaseModel):
 class Tracking(BaseModel):
     """MLflow: where to log, and the registered model's name."""
 
-    tracking_uri: str | None = Field(None, description="MLflow URI; empty: $MLFLOW_TRACKING_URI or var/mlflow/mlflow.db")
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI; empty: $MLFLOW_TRACKING_URI or var/mlflow/mlflow.db"
+    )
     experiment: str = "byteify"
-    artifact_location: str | None = Field(None, description="new experiments' artifact root, e.g. s3://bucket/mlflow")
+    artifact_location: str | None = Field(
+        None, description="new experiments' artifact root, e.g. s3://bucket/mlflow"
+    )
     model_name: str = "byteify"
     alias: str = "candidate"
 
@@ -87,52 +97,105 @@ def byteify(
     cfg = plan.resolve(preset, source.model_dump(), budget.model_dump())
     uri = tracking_cfg.tracking_uri or tracking.default_tracking_uri()
     fr_id = str(flow_run.id or "local")
-    run_id = tracking.mlflow_start_run(uri, tracking_cfg.experiment, fr_id, {
-        "preset": preset, "source": cfg["source"]["name_or_path"], "data_sources": ",".join(data_sources),
-        "storage_root": root, "processes": compute.processes, "preset_config": cfg["preset"]},
-        run_name=flow_run.name or None, artifact_location=tracking_cfg.artifact_location)
+    run_id = tracking.mlflow_start_run(
+        uri,
+        tracking_cfg.experiment,
+        fr_id,
+        {
+            "preset": preset,
+            "source": cfg["source"]["name_or_path"],
+            "data_sources": ",".join(data_sources),
+            "storage_root": root,
+            "processes": compute.processes,
+            "preset_config": cfg["preset"],
+        },
+        run_name=flow_run.name or None,
+        artifact_location=tracking_cfg.artifact_location,
+    )
 
     # Data
     manifest_uri, manifest_hash = prepare_data(
-        data_sources, cfg["source_config"], plan.data_out_uri(root, data_sources, cfg), cfg["data_config"],
-        workers=compute.data_workers, world_size=compute.processes)
+        data_sources,
+        cfg["source_config"],
+        plan.data_out_uri(root, data_sources, cfg),
+        cfg["data_config"],
+        workers=compute.data_workers,
+        world_size=compute.processes,
+    )
     artifacts.manifest_summary(manifest_uri)
 
     # Stage 1 and 2 (the cache is refreshed when a stage's final checkpoint is gone)
-    common = dict(preset=cfg["preset"], manifest_uri=manifest_uri, manifest_hash=manifest_hash, storage_root=root,
-                  processes=compute.processes, accelerate_config=compute.accelerate_config,
-                  deterministic=compute.deterministic, max_minutes=budget.max_minutes, tracking_uri=uri,
-                  parent_run_id=run_id)
+    common = dict(
+        preset=cfg["preset"],
+        manifest_uri=manifest_uri,
+        manifest_hash=manifest_hash,
+        storage_root=root,
+        processes=compute.processes,
+        accelerate_config=compute.accelerate_config,
+        deterministic=compute.deterministic,
+        max_minutes=budget.max_minutes,
+        tracking_uri=uri,
+        parent_run_id=run_id,
+    )
     out1 = stage_out_uri(root, 1, cfg["preset"], manifest_hash, None, compute.processes)
     ckpt1, hash1 = train_stage.with_options(refresh_cache=not stage_done(out1))(stage=1, **common)
     out2 = stage_out_uri(root, 2, cfg["preset"], manifest_hash, hash1, compute.processes)
     ckpt2, hash2 = train_stage.with_options(refresh_cache=not stage_done(out2))(
-        stage=2, init_from=ckpt1, init_hash=hash1, **common)
-    curves_png = artifacts.training_curves({"stage 1": curve_uri(ckpt1), "stage 2": curve_uri(ckpt2)},
-                                           plan.plots_uri(root, hash2))
+        stage=2, init_from=ckpt1, init_hash=hash1, **common
+    )
+    curves_png = artifacts.training_curves(
+        {"stage 1": curve_uri(ckpt1), "stage 2": curve_uri(ckpt2)}, plan.plots_uri(root, hash2)
+    )
 
     # Evaluate, export (parity-checked), register
-    report_uri, report_hash, samples_uri = evaluate_model(ckpt2, hash2, manifest_uri, manifest_hash, root,
-                                                          evaluation.model_dump())
+    report_uri, report_hash, samples_uri = evaluate_model(
+        ckpt2, hash2, manifest_uri, manifest_hash, root, evaluation.model_dump()
+    )
     table_md, summary_metrics = artifacts.evaluation_table(report_uri)
     artifacts.boundary_view(samples_uri)
     export_uri, export_hash = export_model(ckpt2, hash2, root)
-    tracking.mlflow_log(uri, run_id, metrics=summary_metrics, artifacts={
-        "data": manifest_uri, "evaluation": report_uri, "plots": curves_png})
-    lineage = {**tracking.source_lineage(cfg["source_config"]), "manifest_hash": manifest_hash, "stage1_checkpoint_hash": hash1,
-               "stage2_checkpoint_hash": hash2, "export_hash": export_hash, "flow_run_id": fr_id,
-               "eval_summary": summary_metrics}
-    reg = tracking.mlflow_register(uri, tracking_cfg.model_name, export_uri, lineage, run_id=run_id,
-                                   alias=tracking_cfg.alias)
+    tracking.mlflow_log(
+        uri,
+        run_id,
+        metrics=summary_metrics,
+        artifacts={"data": manifest_uri, "evaluation": report_uri, "plots": curves_png},
+    )
+    lineage = {
+        **tracking.source_lineage(cfg["source_config"]),
+        "manifest_hash": manifest_hash,
+        "stage1_checkpoint_hash": hash1,
+        "stage2_checkpoint_hash": hash2,
+        "export_hash": export_hash,
+        "flow_run_id": fr_id,
+        "eval_summary": summary_metrics,
+    }
+    reg = tracking.mlflow_register(
+        uri, tracking_cfg.model_name, export_uri, lineage, run_id=run_id, alias=tracking_cfg.alias
+    )
     run_url = artifacts.mlflow_links(uri, run_id, reg["url"], reg["uri"])
     tracking.mlflow_end_run(uri, run_id)
     log.info(f"registered {reg['uri']} (alias {reg['alias_uri']}); export at {export_uri}")
     return {
-        "model_name": reg["name"], "version": reg["version"], "model_uri": reg["uri"], "alias_uri": reg["alias_uri"],
-        "created": reg["created"], "export_uri": export_uri, "export_hash": export_hash,
-        "manifest_uri": manifest_uri, "manifest_hash": manifest_hash,
-        "stage1_checkpoint": ckpt1, "stage1_hash": hash1, "stage2_checkpoint": ckpt2, "stage2_hash": hash2,
-        "report_uri": report_uri, "report_hash": report_hash, "metrics": summary_metrics,
-        "evaluation_table": table_md, "tracking_uri": uri, "mlflow_run_id": run_id, "mlflow_run_url": run_url,
-        "model_version_url": reg["url"], "flow_run_id": fr_id,
+        "model_name": reg["name"],
+        "version": reg["version"],
+        "model_uri": reg["uri"],
+        "alias_uri": reg["alias_uri"],
+        "created": reg["created"],
+        "export_uri": export_uri,
+        "export_hash": export_hash,
+        "manifest_uri": manifest_uri,
+        "manifest_hash": manifest_hash,
+        "stage1_checkpoint": ckpt1,
+        "stage1_hash": hash1,
+        "stage2_checkpoint": ckpt2,
+        "stage2_hash": hash2,
+        "report_uri": report_uri,
+        "report_hash": report_hash,
+        "metrics": summary_metrics,
+        "evaluation_table": table_md,
+        "tracking_uri": uri,
+        "mlflow_run_id": run_id,
+        "mlflow_run_url": run_url,
+        "model_version_url": reg["url"],
+        "flow_run_id": fr_id,
     }

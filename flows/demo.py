@@ -56,18 +56,31 @@ def main(argv: list[str] | None = None) -> int:
 
     out = byteify(
         preset=args.preset,
-        budget=Budget(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, max_minutes=args.max_minutes),
-        evaluation=Evaluation(max_bytes=args.eval_bytes, cute_items=args.cute_items,
-                              precision="bf16" if args.preset != "tiny" else "fp32"),
+        budget=Budget(
+            stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, max_minutes=args.max_minutes
+        ),
+        evaluation=Evaluation(
+            max_bytes=args.eval_bytes,
+            cute_items=args.cute_items,
+            precision="bf16" if args.preset != "tiny" else "fp32",
+        ),
         tracking_cfg=Tracking(experiment="byteify-demo", model_name=f"byteify-{args.preset}"),
     )
     wall = time.time() - t0
     summary = {
-        "model_name": out["model_name"], "version": out["version"], "model_uri": out["model_uri"],
-        "alias_uri": out["alias_uri"], "export_folder": out["export_uri"], "metrics": out["metrics"],
-        "tracking_uri": out["tracking_uri"], "mlflow_run_id": out["mlflow_run_id"],
-        "stage1_checkpoint": out["stage1_checkpoint"], "stage2_checkpoint": out["stage2_checkpoint"],
-        "manifest_uri": out["manifest_uri"], "report_uri": out["report_uri"], "flow_run_id": out["flow_run_id"],
+        "model_name": out["model_name"],
+        "version": out["version"],
+        "model_uri": out["model_uri"],
+        "alias_uri": out["alias_uri"],
+        "export_folder": out["export_uri"],
+        "metrics": out["metrics"],
+        "tracking_uri": out["tracking_uri"],
+        "mlflow_run_id": out["mlflow_run_id"],
+        "stage1_checkpoint": out["stage1_checkpoint"],
+        "stage2_checkpoint": out["stage2_checkpoint"],
+        "manifest_uri": out["manifest_uri"],
+        "report_uri": out["report_uri"],
+        "flow_run_id": out["flow_run_id"],
         "wall_seconds": round(wall, 1),
     }
     path = Path(args.summary)
@@ -81,11 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Exported HF folder: {out['export_uri']}")
     print(f"Summary JSON: {path}")
     print("\nOpen the UIs (each in its own terminal, from this folder):")
-    print(f"  Prefect: PREFECT_HOME={os.environ['PREFECT_HOME']} PREFECT_SERVER_ANALYTICS_ENABLED=false "
-          ".venv/bin/prefect server start   -> http://127.0.0.1:4200")
+    print(
+        f"  Prefect: PREFECT_HOME={os.environ['PREFECT_HOME']} PREFECT_SERVER_ANALYTICS_ENABLED=false "
+        ".venv/bin/prefect server start   -> http://127.0.0.1:4200"
+    )
     print(f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri {db} --port 5000   -> http://127.0.0.1:5000")
-    print(f"\nLoad it: mlflow.pyfunc.load_model('{out['alias_uri']}').predict(['Hello'])  "
-          f"(with MLFLOW_TRACKING_URI={db})")
+    print(
+        f"\nLoad it: mlflow.pyfunc.load_model('{out['alias_uri']}').predict(['Hello'])  "
+        f"(with MLFLOW_TRACKING_URI={db})"
+    )
     return 0
 
 

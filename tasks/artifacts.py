@@ -36,8 +36,12 @@ def manifest_summary(manifest_uri: str) -> str:
             lines.append(f"- {key}: `{json.dumps(v, sort_keys=True)[:300] if not isinstance(v, str) else v}`")
     totals = m.get("totals") or m.get("splits") or {}
     if isinstance(totals, dict) and totals:
-        lines += ["", "| split | " + " | ".join(sorted({k for v in totals.values() if isinstance(v, dict) for k in v}))
-                  + " |"]
+        lines += [
+            "",
+            "| split | "
+            + " | ".join(sorted({k for v in totals.values() if isinstance(v, dict) for k in v}))
+            + " |",
+        ]
         cols = sorted({k for v in totals.values() if isinstance(v, dict) for k in v})
         lines.append("|---" * (len(cols) + 1) + "|")
         for split, v in totals.items():
@@ -45,17 +49,29 @@ def manifest_summary(manifest_uri: str) -> str:
                 lines.append(f"| {split} | " + " | ".join(_fmt(v.get(c, "")) for c in cols) + " |")
     shards = m.get("shards", [])
     if shards:
-        lines += ["", f"{len(shards)} shard file(s):", "", "| shard | split | rows | bytes | tokens |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"{len(shards)} shard file(s):",
+            "",
+            "| shard | split | rows | bytes | tokens |",
+            "|---|---|---|---|---|",
+        ]
         for s in shards[:20]:
-            lines.append(f"| `{str(s.get('uri', ''))[-60:]}` | {s.get('split', '')} | {s.get('rows', '')} | "
-                         f"{s.get('bytes', '')} | {s.get('tokens', '')} |")
+            lines.append(
+                f"| `{str(s.get('uri', ''))[-60:]}` | {s.get('split', '')} | {s.get('rows', '')} | "
+                f"{s.get('bytes', '')} | {s.get('tokens', '')} |"
+            )
         if len(shards) > 20:
             lines.append(f"| ... {len(shards) - 20} more | | | | |")
-    return str(create_markdown_artifact("\n".join(lines), key="data-manifest", description="Data manifest summary"))
+    return str(
+        create_markdown_artifact("\n".join(lines), key="data-manifest", description="Data manifest summary")
+    )
 
 
-def plot_curves(curves: dict[str, list[dict]], keys: tuple[str, ...] = ("loss", "loss_ce", "loss_boundary",
-                                                                        "boundary_acc", "bytes_per_patch")) -> bytes:
+def plot_curves(
+    curves: dict[str, list[dict]],
+    keys: tuple[str, ...] = ("loss", "loss_ce", "loss_boundary", "boundary_acc", "bytes_per_patch"),
+) -> bytes:
     """A PNG with one panel per metric, one line per stage."""
     import matplotlib
 
@@ -85,7 +101,9 @@ def training_curves(curve_uris: dict[str, str], out_uri: str) -> str:
     curves = {}
     for stage, uri in curve_uris.items():
         if storage.exists(uri):
-            curves[stage] = [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()]
+            curves[stage] = [
+                json.loads(x) for x in storage.read_bytes(uri).decode().splitlines() if x.strip()
+            ]
     png = plot_curves(curves)
     storage.write_bytes_atomic(out_uri, png)
     b64 = base64.b64encode(png).decode()
@@ -129,8 +147,11 @@ def _num(v):
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| metric | source | byte model |", "|---|---|---|"]
-    lines += [f"| {r['metric']} | {_fmt(r['source']) if r['source'] is not None else '—'} | "
-              f"{_fmt(r['byte_model']) if r['byte_model'] is not None else '—'} |" for r in rows]
+    lines += [
+        f"| {r['metric']} | {_fmt(r['source']) if r['source'] is not None else '—'} | "
+        f"{_fmt(r['byte_model']) if r['byte_model'] is not None else '—'} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -151,13 +172,23 @@ def _show(piece: str) -> str:
 
 def boundary_markdown(samples: list[dict]) -> str:
     """Held-out text with the predicted patches marked ('|' between patches), and the source tokens."""
-    parts = ["# Predicted patches", "",
-             "Each text is shown twice: cut into the patches the byte model predicts (what it pools into "
-             "one global position each), then into the source tokenizer's tokens. `|` separates pieces.", ""]
+    parts = [
+        "# Predicted patches",
+        "",
+        "Each text is shown twice: cut into the patches the byte model predicts (what it pools into "
+        "one global position each), then into the source tokenizer's tokens. `|` separates pieces.",
+        "",
+    ]
     for i, s in enumerate(samples):
-        parts += [f"### Sample {i + 1}", "", "```text",
-                  "patches: " + "|".join(_show(p) for p in s.get("patches", [])),
-                  "tokens:  " + "|".join(_show(t) for t in s.get("tokens", [])), "```", ""]
+        parts += [
+            f"### Sample {i + 1}",
+            "",
+            "```text",
+            "patches: " + "|".join(_show(p) for p in s.get("patches", [])),
+            "tokens:  " + "|".join(_show(t) for t in s.get("tokens", [])),
+            "```",
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -165,8 +196,13 @@ def boundary_markdown(samples: list[dict]) -> str:
 def boundary_view(samples_uri: str) -> str:
     """Markdown artifact with the predicted patches of a few held-out texts."""
     samples = storage.read_json(samples_uri)
-    return str(create_markdown_artifact(boundary_markdown(samples), key="boundaries",
-                                        description="Predicted patch boundaries on held-out text"))
+    return str(
+        create_markdown_artifact(
+            boundary_markdown(samples),
+            key="boundaries",
+            description="Predicted patch boundaries on held-out text",
+        )
+    )
 
 
 @task(name="artifact-links", **_RETRY)
@@ -175,8 +211,14 @@ def mlflow_links(tracking_uri: str, run_id: str, model_url: str | None, model_ur
     from . import tracking
 
     run_url = tracking.run_url(tracking_uri, run_id)
-    create_link_artifact(run_url, link_text="MLflow run", key="mlflow-run", description="This flow run in MLflow")
+    create_link_artifact(
+        run_url, link_text="MLflow run", key="mlflow-run", description="This flow run in MLflow"
+    )
     if model_url:
-        create_link_artifact(model_url, link_text=model_uri or "model version", key="mlflow-model",
-                             description=f"Registered model version {model_uri}")
+        create_link_artifact(
+            model_url,
+            link_text=model_uri or "model version",
+            key="mlflow-model",
+            description=f"Registered model version {model_uri}",
+        )
     return run_url

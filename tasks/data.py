@@ -46,15 +46,28 @@ def _retry_transient(task, task_run, state) -> bool:
 
 # Not cached: the plan reads the inputs' sizes and counts, which may change under the same URIs.
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
-def plan_shards(sources: list[str], tokenizer_source: SourceConfig, out_uri: str, data_cfg: DataConfig,
-                world_size: int = 1, text_column: str = "text") -> dict:
+def plan_shards(
+    sources: list[str],
+    tokenizer_source: SourceConfig,
+    out_uri: str,
+    data_cfg: DataConfig,
+    world_size: int = 1,
+    text_column: str = "text",
+) -> dict:
     """Resolve the inputs and cut them into shard ranges (the plan is small JSON)."""
     tok = _tokenizer(tokenizer_source)
-    return D.plan_shards(sources, D.tokenizer_info(tok, tokenizer_source), out_uri, data_cfg, world_size, text_column)
+    return D.plan_shards(
+        sources, D.tokenizer_info(tok, tokenizer_source), out_uri, data_cfg, world_size, text_column
+    )
 
 
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient, cache_policy=INPUTS + TASK_SOURCE,
-      persist_result=True)
+@task(
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_transient,
+    cache_policy=INPUTS + TASK_SOURCE,
+    persist_result=True,
+)
 def label_shard(plan: dict, index: int, tokenizer_source: SourceConfig) -> dict:
     """Read, label and write one shard (both splits); its manifest entries."""
     return D.label_shard(plan, index, _tokenizer(tokenizer_source))
@@ -67,8 +80,16 @@ def write_manifest(plan: dict, results: list[dict]) -> tuple[str, str]:
 
 
 @task(retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
-def prepare_data(sources: list[str], tokenizer_source: SourceConfig, out_uri: str, data_cfg: DataConfig,
-                 workers: int = 1, world_size: int = 1, text_column: str = "text", task_runner=None) -> tuple[str, str]:
+def prepare_data(
+    sources: list[str],
+    tokenizer_source: SourceConfig,
+    out_uri: str,
+    data_cfg: DataConfig,
+    workers: int = 1,
+    world_size: int = 1,
+    text_column: str = "text",
+    task_runner=None,
+) -> tuple[str, str]:
     """Shards + manifest under `out_uri`: (manifest_uri, manifest_hash); no work if already there."""
     plan = plan_shards(sources, tokenizer_source, out_uri, data_cfg, world_size, text_column)
     done = D.existing_manifest(plan)
@@ -76,7 +97,9 @@ def prepare_data(sources: list[str], tokenizer_source: SourceConfig, out_uri: st
         return done, D.read_manifest(done)["manifest_hash"]
     runner = task_runner or ThreadPoolTaskRunner(max_workers=max(1, workers))
     with runner:
-        futures = [runner.submit(label_shard, {"plan": plan, "index": i, "tokenizer_source": tokenizer_source})
-                   for i in range(len(plan["shards"]))]
+        futures = [
+            runner.submit(label_shard, {"plan": plan, "index": i, "tokenizer_source": tokenizer_source})
+            for i in range(len(plan["shards"]))
+        ]
         results = [f.result() for f in futures]
     return write_manifest(plan, results)

@@ -24,7 +24,9 @@ SAMPLES = "boundary_samples.json"
 
 def eval_out_uri(storage_root: str, checkpoint_hash: str, manifest_hash: str, options: dict[str, Any]) -> str:
     """Where the report for this checkpoint, data and options goes (pure)."""
-    key = hashlib.sha256(json.dumps([checkpoint_hash, manifest_hash, options], sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha256(
+        json.dumps([checkpoint_hash, manifest_hash, options], sort_keys=True).encode()
+    ).hexdigest()
     return storage.join(storage_root, "eval", key[:16])
 
 
@@ -38,7 +40,11 @@ def validation_docs(manifest_uri: str, max_bytes: int) -> list[bytes]:
     for shard in m["shards"]:
         if shard.get("split") != "validation" or not shard.get("rows"):
             continue
-        uri = shard["uri"] if ("://" in shard["uri"] or shard["uri"].startswith("/")) else storage.join(base, shard["uri"])
+        uri = (
+            shard["uri"]
+            if ("://" in shard["uri"] or shard["uri"].startswith("/"))
+            else storage.join(base, shard["uri"])
+        )
         for data in read_shard(uri).column("text_bytes").to_pylist():
             docs.append(bytes(data))
             total += len(data)
@@ -72,14 +78,23 @@ def boundary_samples(model, tok, docs: list[bytes], n: int = 3, max_bytes: int =
         starts = [0] + ends[:-1]
         patches = [w.data[s:e].decode("utf-8", errors="replace") for s, e in zip(starts, ends)]
         tok_starts = [0] + [int(x) for x in w.token_ends[:-1]]
-        tokens = [w.data[s:int(e)].decode("utf-8", errors="replace") for s, e in zip(tok_starts, w.token_ends)]
+        tokens = [
+            w.data[s : int(e)].decode("utf-8", errors="replace") for s, e in zip(tok_starts, w.token_ends)
+        ]
         samples.append({"patches": patches, "tokens": tokens})
     return samples
 
 
-def run_evaluation(checkpoint_uri: str, manifest_uri: str, out_uri: str, max_bytes: int = 20_000,
-                   cute_items: int = 0, cute_tasks: list[str] | None = None, precision: str = "fp32",
-                   batch_size: int = 4) -> dict:
+def run_evaluation(
+    checkpoint_uri: str,
+    manifest_uri: str,
+    out_uri: str,
+    max_bytes: int = 20_000,
+    cute_items: int = 0,
+    cute_tasks: list[str] | None = None,
+    precision: str = "fp32",
+    batch_size: int = 4,
+) -> dict:
     """Evaluate, write report + samples under `out_uri`; return the report."""
     import torch
 
@@ -94,17 +109,36 @@ def run_evaluation(checkpoint_uri: str, manifest_uri: str, out_uri: str, max_byt
     source_model = load_source_model(preset.model.source)
     docs = validation_docs(manifest_uri, max_bytes)
     tasks = tuple(cute_tasks) if cute_tasks is not None else (cute.CHAR_TASKS if cute_items > 0 else ())
-    cfg = EvalConfig(batch_size=batch_size, precision=precision, max_bytes=max_bytes,
-                     cute_tasks=tasks if cute_items > 0 else (), cute_items=max(1, cute_items))
-    report = evaluate(docs, tok, source_model=source_model, byte_model=byte_model, cfg=cfg,
-                      byte_length=preset.data.byte_slots)
-    report.update({"checkpoint_uri": checkpoint_uri, "manifest_uri": manifest_uri, "source_name":
-                   preset.model.source.name_or_path, "eval_config": asdict(cfg)})
+    cfg = EvalConfig(
+        batch_size=batch_size,
+        precision=precision,
+        max_bytes=max_bytes,
+        cute_tasks=tasks if cute_items > 0 else (),
+        cute_items=max(1, cute_items),
+    )
+    report = evaluate(
+        docs,
+        tok,
+        source_model=source_model,
+        byte_model=byte_model,
+        cfg=cfg,
+        byte_length=preset.data.byte_slots,
+    )
+    report.update(
+        {
+            "checkpoint_uri": checkpoint_uri,
+            "manifest_uri": manifest_uri,
+            "source_name": preset.model.source.name_or_path,
+            "eval_config": asdict(cfg),
+        }
+    )
     samples = boundary_samples(byte_model, tok, docs)
     storage.write_json_atomic(storage.join(out_uri, SAMPLES), samples)
     # The report is written last: it is this folder's commit marker.
-    storage.write_bytes_atomic(storage.join(out_uri, REPORT),
-                               json.dumps(_finite(report), indent=1, sort_keys=True, default=str).encode())
+    storage.write_bytes_atomic(
+        storage.join(out_uri, REPORT),
+        json.dumps(_finite(report), indent=1, sort_keys=True, default=str).encode(),
+    )
     return report
 
 
@@ -119,9 +153,17 @@ def _finite(x):
     return x
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
-def evaluate_model(checkpoint_uri: str, checkpoint_hash: str, manifest_uri: str, manifest_hash: str,
-                   storage_root: str, options: dict[str, Any] | None = None) -> tuple[str, str, str]:
+@task(
+    name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=INPUTS + TASK_SOURCE, persist_result=True
+)
+def evaluate_model(
+    checkpoint_uri: str,
+    checkpoint_hash: str,
+    manifest_uri: str,
+    manifest_hash: str,
+    storage_root: str,
+    options: dict[str, Any] | None = None,
+) -> tuple[str, str, str]:
     """(report URI, report sha256, boundary-samples URI) for the byte model vs its source."""
     options = options or {}
     out_uri = eval_out_uri(storage_root, checkpoint_hash, manifest_hash, options)

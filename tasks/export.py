@@ -34,7 +34,7 @@ def folder_hash(uri: str) -> str:
     fs, path = storage.get_fs(uri)
     h = hashlib.sha256()
     for f in sorted(fs.find(path)):
-        rel = f[len(path.rstrip("/")) + 1:]
+        rel = f[len(path.rstrip("/")) + 1 :]
         if rel == PARITY:
             continue
         h.update(rel.encode() + b"\0" + storage.sha256_uri(storage.join(uri, rel)).encode() + b"\n")
@@ -45,8 +45,14 @@ def _not_retryable(task_obj, task_run, state) -> bool:
     return not isinstance(state.data, ExportParityError | ValueError)
 
 
-@task(name="export", retries=1, retry_delay_seconds=5, retry_condition_fn=_not_retryable,
-      cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+@task(
+    name="export",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_not_retryable,
+    cache_policy=INPUTS + TASK_SOURCE,
+    persist_result=True,
+)
 def export_model(checkpoint_uri: str, checkpoint_hash: str, storage_root: str) -> tuple[str, str]:
     """(export folder URI, its content hash); parity-checked against the checkpoint."""
     from bolmo_core.export import ParityError, check_parity

@@ -55,8 +55,11 @@ class MlflowCallback(Callback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.buffer += [Metric(_metric_key(prefix + k), float(v), now, int(step))
-                        for k, v in metrics.items() if _is_number(v)]
+        self.buffer += [
+            Metric(_metric_key(prefix + k), float(v), now, int(step))
+            for k, v in metrics.items()
+            if _is_number(v)
+        ]
 
     def flush(self) -> None:
         if not self.active or not self.buffer:
@@ -67,8 +70,11 @@ class MlflowCallback(Callback):
                 client.log_batch(self.run_id, metrics=self.buffer[:1000])
                 self.buffer = self.buffer[1000:]
         except Exception as e:  # noqa: BLE001 - tracking must not kill training
-            print(f"MlflowCallback: could not log {len(self.buffer)} metrics ({str(e).splitlines()[0]})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"MlflowCallback: could not log {len(self.buffer)} metrics ({str(e).splitlines()[0]})",
+                file=sys.stderr,
+                flush=True,
+            )
         self.steps_buffered = 0
         self.last_flush = time.time()
 

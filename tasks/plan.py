@@ -18,7 +18,9 @@ from bolmo_core.source import SourceConfig
 PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-def resolve(preset: str, source: dict[str, Any] | None = None, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+def resolve(
+    preset: str, source: dict[str, Any] | None = None, budget: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The preset with the source and budget applied, as plain data plus the typed pieces tasks take."""
     budget = budget or {}
     overrides: dict[str, Any] = dict(budget.get("overrides") or {})
@@ -29,10 +31,16 @@ def resolve(preset: str, source: dict[str, Any] | None = None, budget: dict[str,
     p = get_preset(preset, overrides)
     src = {k: v for k, v in (source or {}).items() if v}
     if src.get("name_or_path"):
-        p.model.source = SourceConfig(name_or_path=src["name_or_path"], revision=src.get("revision"),
-                                      gguf_file=src.get("gguf_file"))
+        p.model.source = SourceConfig(
+            name_or_path=src["name_or_path"], revision=src.get("revision"), gguf_file=src.get("gguf_file")
+        )
     d = p.to_dict()
-    return {"preset": d, "source": d["model"]["source"], "source_config": p.model.source, "data_config": p.data}
+    return {
+        "preset": d,
+        "source": d["model"]["source"],
+        "source_config": p.model.source,
+        "data_config": p.data,
+    }
 
 
 def _key(obj: Any) -> str:

@@ -51,7 +51,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
                 kwargs["pad_token_id"] = self.tokenizer.pad_token_id
             with torch.no_grad():
                 out = self.model.generate(**enc, **kwargs)
-            new = out[0, enc["input_ids"].shape[1]:]
+            new = out[0, enc["input_ids"].shape[1] :]
             outputs.append(self.tokenizer.decode(new, skip_special_tokens=True))
         return outputs
 

@@ -36,10 +36,21 @@ RUN_ID_ENV = "MLFLOW_RUN_ID"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 ALIAS = "candidate"
 LINEAGE_KEYS = (  # what names a model version; flow run id and eval summary are tags, not identity
-    "source_id", "source_revision", "source_file_sha256", "manifest_hash",
-    "stage1_checkpoint_hash", "stage2_checkpoint_hash", "export_hash",
+    "source_id",
+    "source_revision",
+    "source_file_sha256",
+    "manifest_hash",
+    "stage1_checkpoint_hash",
+    "stage2_checkpoint_hash",
+    "export_hash",
 )
-PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.0,<6", "safetensors>=0.5", "tokenizers>=0.22", "mlflow==3.17.2"]
+PIP_REQUIREMENTS = [
+    "torch==2.13.0",
+    "transformers>=5.0,<6",
+    "safetensors>=0.5",
+    "tokenizers>=0.22",
+    "mlflow==3.17.2",
+]
 
 
 class TrackingError(RuntimeError):
@@ -49,8 +60,16 @@ class TrackingError(RuntimeError):
 # ---------------------------------------------------------------- transient or not
 
 _TRANSIENT_TEXT = (
-    "Max retries exceeded", "Failed to establish", "Connection refused", "Connection aborted",
-    "Read timed out", "temporarily unavailable", "database is locked", "503", "502", "504",
+    "Max retries exceeded",
+    "Failed to establish",
+    "Connection refused",
+    "Connection aborted",
+    "Read timed out",
+    "temporarily unavailable",
+    "database is locked",
+    "503",
+    "502",
+    "504",
 )
 
 
@@ -61,7 +80,13 @@ def is_transient(exc: BaseException | None) -> bool:
         if isinstance(exc, ConnectionError | TimeoutError):
             return True
         name = type(exc).__name__
-        if name in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "EndpointConnectionError", "OperationalError"):
+        if name in (
+            "ConnectionError",
+            "ConnectTimeout",
+            "ReadTimeout",
+            "EndpointConnectionError",
+            "OperationalError",
+        ):
             return True
         code = getattr(exc, "error_code", None)
         if code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"):
@@ -85,6 +110,7 @@ def retry_if_transient(task_obj, task_run, state) -> bool:
 
 # ---------------------------------------------------------------- runs
 
+
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else the project's local SQLite store under var/mlflow."""
     uri = os.environ.get(TRACKING_URI_ENV)
@@ -104,10 +130,16 @@ def _client(tracking_uri: str):
 def code_version() -> str:
     """The git commit of the project (``+dirty`` when tracked files changed), or 'unknown'."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head + ("+dirty" if dirty else "")) if head else "unknown"
@@ -120,7 +152,7 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | Non
         return exp.experiment_id
     if artifact_location is None and tracking_uri.startswith("sqlite:///"):
         # A local store keeps artifacts beside its database, not in ./mlartifacts of the cwd.
-        db = Path(tracking_uri[len("sqlite:///"):])
+        db = Path(tracking_uri[len("sqlite:///") :])
         artifact_location = (db.parent / "artifacts" / name).resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=artifact_location)
@@ -150,7 +182,7 @@ def _log_params(client, run_id: str, params: dict[str, Any]) -> None:
     existing = client.get_run(run_id).data.params
     items = [p for p in items if p.key not in existing]  # params are write-once; a retry re-sends them
     for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def _find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
@@ -159,8 +191,14 @@ def _find_run(client, experiment_id: str, tags: dict[str, str]) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def start_flow_run(tracking_uri: str, experiment: str, flow_run_id: str, params: dict[str, Any],
-                   run_name: str | None = None, artifact_location: str | None = None) -> str:
+def start_flow_run(
+    tracking_uri: str,
+    experiment: str,
+    flow_run_id: str,
+    params: dict[str, Any],
+    run_name: str | None = None,
+    artifact_location: str | None = None,
+) -> str:
     """The MLflow run of one flow run (found again on retry by its flow-run tag)."""
     client = _client(tracking_uri)
     exp_id = ensure_experiment(tracking_uri, experiment, artifact_location)
@@ -221,7 +259,9 @@ def log_artifact_uri(tracking_uri: str, run_id: str, uri: str, artifact_path: st
             client.log_artifact(run_id, local, artifact_path=artifact_path)
 
 
-def log_file(tracking_uri: str, run_id: str, name: str, data: bytes, artifact_path: str | None = None) -> None:
+def log_file(
+    tracking_uri: str, run_id: str, name: str, data: bytes, artifact_path: str | None = None
+) -> None:
     with tempfile.TemporaryDirectory(prefix="byteify-art-") as tmp:
         p = os.path.join(tmp, name)
         Path(p).write_bytes(data)
@@ -251,6 +291,7 @@ def _ui_base(tracking_uri: str) -> str:
 
 # ---------------------------------------------------------------- registry
 
+
 def lineage_hash(lineage: dict[str, Any]) -> str:
     """The identity of a model version: hash of the lineage fields that name its inputs and weights."""
     ident = {k: str(lineage.get(k, "")) for k in LINEAGE_KEYS}
@@ -274,7 +315,9 @@ def _ensure_registered_model(client, name: str) -> None:
         if getattr(e, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
             raise
         try:
-            client.create_registered_model(name, description="Byte-level models made by byteify (Bolmo recipe).")
+            client.create_registered_model(
+                name, description="Byte-level models made by byteify (Bolmo recipe)."
+            )
         except MlflowException as e2:
             if getattr(e2, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -300,7 +343,9 @@ def _wait_ready(client, name: str, version: str, timeout_s: float) -> None:
         if mv.status == "READY":
             return
         if mv.status == "FAILED_REGISTRATION":
-            raise TrackingError(f"model '{name}' version {version}: registration failed ({mv.status_message})")
+            raise TrackingError(
+                f"model '{name}' version {version}: registration failed ({mv.status_message})"
+            )
         if time.time() > deadline:
             raise TimeoutError(f"model '{name}' version {version}: not READY after {timeout_s:.0f} s")
         time.sleep(1.0)
@@ -331,16 +376,22 @@ def _log_pyfunc(tracking_uri: str, run_id: str | None, export_uri: str, tags: di
     client = _client(tracking_uri)
     exp_ids = [client.get_run(run_id).info.experiment_id] if run_id else None
     h = tags["byteify.lineage_hash"]
-    prior = mlflow.search_logged_models(
-        experiment_ids=exp_ids, filter_string=f"tags.`byteify.lineage_hash` = '{h}'", output_format="list"
-    ) if exp_ids else []
+    prior = (
+        mlflow.search_logged_models(
+            experiment_ids=exp_ids, filter_string=f"tags.`byteify.lineage_hash` = '{h}'", output_format="list"
+        )
+        if exp_ids
+        else []
+    )
     ready = [m for m in prior if str(m.status).endswith("READY")]
     if ready:
         return f"models:/{ready[0].model_id}"
     signature = ModelSignature(
         inputs=Schema([ColSpec("string")]),  # a list of prompts
         outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", 32), ParamSpec("temperature", "double", 0.0)]),
+        params=ParamSchema(
+            [ParamSpec("max_new_tokens", "long", 32), ParamSpec("temperature", "double", 0.0)]
+        ),
     )
     with tempfile.TemporaryDirectory(prefix="byteify-reg-") as tmp:
         folder = _local_copy(export_uri, tmp)
@@ -365,8 +416,15 @@ class _nullcontext:
         return False
 
 
-def register_model(tracking_uri: str, model_name: str, export_uri: str, lineage: dict[str, Any],
-                   run_id: str | None = None, alias: str = ALIAS, timeout_s: float = 300) -> dict[str, Any]:
+def register_model(
+    tracking_uri: str,
+    model_name: str,
+    export_uri: str,
+    lineage: dict[str, Any],
+    run_id: str | None = None,
+    alias: str = ALIAS,
+    timeout_s: float = 300,
+) -> dict[str, Any]:
     """Register the exported folder as a pyfunc model version with lineage tags and `alias`.
 
     One lineage, one version: an existing version with the same lineage hash is reused (and
@@ -384,37 +442,61 @@ def register_model(tracking_uri: str, model_name: str, export_uri: str, lineage:
         source = _log_pyfunc(tracking_uri, run_id, export_uri, tags)
         # The lineage hash goes in with the version itself (create call), so a crash right
         # after creation still leaves a version the next attempt finds.
-        mv = client.create_model_version(model_name, source=source, run_id=run_id,
-                                         tags={"byteify.lineage_hash": tags["byteify.lineage_hash"]},
-                                         model_id=source.split("/", 1)[1] if source.startswith("models:/m-") else None)
+        mv = client.create_model_version(
+            model_name,
+            source=source,
+            run_id=run_id,
+            tags={"byteify.lineage_hash": tags["byteify.lineage_hash"]},
+            model_id=source.split("/", 1)[1] if source.startswith("models:/m-") else None,
+        )
     version = str(mv.version)
     _wait_ready(client, model_name, version, timeout_s)
     for k, v in tags.items():
         client.set_model_version_tag(model_name, version, k, v)
     client.set_registered_model_alias(model_name, alias, version)
     return {
-        "name": model_name, "version": version, "alias": alias, "created": created,
-        "uri": f"models:/{model_name}/{version}", "alias_uri": f"models:/{model_name}@{alias}",
-        "lineage_hash": tags["byteify.lineage_hash"], "url": model_version_url(tracking_uri, model_name, version),
+        "name": model_name,
+        "version": version,
+        "alias": alias,
+        "created": created,
+        "uri": f"models:/{model_name}/{version}",
+        "alias_uri": f"models:/{model_name}@{alias}",
+        "lineage_hash": tags["byteify.lineage_hash"],
+        "url": model_version_url(tracking_uri, model_name, version),
     }
 
 
 # ---------------------------------------------------------------- Prefect tasks
 
-_RETRY = dict(retries=5, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.2,
-              retry_condition_fn=retry_if_transient)
+_RETRY = dict(
+    retries=5,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.2,
+    retry_condition_fn=retry_if_transient,
+)
 
 
 @task(name="mlflow-start-run", **_RETRY)
-def mlflow_start_run(tracking_uri: str, experiment: str, flow_run_id: str, params: dict[str, Any],
-                     run_name: str | None = None, artifact_location: str | None = None) -> str:
+def mlflow_start_run(
+    tracking_uri: str,
+    experiment: str,
+    flow_run_id: str,
+    params: dict[str, Any],
+    run_name: str | None = None,
+    artifact_location: str | None = None,
+) -> str:
     """The flow run's MLflow run id."""
     return start_flow_run(tracking_uri, experiment, flow_run_id, params, run_name, artifact_location)
 
 
 @task(name="mlflow-log", **_RETRY)
-def mlflow_log(tracking_uri: str, run_id: str, metrics: dict[str, float] | None = None,
-               artifacts: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> None:
+def mlflow_log(
+    tracking_uri: str,
+    run_id: str,
+    metrics: dict[str, float] | None = None,
+    artifacts: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+) -> None:
     """Metrics, artifacts ({artifact folder: storage URI}) and tags on a run."""
     if metrics:
         log_metrics(tracking_uri, run_id, metrics)
@@ -439,7 +521,13 @@ def mlflow_end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> 
 
 
 @task(name="mlflow-register", **_RETRY)
-def mlflow_register(tracking_uri: str, model_name: str, export_uri: str, lineage: dict[str, Any],
-                    run_id: str | None = None, alias: str = ALIAS) -> dict[str, Any]:
+def mlflow_register(
+    tracking_uri: str,
+    model_name: str,
+    export_uri: str,
+    lineage: dict[str, Any],
+    run_id: str | None = None,
+    alias: str = ALIAS,
+) -> dict[str, Any]:
     """Register the exported model (idempotent per lineage); returns name, version, URIs."""
     return register_model(tracking_uri, model_name, export_uri, lineage, run_id=run_id, alias=alias)

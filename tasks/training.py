@@ -56,18 +56,28 @@ class TrainingConfigError(ValueError):
 
 # ---------------------------------------------------------------- naming
 
+
 def stage_key(stage: int, preset: dict, manifest_hash: str, init_hash: str | None, processes: int) -> str:
     """Identity of a stage run: what changes the weights it produces."""
-    ident = {"stage": stage, "run": ckpt.run_identity(preset, stage), "manifest_hash": manifest_hash,
-             "init_hash": init_hash or "", "processes": processes}
+    ident = {
+        "stage": stage,
+        "run": ckpt.run_identity(preset, stage),
+        "manifest_hash": manifest_hash,
+        "init_hash": init_hash or "",
+        "processes": processes,
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_out_uri(storage_root: str, stage: int, preset: dict, manifest_hash: str, init_hash: str | None,
-                  processes: int) -> str:
+def stage_out_uri(
+    storage_root: str, stage: int, preset: dict, manifest_hash: str, init_hash: str | None, processes: int
+) -> str:
     """Where a stage's checkpoints go (pure: no I/O, so the flow may call it)."""
-    return storage.join(storage_root, "checkpoints",
-                        f"stage{stage}-{stage_key(stage, preset, manifest_hash, init_hash, processes)}")
+    return storage.join(
+        storage_root,
+        "checkpoints",
+        f"stage{stage}-{stage_key(stage, preset, manifest_hash, init_hash, processes)}",
+    )
 
 
 @task(name="stage-done", retries=2, retry_delay_seconds=2, cache_policy=None)
@@ -77,6 +87,7 @@ def stage_done(out_uri: str) -> bool:
 
 
 # ---------------------------------------------------------------- launching
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -89,16 +100,36 @@ def launch_command(config_file: str, processes: int, accelerate_config: str | No
     exe = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     cmd = [exe, "launch"]
     if accelerate_config:  # a multi-GPU / FSDP / multi-node yaml (deployments/accelerate/): it decides
-        return cmd + ["--config_file", accelerate_config, "--num_processes", str(processes),
-                      "-m", "bolmo_core.train", "--config", config_file]
+        return cmd + [
+            "--config_file",
+            accelerate_config,
+            "--num_processes",
+            str(processes),
+            "-m",
+            "bolmo_core.train",
+            "--config",
+            config_file,
+        ]
     if processes > 1:
         # `--cpu --num_processes N` silently runs one process (stack.md §5): --multi_gpu is
         # what gives N ranks, with gloo on a CPU-only machine.
         cmd += ["--multi_gpu", "--num_processes", str(processes)]
     else:
         cmd += ["--num_processes", "1"]
-    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "bolmo_core.train", "--config", config_file]
+    cmd += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "bolmo_core.train",
+        "--config",
+        config_file,
+    ]
     return cmd
 
 
@@ -135,7 +166,9 @@ class _Progress:
                 self.last_update = now
             if now - self.last_log > 15.0:
                 m = ev.get("metrics", {})
-                self.logger.info(f"stage {self.stage}: step {step}/{total} loss {m.get('loss', float('nan')):.4f}")
+                self.logger.info(
+                    f"stage {self.stage}: step {step}/{total} loss {m.get('loss', float('nan')):.4f}"
+                )
                 self.last_log = now
         elif kind == "eval":
             self.curve.append({"step": step, **{f"eval/{k}": v for k, v in ev.get("metrics", {}).items()}})
@@ -169,8 +202,9 @@ def _write_curve(out_uri: str, curve: list[dict]) -> None:
     storage.write_bytes_atomic(storage.join(out_uri, CURVE_FILE), ("\n".join(lines) + "\n").encode())
 
 
-def run_trainer(config: dict, processes: int, accelerate_config: str | None, mlflow_env: dict[str, str],
-                on_event, logger) -> None:
+def run_trainer(
+    config: dict, processes: int, accelerate_config: str | None, mlflow_env: dict[str, str], on_event, logger
+) -> None:
     """Launch the trainer, stream its output; raise TrainingFailed / TrainingConfigError on a bad exit."""
     with tempfile.TemporaryDirectory(prefix=f"byteify-stage{config['stage']}-") as tmp:
         cfg_file = os.path.join(tmp, f"stage{config['stage']}.json")
@@ -179,8 +213,16 @@ def run_trainer(config: dict, processes: int, accelerate_config: str | None, mlf
         logger.info("launching: " + " ".join(cmd))
         tail: collections.deque[str] = collections.deque(maxlen=60)
         # Own process group: cancelling the task takes the launcher and every rank down with it.
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=_child_env(processes, mlflow_env), cwd=str(PROJECT_ROOT), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=_child_env(processes, mlflow_env),
+            cwd=str(PROJECT_ROOT),
+            start_new_session=True,
+        )
         try:
             for line in proc.stdout:
                 line = line.rstrip("\n")
@@ -204,7 +246,9 @@ def run_trainer(config: dict, processes: int, accelerate_config: str | None, mlf
             raise TrainingConfigError(refused[-1].split(ERROR_PREFIX, 1)[1].strip())
         how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
         logger.error("trainer output (last lines):\n" + "\n".join(tail))
-        raise TrainingFailed(f"stage {config['stage']} trainer {how}; last line: {tail[-1] if tail else '(none)'}")
+        raise TrainingFailed(
+            f"stage {config['stage']} trainer {how}; last line: {tail[-1] if tail else '(none)'}"
+        )
 
 
 def _retry_training(task_obj, task_run, state) -> bool:
@@ -213,6 +257,7 @@ def _retry_training(task_obj, task_run, state) -> bool:
 
 
 # ---------------------------------------------------------------- the task
+
 
 @task(
     name="train-stage",
@@ -224,26 +269,54 @@ def _retry_training(task_obj, task_run, state) -> bool:
     cache_policy=(INPUTS - "tracking_uri" - "parent_run_id") + TASK_SOURCE,
     persist_result=True,
 )
-def train_stage(stage: int, preset: dict, manifest_uri: str, manifest_hash: str, storage_root: str,
-                init_from: str | None = None, init_hash: str | None = None, processes: int = 1,
-                accelerate_config: str | None = None, deterministic: bool = False,
-                max_minutes: float | None = None, tracking_uri: str | None = None,
-                parent_run_id: str | None = None) -> tuple[str, str]:
+def train_stage(
+    stage: int,
+    preset: dict,
+    manifest_uri: str,
+    manifest_hash: str,
+    storage_root: str,
+    init_from: str | None = None,
+    init_hash: str | None = None,
+    processes: int = 1,
+    accelerate_config: str | None = None,
+    deterministic: bool = False,
+    max_minutes: float | None = None,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+) -> tuple[str, str]:
     """Train (or resume, or skip) one stage; returns (final checkpoint URI, its weights hash)."""
     logger = get_run_logger()
     out_uri = stage_out_uri(storage_root, stage, preset, manifest_hash, init_hash, processes)
-    config = {"preset": preset, "stage": stage, "manifest_uri": manifest_uri, "out_uri": out_uri,
-              "init_from": init_from, "allow_mismatch": False, "deterministic": deterministic,
-              "max_minutes": max_minutes, "callbacks": []}
+    config = {
+        "preset": preset,
+        "stage": stage,
+        "manifest_uri": manifest_uri,
+        "out_uri": out_uri,
+        "init_from": init_from,
+        "allow_mismatch": False,
+        "deterministic": deterministic,
+        "max_minutes": max_minutes,
+        "callbacks": [],
+    }
     mlflow_env: dict[str, str] = {}
     run_id = None
     if tracking_uri and parent_run_id:
         stage_cfg = preset[f"stage{stage}"]
-        run_id = tracking.start_stage_run(tracking_uri, parent_run_id, f"stage{stage}", {
-            "stage": stage, "out_uri": out_uri, "manifest_hash": manifest_hash, "init_hash": init_hash or "",
-            "processes": processes, "deterministic": deterministic, "max_minutes": max_minutes or "",
-            **{f"stage{stage}.{k}": v for k, v in tracking.flatten(stage_cfg).items()},
-        })
+        run_id = tracking.start_stage_run(
+            tracking_uri,
+            parent_run_id,
+            f"stage{stage}",
+            {
+                "stage": stage,
+                "out_uri": out_uri,
+                "manifest_hash": manifest_hash,
+                "init_hash": init_hash or "",
+                "processes": processes,
+                "deterministic": deterministic,
+                "max_minutes": max_minutes or "",
+                **{f"stage{stage}.{k}": v for k, v in tracking.flatten(stage_cfg).items()},
+            },
+        )
         mlflow_env = {tracking.TRACKING_URI_ENV: tracking_uri, tracking.RUN_ID_ENV: run_id}
         config["callbacks"] = [MLFLOW_CALLBACK]
     curve = _read_curve(out_uri)
@@ -262,8 +335,9 @@ def train_stage(stage: int, preset: dict, manifest_uri: str, manifest_hash: str,
         raise TrainingFailed(f"stage {stage}: trainer exited cleanly but {out_uri} has no committed final/")
     digest = ckpt.checkpoint_hash(final)
     if run_id:
-        tracking.client_set_tags(tracking_uri, run_id, {"byteify.checkpoint_uri": final,
-                                                        "byteify.checkpoint_hash": digest})
+        tracking.client_set_tags(
+            tracking_uri, run_id, {"byteify.checkpoint_uri": final, "byteify.checkpoint_hash": digest}
+        )
         tracking.end_run(tracking_uri, run_id, "FINISHED")
     logger.info(f"stage {stage}: {final} (sha256 {digest[:12]})")
     return final, digest

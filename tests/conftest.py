@@ -33,8 +33,12 @@ def start_moto(env_extra: dict | None = None) -> tuple[subprocess.Popen, str]:
     """A real moto S3 server on a free loopback port: (process, endpoint URL)."""
     port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **(env_extra or {})})
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env_extra or {})},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -53,8 +57,12 @@ def start_moto(env_extra: dict | None = None) -> tuple[subprocess.Popen, str]:
 def s3_server():
     """Endpoint URL of a moto S3 server with bucket `S3_BUCKET`; AWS_* env set for the session."""
     proc, url = start_moto()
-    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     saved = {k: os.environ.get(k) for k in [*env, "BYTEIFY_S3_ENDPOINT_URL"]}
     os.environ.update(env)
     os.environ.pop("BYTEIFY_S3_ENDPOINT_URL", None)

@@ -23,8 +23,16 @@ def ckpt(tmp_path_factory):
         model.lm_head.out.weight.mul_(3.0)
     out = str(tmp_path_factory.mktemp("stage1"))
     uri = checkpoint.save_checkpoint(
-        out, checkpoint.step_name(10), rank=0, world_size=1, barrier=lambda: None, rank_state={},
-        model_state=model.state_dict(), optimizer_state={}, scheduler_state={}, trainer_state={"step": 10},
+        out,
+        checkpoint.step_name(10),
+        rank=0,
+        world_size=1,
+        barrier=lambda: None,
+        rank_state={},
+        model_state=model.state_dict(),
+        optimizer_state={},
+        scheduler_state={},
+        trainer_state={"step": 10},
         config={"preset": preset.to_dict(), "stage": 1},
     )
     return out, uri, model, preset
@@ -50,8 +58,20 @@ def test_load_byte_model_round_trip(ckpt):
 def test_eval_prints_json_report(ckpt, text_file, tmp_path, capsys):
     out, uri, _, preset = ckpt
     md = tmp_path / "table.md"
-    rc = main(["eval", uri, "--text", str(text_file), "--cute-tasks", "contains_char", "--cute-items", "2",
-               "--markdown", str(md)])
+    rc = main(
+        [
+            "eval",
+            uri,
+            "--text",
+            str(text_file),
+            "--cute-tasks",
+            "contains_char",
+            "--cute-items",
+            "2",
+            "--markdown",
+            str(md),
+        ]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["source_name"] == "tiny-olmo2"

@@ -22,8 +22,9 @@ def _free_port() -> int:
 
 
 def _stack(cmd: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(STACK), cmd], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", str(STACK), cmd], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.slow
@@ -31,21 +32,36 @@ def test_stack_up_runs_tiny_deployment_and_registers(tmp_path):
     from mlflow import MlflowClient
 
     var = tmp_path / "var"
-    env = {**os.environ, "BYTEIFY_VAR": str(var), "PREFECT_PORT": str(_free_port()),
-           "MLFLOW_PORT": str(_free_port()), "BYTEIFY_BIN": str(Path(sys.executable).parent)}
+    env = {
+        **os.environ,
+        "BYTEIFY_VAR": str(var),
+        "PREFECT_PORT": str(_free_port()),
+        "MLFLOW_PORT": str(_free_port()),
+        "BYTEIFY_BIN": str(Path(sys.executable).parent),
+    }
     for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_HOME"):
         env.pop(k, None)
     up = _stack("up", env)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        assert "byteify/tiny" in up.stdout and "byteify/smollm2-135m" in up.stdout and "byteify/olmo-7b" in up.stdout
+        assert (
+            "byteify/tiny" in up.stdout
+            and "byteify/smollm2-135m" in up.stdout
+            and "byteify/olmo-7b" in up.stdout
+        )
         exports = _stack("env", env).stdout
         run_env = dict(env)
         for line in exports.splitlines():
             k, v = line.removeprefix("export ").split("=", 1)
             run_env[k] = v.strip('"')
-        run = subprocess.run([str(Path(sys.executable).with_name("prefect")), "deployment", "run", "byteify/tiny",
-                              "--watch"], env=run_env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        run = subprocess.run(
+            [str(Path(sys.executable).with_name("prefect")), "deployment", "run", "byteify/tiny", "--watch"],
+            env=run_env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert "Completed" in run.stdout
 

@@ -4,19 +4,52 @@ from transformers import PretrainedConfig
 
 # Source-config fields mirrored at the top level so they can be read (and checked) without parsing
 # `global_config`; the blocks themselves are always rebuilt from `global_config`, the full source config.
-MIRRORED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "intermediate_size", "rms_norm_eps", "rope_parameters", "rope_scaling", "rope_theta",
-            "sliding_window", "layer_types", "max_position_embeddings", "attention_bias", "hidden_act")
+MIRRORED = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "rms_norm_eps",
+    "rope_parameters",
+    "rope_scaling",
+    "rope_theta",
+    "sliding_window",
+    "layer_types",
+    "max_position_embeddings",
+    "attention_bias",
+    "hidden_act",
+)
 
 
 class BolmoConfig(PretrainedConfig):
     model_type = "bolmo"
 
-    def __init__(self, global_config=None, d_local=None, local_heads=4, local_ffn_hidden=352,
-                 n_encoder_layers=1, n_decoder_layers=4, qk_dim_factor=0.5, gate_soft_cap=15.0,
-                 block_norm_eps=1e-6, local_norm_eps=1e-5, boundary_lookahead=1, boundary_threshold=0.5,
-                 retained_vocab_size=0, retained_entries=0, retained_bytes=0, retained_sep_id=0,
-                 retained_pad_id=0, retained_fallback_id=0, vocab_size=520, byte_vocab_size=260, **kwargs):
+    def __init__(
+        self,
+        global_config=None,
+        d_local=None,
+        local_heads=4,
+        local_ffn_hidden=352,
+        n_encoder_layers=1,
+        n_decoder_layers=4,
+        qk_dim_factor=0.5,
+        gate_soft_cap=15.0,
+        block_norm_eps=1e-6,
+        local_norm_eps=1e-5,
+        boundary_lookahead=1,
+        boundary_threshold=0.5,
+        retained_vocab_size=0,
+        retained_entries=0,
+        retained_bytes=0,
+        retained_sep_id=0,
+        retained_pad_id=0,
+        retained_fallback_id=0,
+        vocab_size=520,
+        byte_vocab_size=260,
+        **kwargs,
+    ):
         self.global_config = dict(global_config or {})
         self.d_local = d_local
         self.local_heads, self.local_ffn_hidden = local_heads, local_ffn_hidden
@@ -25,7 +58,10 @@ class BolmoConfig(PretrainedConfig):
         self.block_norm_eps, self.local_norm_eps = block_norm_eps, local_norm_eps
         self.boundary_lookahead, self.boundary_threshold = boundary_lookahead, boundary_threshold
         self.retained_vocab_size, self.retained_entries, self.retained_bytes = (
-            retained_vocab_size, retained_entries, retained_bytes)
+            retained_vocab_size,
+            retained_entries,
+            retained_bytes,
+        )
         self.retained_sep_id, self.retained_pad_id = retained_sep_id, retained_pad_id
         self.retained_fallback_id = retained_fallback_id
         self.vocab_size, self.byte_vocab_size = vocab_size, byte_vocab_size

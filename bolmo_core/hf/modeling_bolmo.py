@@ -61,7 +61,9 @@ def mlstm_step(q, k, v, i, f, state, eps=1e-6):
     C = fa[..., None, None] * C + (ia[..., None] * k).unsqueeze(-1) * v.unsqueeze(-2)
     n = fa[..., None] * n + ia[..., None] * k
     qs = q * (q.shape[-1] ** -0.5)
-    h = (qs.unsqueeze(-2) @ C).squeeze(-2) / (torch.maximum((qs * n).sum(-1).abs(), torch.exp(-m_new)) + eps)[..., None]
+    h = (qs.unsqueeze(-2) @ C).squeeze(-2) / (torch.maximum((qs * n).sum(-1).abs(), torch.exp(-m_new)) + eps)[
+        ..., None
+    ]
     return h, (C, n, m_new)
 
 
@@ -79,7 +81,10 @@ class MLSTMLayer(nn.Module):
     def forward(self, x, state=None, hold=None):
         B, L, _ = x.shape
         heads = [t(x).float().view(B, L, self.h, -1).transpose(1, 2) for t in (self.q, self.k, self.v)]
-        i, f = ((self.cap * torch.tanh(g(x).float() / self.cap)).transpose(1, 2) for g in (self.i_gate, self.f_gate))
+        i, f = (
+            (self.cap * torch.tanh(g(x).float() / self.cap)).transpose(1, 2)
+            for g in (self.i_gate, self.f_gate)
+        )
         if hold is not None:  # the state passes through held positions unchanged
             i = i.masked_fill(hold[:, None, :], HOLD_I)
             f = f.masked_fill(hold[:, None, :], HOLD_F)
@@ -132,7 +137,9 @@ class LocalEncoder(nn.Module):
     def __init__(self, d, cfg):
         super().__init__()
         self.byte_embedding = nn.Embedding(cfg.byte_vocab_size, d)
-        self.retained_embedding = nn.Embedding(cfg.retained_vocab_size, d) if cfg.retained_vocab_size else None
+        self.retained_embedding = (
+            nn.Embedding(cfg.retained_vocab_size, d) if cfg.retained_vocab_size else None
+        )
         self.blocks = nn.ModuleList(LocalBlock(d, cfg) for _ in range(cfg.n_encoder_layers))
         self.norm = nn.RMSNorm(d, eps=cfg.local_norm_eps)
 
@@ -197,7 +204,9 @@ class GlobalModel(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(next(self.model.layers.parameters()).dtype)
         if cache is not None:
-            kw["cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"] = cache
+            kw[
+                "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+            ] = cache
         out = self.model(inputs_embeds=x, **kw)
         return out.last_hidden_state, getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
@@ -209,7 +218,9 @@ def _pool(h, b, P):
     if P > L:
         idx = torch.cat([idx, idx[:, -1:].expand(B, P - L)], 1)
     idx = idx[:, :P]
-    return h.gather(1, idx[..., None].expand(-1, -1, d)), torch.arange(P, device=h.device) < b.sum(1, keepdim=True)
+    return h.gather(1, idx[..., None].expand(-1, -1, d)), torch.arange(P, device=h.device) < b.sum(
+        1, keepdim=True
+    )
 
 
 def _depool(g, b):
@@ -251,7 +262,7 @@ class BolmoForCausalLM(PreTrainedModel):
         root = {}
         for j, tid in enumerate(ids):
             node = root
-            for c in reversed(data[off[j]:off[j + 1]]):
+            for c in reversed(data[off[j] : off[j + 1]]):
                 node = node.setdefault(c, {})
             node.setdefault(-1, tid)
         self._trie = root
@@ -277,16 +288,23 @@ class BolmoForCausalLM(PreTrainedModel):
         if self._trie is None:
             self._build_trie()
         rows = [[v - FLAG if v >= FLAG else v for v in r] for r in input_ids.tolist()]
-        return torch.tensor([[self._retained_at(r, t) for t in range(len(r))] for r in rows], device=input_ids.device)
+        return torch.tensor(
+            [[self._retained_at(r, t) for t in range(len(r))] for r in rows], device=input_ids.device
+        )
 
     # ---- forward
 
     def forward(self, input_ids, attention_mask=None, boundary_mask=None, labels=None, **kwargs):
         """Fused logits (B, L, 520) for right-padded byte ids ([BOS] first); boundaries predicted unless given."""
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        valid = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
         h, _ = self.local_encoder(input_ids, self.expand(input_ids), hold=~valid)
-        b = (self.boundary_predictor(h) > self.boundary_predictor.log_threshold) if boundary_mask is None \
+        b = (
+            (self.boundary_predictor(h) > self.boundary_predictor.log_threshold)
+            if boundary_mask is None
             else boundary_mask.bool()
+        )
         b = b & valid
         P = max(1, int(b.sum(1).max()))
         reps, pmask = _pool(h, b, P)
@@ -296,7 +314,9 @@ class BolmoForCausalLM(PreTrainedModel):
         logits = self.lm_head(y)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
         return CausalLMOutput(loss=loss, logits=logits)
 
     # ---- generation
@@ -315,22 +335,43 @@ class BolmoForCausalLM(PreTrainedModel):
         return torch.multinomial(x.softmax(-1), 1).squeeze(-1)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=64, do_sample=False, temperature=1.0,
-                 top_k=None, top_p=None, eos_token_id=EOS, pad_token_id=0, **kwargs):
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens=64,
+        do_sample=False,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        **kwargs,
+    ):
         """input_ids (B, L) [BOS]+bytes (left or right padded) -> (B, L + n) with new bytes (pad after EOS).
 
         max_new_tokens counts generated bytes. Greedy unless do_sample.
         """
         dev = input_ids.device
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        mask = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
         prompts = [[v for v, m in zip(r, mr) if m] for r, mr in zip(input_ids.tolist(), mask.tolist())]
         gc = self.config.global_config
-        sliding = any("sliding" in str(t) for t in gc.get("layer_types") or ()) or bool(gc.get("sliding_window"))
+        sliding = any("sliding" in str(t) for t in gc.get("layer_types") or ()) or bool(
+            gc.get("sliding_window")
+        )
         if sliding and len(prompts) > 1:  # masked cache slots would count against the window
-            outs = [self._generate_rows([p], max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id)[0]
-                    for p in prompts]
+            outs = [
+                self._generate_rows([p], max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id)[
+                    0
+                ]
+                for p in prompts
+            ]
         else:
-            outs = self._generate_rows(prompts, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id)
+            outs = self._generate_rows(
+                prompts, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id
+            )
         n = max([len(o) for o in outs] + [0])
         new = torch.full((len(outs), n), pad_token_id, dtype=input_ids.dtype, device=dev)
         for r, o in enumerate(outs):
@@ -356,14 +397,18 @@ class BolmoForCausalLM(PreTrainedModel):
         count = b.sum(1)
         reps, pmask = _pool(h, b, int(count.max()))
         attn = pmask.long()
-        G, cache = self.global_model(self.out_projection(reps), attention_mask=attn, use_cache=True,
-                                     position_ids=torch.arange(reps.shape[1], device=dev).expand(B, -1))
+        G, cache = self.global_model(
+            self.out_projection(reps),
+            attention_mask=attn,
+            use_cache=True,
+            position_ids=torch.arange(reps.shape[1], device=dev).expand(B, -1),
+        )
         gp = dec.project_global(G)
         y, dec_state = run_blocks(dec.blocks, dec.in_projection(h) + _depool(gp, b), None, ~in_pre)
         logits = self.lm_head(y[ar, pre - 1]).float()
         last, n_patch, h_cur = gp[ar, count - 1], count.clone(), h[ar, lens - 1]
         allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=dev)
-        allowed[OFFSET:FLAG] = allowed[FLAG + OFFSET:] = True
+        allowed[OFFSET:FLAG] = allowed[FLAG + OFFSET :] = True
         if eos_id is not None:
             allowed[eos_id] = allowed[eos_id + FLAG] = True
         lg = logits.masked_fill(~allowed, -math.inf)
@@ -396,11 +441,18 @@ class BolmoForCausalLM(PreTrainedModel):
             close = active & bflag
             if bool(close.any()):  # one global step for the rows that closed a patch; masked slots elsewhere
                 attn = torch.cat([attn, close.long()[:, None]], 1)
-                g, cache = self.global_model(self.out_projection(h_cur)[:, None], cache=cache, attention_mask=attn,
-                                             use_cache=True, position_ids=n_patch[:, None])
+                g, cache = self.global_model(
+                    self.out_projection(h_cur)[:, None],
+                    cache=cache,
+                    attention_mask=attn,
+                    use_cache=True,
+                    position_ids=n_patch[:, None],
+                )
                 last = torch.where(close[:, None], dec.project_global(g)[:, 0], last)
                 n_patch = n_patch + close.long()
-            yd, dec_state = run_blocks(dec.blocks, (dec.in_projection(h_cur) + last)[:, None], dec_state, ~active[:, None])
+            yd, dec_state = run_blocks(
+                dec.blocks, (dec.in_projection(h_cur) + last)[:, None], dec_state, ~active[:, None]
+            )
             lg = self.lm_head(yd[:, 0]).float().masked_fill(~allowed, -math.inf)
             chosen = torch.where(active, self._sample(lg, do_sample, temperature, top_k, top_p), chosen)
             emit = active.clone()

@@ -19,8 +19,13 @@ class BolmoTokenizer(PreTrainedTokenizer):
         self._vocab = {t: i for i, t in enumerate(SPECIALS)}
         self._vocab.update({f"<0x{b:02X}>": b + OFFSET for b in range(256)})
         self._inv = {i: t for t, i in self._vocab.items()}
-        super().__init__(pad_token=pad_token, bos_token=bos_token, eos_token=eos_token,
-                         add_bos_token=add_bos_token, **kwargs)
+        super().__init__(
+            pad_token=pad_token,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            add_bos_token=add_bos_token,
+            **kwargs,
+        )
 
     @property
     def vocab_size(self):

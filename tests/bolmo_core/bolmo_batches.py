@@ -26,7 +26,9 @@ def text_batch(tok, vocab, docs: list[list[str]], P: int, expansion: int = 6) ->
     teacher = np.full((B, P), sep, np.int64)
     nxt = np.zeros(B, np.int64)
     for r, toks in enumerate(rows):
-        pieces = [[BOS]] + [[BOS] if t == sep else [b + OFFSET for b in vocab.token_bytes[t]] for t in toks[:-1]]
+        pieces = [[BOS]] + [
+            [BOS] if t == sep else [b + OFFSET for b in vocab.token_bytes[t]] for t in toks[:-1]
+        ]
         lens = [len(p) for p in pieces]
         flat = [x for p in pieces for x in p][:L]
         input_ids[r, : len(flat)] = flat
@@ -40,6 +42,12 @@ def text_batch(tok, vocab, docs: list[list[str]], P: int, expansion: int = 6) ->
     expanded[input_ids == BOS] = sep
     expanded[~byte_mask] = vocab.pad_id
     t = torch.from_numpy
-    return {"input_ids": t(input_ids), "expanded_ids": t(np.asarray(expanded, np.int64)),
-            "patch_lens": t(patch_lens), "teacher_ids": t(teacher), "teacher_next": t(nxt),
-            "byte_mask": t(byte_mask), "patch_mask": t(patch_mask)}
+    return {
+        "input_ids": t(input_ids),
+        "expanded_ids": t(np.asarray(expanded, np.int64)),
+        "patch_lens": t(patch_lens),
+        "teacher_ids": t(teacher),
+        "teacher_next": t(nxt),
+        "byte_mask": t(byte_mask),
+        "patch_mask": t(patch_mask),
+    }

@@ -45,10 +45,19 @@ def _trained(setup, steps=2):
 
 def _save(out, name, model, opt, sched, loader, config=None, keep_last=2):
     return ckpt.save_checkpoint(
-        str(out), name, rank=0, world_size=1, barrier=lambda: None,
+        str(out),
+        name,
+        rank=0,
+        world_size=1,
+        barrier=lambda: None,
         rank_state={"rng": ckpt.capture_rng(), "loader": loader.state_dict()},
-        model_state=model.state_dict(), optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
-        trainer_state={"step": 2}, config=config or {"stage": 1}, keep_last=keep_last)
+        model_state=model.state_dict(),
+        optimizer_state=opt.state_dict(),
+        scheduler_state=sched.state_dict(),
+        trainer_state={"step": 2},
+        config=config or {"stage": 1},
+        keep_last=keep_last,
+    )
 
 
 def test_round_trip_restores_everything(setup, tmp_path):
@@ -125,15 +134,24 @@ def test_damaged_file_gives_one_line(setup, tmp_path):
 
 
 def _ident(preset, **kw):
-    return {"preset": preset.to_dict(), "stage": 1, "world_size": 1, "manifest_hash": "aaa",
-            "source": {"source_id": "x"}, **kw}
+    return {
+        "preset": preset.to_dict(),
+        "stage": 1,
+        "world_size": 1,
+        "manifest_hash": "aaa",
+        "source": {"source_id": "x"},
+        **kw,
+    }
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"world_size": 2}, "world_size: 1 in the checkpoint, 2 now"),
-    ({"manifest_hash": "bbb"}, "manifest_hash: 'aaa' in the checkpoint, 'bbb' now"),
-    ({"source": {"source_id": "y"}}, "source:"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"world_size": 2}, "world_size: 1 in the checkpoint, 2 now"),
+        ({"manifest_hash": "bbb"}, "manifest_hash: 'aaa' in the checkpoint, 'bbb' now"),
+        ({"source": {"source_id": "y"}}, "source:"),
+    ],
+)
 def test_mismatch_named(change, field):
     preset = get_preset("tiny", OVERRIDES)
     with pytest.raises(ckpt.CheckpointMismatch) as e:
@@ -146,7 +164,9 @@ def test_mismatch_named(change, field):
 def test_config_mismatch_names_field_and_ignores_logging_fields():
     a = get_preset("tiny", OVERRIDES)
     b = a.with_overrides({"stage1.optim.lr": 0.002})
-    with pytest.raises(ckpt.CheckpointMismatch, match=r"config stage1\.optim\.lr: 0\.001 in the checkpoint, 0\.002 now"):
+    with pytest.raises(
+        ckpt.CheckpointMismatch, match=r"config stage1\.optim\.lr: 0\.001 in the checkpoint, 0\.002 now"
+    ):
         ckpt.check_compatible(_ident(a), _ident(b), "c")
     # where checkpoints go and how often one evaluates do not change the training math
     c = a.with_overrides({"stage1.eval_every": 7, "stage1.keep_last": 5, "stage1.callbacks": ["m:C"]})

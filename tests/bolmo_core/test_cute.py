@@ -49,7 +49,9 @@ def test_seeded_and_deterministic():
 
 def test_labels_match_original_cute_rows(tmp_path):
     # Rows from Leukas/CUTE data/ins_char.tsv and del/sub/swap files' layout: input order is CUTE's.
-    (tmp_path / "ins_char.tsv").write_text("input1\tinput2\tinput3\tlabel\nm\th\tthe\tthme\nz\tl\tall\talzlz\n")
+    (tmp_path / "ins_char.tsv").write_text(
+        "input1\tinput2\tinput3\tlabel\nm\th\tthe\tthme\nz\tl\tall\talzlz\n"
+    )
     items = cute.read_tsv(tmp_path / "ins_char.tsv", "ins_char")
     assert [cute.label_for("ins_char", it.inputs) for it in items] == ["thme", "alzlz"]
     assert cute.label_for("sub_char", ("a", "b", "alphabet")) == "blphbbet"
@@ -95,7 +97,7 @@ def test_prompt_layout():
 
 def test_parse_answer():
     assert cute.parse_answer('h e l l o"\n5. Spell') == "h e l l o"
-    assert cute.parse_answer(" Yes \" and more") == "Yes"
+    assert cute.parse_answer(' Yes " and more') == "Yes"
     assert cute.parse_answer("no closing quote") == "no closing quote"
 
 
@@ -106,7 +108,12 @@ def _oracle(prompts, max_new_bytes):
         q = p.rsplit("Question: ", 1)[1]
         for task in cute.CHAR_TASKS:
             n, template, _ = cute._TASKS[task]
-            pattern = re.escape(template).replace(r"\{0\}", "(.*?)").replace(r"\{1\}", "(.*?)").replace(r"\{2\}", "(.*?)")
+            pattern = (
+                re.escape(template)
+                .replace(r"\{0\}", "(.*?)")
+                .replace(r"\{1\}", "(.*?)")
+                .replace(r"\{2\}", "(.*?)")
+            )
             m = re.fullmatch(pattern + r' Answer: "', q)
             if m and (task == "spell_inverse") == (" " in m.group(1)) and cute._INSTRUCTIONS[task] in p:
                 out.append(cute.label_for(task, m.groups()) + '" because')

@@ -66,8 +66,9 @@ def test_local_files_of_every_kind_roundtrip(tmp_path, tok, texts):
     pq.write_table(pa.table({"body": texts[50:90]}), tmp_path / "b.parquet")
     (tmp_path / "c.txt").write_text(texts[90])
     out = tmp_path / "out"
-    uri = D.prepare_dataset([jl, str(tmp_path / "b.parquet?column=body"), str(tmp_path / "*.txt")], TINY,
-                            str(out), CFG)
+    uri = D.prepare_dataset(
+        [jl, str(tmp_path / "b.parquet?column=body"), str(tmp_path / "*.txt")], TINY, str(out), CFG
+    )
     assert uri == str(out / "manifest.json")
     m = D.read_manifest(uri)
     rows = all_rows(uri)
@@ -109,8 +110,10 @@ def test_s3_write_and_read(s3_server, tmp_path, tok, texts):
 
 def test_identical_output_with_one_or_more_workers(tmp_path, texts):
     src = write_jsonl(tmp_path / "docs.jsonl", texts[:120])
-    uris = [D.prepare_dataset([src], TINY, str(tmp_path / f"w{w}{ex}"), CFG, workers=w, executor=ex)
-            for w, ex in ((1, "thread"), (2, "thread"), (2, "process"))]
+    uris = [
+        D.prepare_dataset([src], TINY, str(tmp_path / f"w{w}{ex}"), CFG, workers=w, executor=ex)
+        for w, ex in ((1, "thread"), (2, "thread"), (2, "process"))
+    ]
     blobs = [Path(u).read_bytes() for u in uris]
     assert blobs[0] == blobs[1] == blobs[2]
     m = D.read_manifest(uris[0])
@@ -132,10 +135,12 @@ def test_killed_run_restarts_to_the_same_manifest(tmp_path, texts):
     src = write_jsonl(tmp_path / "docs.jsonl", tiny_corpus(400_000)[:600])
     cfg = DataConfig(shard_docs=20, validation_fraction=0.1)
     out = tmp_path / "killed"
-    code = ("import sys; from bolmo_core import data as D; from bolmo_core.config import DataConfig; "
-            "from bolmo_core.source import SourceConfig; "
-            f"D.prepare_dataset([{src!r}], SourceConfig('tiny-olmo2'), {str(out)!r}, DataConfig(shard_docs=20, "
-            "validation_fraction=0.1))")
+    code = (
+        "import sys; from bolmo_core import data as D; from bolmo_core.config import DataConfig; "
+        "from bolmo_core.source import SourceConfig; "
+        f"D.prepare_dataset([{src!r}], SourceConfig('tiny-olmo2'), {str(out)!r}, DataConfig(shard_docs=20, "
+        "validation_fraction=0.1))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     deadline = time.time() + 60
     while len(list(out.rglob("done-*.json"))) < 3 and time.time() < deadline and proc.poll() is None:
@@ -155,7 +160,9 @@ def test_killed_run_restarts_to_the_same_manifest(tmp_path, texts):
 
 def test_hf_dataset_through_local_loader(tmp_path, texts):
     src = write_jsonl(tmp_path / "docs.jsonl", texts[:20], column="content")
-    uri = D.prepare_dataset([f"hf:json?data_files={src}&split=train&column=content"], TINY, str(tmp_path / "o"), CFG)
+    uri = D.prepare_dataset(
+        [f"hf:json?data_files={src}&split=train&column=content"], TINY, str(tmp_path / "o"), CFG
+    )
     rows = all_rows(uri)
     assert sorted(r["text_bytes"] for s in rows.values() for r in s) == sorted(t.encode() for t in texts[:20])
     with pytest.raises(D.DataError, match=r"no column 'text' \(columns: content\)"):
@@ -182,14 +189,16 @@ def test_split_is_seeded_and_stable_when_the_corpus_grows():
 
 # ---------------------------------------------------------------- bad input
 
+
 def test_invalid_utf8_empty_and_nul_documents(tmp_path, tok):
     (tmp_path / "bad.txt").write_bytes(b"caf\xc3 au lait \xff\xfe end")
     (tmp_path / "nul.txt").write_bytes(b"a\x00b\x00\x00 c")
     (tmp_path / "empty.txt").write_bytes(b"")
     jl = tmp_path / "e.jsonl"
     jl.write_text('{"text": ""}\n\n{"text": "hello"}\n{"text": null}\n')
-    uri = D.prepare_dataset([str(tmp_path / "*.txt"), str(jl)], TINY, str(tmp_path / "o"),
-                            DataConfig(validation_fraction=0.0))
+    uri = D.prepare_dataset(
+        [str(tmp_path / "*.txt"), str(jl)], TINY, str(tmp_path / "o"), DataConfig(validation_fraction=0.0)
+    )
     m = D.read_manifest(uri)
     assert m["counts"] == {"invalid_utf8_docs": 1, "skipped_empty_docs": 3, "split_long_docs": 0}
     rows = {r["doc_id"]: r for r in all_rows(uri)["train"]}
@@ -213,7 +222,7 @@ def test_50mb_document_is_split_at_token_boundaries(tok):
     for p in pieces[:-1]:
         cut += len(p)
         lo = cut - 3000
-        _, ends = label_documents(tok, [doc[lo:cut + 3000]])[0]
+        _, ends = label_documents(tok, [doc[lo : cut + 3000]])[0]
         assert (cut - lo) in set(ends.tolist()), f"cut at {cut} is inside a token"
         assert doc[cut] & 0xC0 != 0x80  # never inside a UTF-8 character
 
@@ -224,16 +233,21 @@ def test_long_document_is_counted_and_labeled(tmp_path, tok):
     assert counts["split_long_docs"] == 1
     assert [r[0] for r in rows] == ["big#part0", "big#part1"]
     assert b"".join(r[1] for r in rows) == doc
-    check_labels([{"text_bytes": r[1], "token_ids": r[2].tolist(), "token_ends": r[3].tolist()} for r in rows],
-                 get_vocab(tok))
+    check_labels(
+        [{"text_bytes": r[1], "token_ids": r[2].tolist(), "token_ends": r[3].tolist()} for r in rows],
+        get_vocab(tok),
+    )
 
 
 @pytest.mark.slow
 def test_50mb_document_through_prepare(tmp_path):
     unit = "\n".join(tiny_corpus(200_000)).encode()
     (tmp_path / "huge.txt").write_bytes((unit * (50_000_000 // len(unit) + 1))[:50_000_000])
-    m = D.read_manifest(D.prepare_dataset([str(tmp_path / "huge.txt")], TINY, str(tmp_path / "o"),
-                                          DataConfig(validation_fraction=0.0)))
+    m = D.read_manifest(
+        D.prepare_dataset(
+            [str(tmp_path / "huge.txt")], TINY, str(tmp_path / "o"), DataConfig(validation_fraction=0.0)
+        )
+    )
     assert m["counts"]["split_long_docs"] == 1 and m["splits"]["train"]["bytes"] == 50_000_000
 
 
@@ -251,7 +265,9 @@ def test_missing_column_and_wrong_schema(tmp_path):
     with pytest.raises(D.DataError, match=r"d.parquet: no column 'text' \(columns: body\)$"):
         D.resolve_source(str(tmp_path / "d.parquet"))
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "e.parquet")
-    with pytest.raises(D.DataError, match=r"e.parquet: column 'text' has type int64, expected string or binary"):
+    with pytest.raises(
+        D.DataError, match=r"e.parquet: column 'text' has type int64, expected string or binary"
+    ):
         D.resolve_source(str(tmp_path / "e.parquet"))
     (tmp_path / "f.parquet").write_bytes(b"not parquet")
     with pytest.raises(D.DataError, match=r"f.parquet: not a Parquet file"):
@@ -287,7 +303,9 @@ def test_wrong_credentials(fresh_s3):
         fresh_s3.setenv("AWS_ENDPOINT_URL", url)
         fresh_s3.setenv("AWS_ACCESS_KEY_ID", "wrong")
         fresh_s3.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-        with pytest.raises(D.DataError, match=r"^s3://data/a.jsonl: access denied \(.*\); check the AWS credentials$"):
+        with pytest.raises(
+            D.DataError, match=r"^s3://data/a.jsonl: access denied \(.*\); check the AWS credentials$"
+        ):
             D.resolve_source("s3://data/a.jsonl")
     finally:
         proc.terminate()
@@ -318,7 +336,9 @@ def _save_non_bpe_tokenizer(path: Path) -> Path:
 def test_tokenizer_that_is_not_byte_level_bpe_is_refused(tmp_path, texts):
     src = write_jsonl(tmp_path / "docs.jsonl", texts[:5])
     folder = _save_non_bpe_tokenizer(tmp_path / "wordlevel")
-    with pytest.raises(TokenizerError, match=r"is not usable: its model is WordLevel, not BPE; .*byte-level BPE"):
+    with pytest.raises(
+        TokenizerError, match=r"is not usable: its model is WordLevel, not BPE; .*byte-level BPE"
+    ):
         D.prepare_dataset([src], SourceConfig(str(folder)), str(tmp_path / "o"), CFG)
     assert not (tmp_path / "o").exists()
 

@@ -29,7 +29,9 @@ def test_source_bpb_matches_independent_computation():
     tok, model = load_tokenizer(src), load_source_model(src)
     text = _wiki_text(3000)
 
-    report = E.evaluate([text], tok, source_model=model, cfg=E.EvalConfig(window_bytes=1 << 20, cute_tasks=()))
+    report = E.evaluate(
+        [text], tok, source_model=model, cfg=E.EvalConfig(window_bytes=1 << 20, cute_tasks=())
+    )
     ours = report["source"]["bits_per_byte"]
 
     # Independent: plain tokenizer call, separator first, one forward, log_softmax, gather, sum.
@@ -143,8 +145,14 @@ def test_report_and_table(tiny):
     preset, model, tok = tiny
     src = load_source_model(preset.model.source)
     cfg = E.EvalConfig(cute_tasks=("del_char",), cute_items=2, max_bytes=500)
-    report = E.evaluate([_wiki_text(5000)], tok, source_model=src, byte_model=model, cfg=cfg,
-                        byte_length=preset.data.byte_slots)
+    report = E.evaluate(
+        [_wiki_text(5000)],
+        tok,
+        source_model=src,
+        byte_model=model,
+        cfg=cfg,
+        byte_length=preset.data.byte_slots,
+    )
     json.dumps(report)  # JSON-serialisable as is
     assert report["text"]["bytes"] <= 500 and report["text"]["window_bytes"] == preset.data.byte_slots - 1
     assert report["source"]["cute"]["del_char"]["n"] == 2

@@ -45,18 +45,27 @@ def test_tiny_export_parity_tokenizer_and_generate(tiny_export):
 
     m, out = tiny_export
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer_config.json", "modeling_bolmo.py",
-            "configuration_bolmo.py", "tokenization_bolmo.py"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer_config.json",
+        "modeling_bolmo.py",
+        "configuration_bolmo.py",
+        "tokenization_bolmo.py",
+    } <= names
     assert "bolmo_core" not in (out / "modeling_bolmo.py").read_text()
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "bolmo" and cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_bolmo.BolmoForCausalLM"
+    assert (
+        cfg["model_type"] == "bolmo"
+        and cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_bolmo.BolmoForCausalLM"
+    )
     assert cfg["rope_theta"] == 500000.0 and cfg["global_config"]["model_type"] == "olmo2"
 
     report = check_parity(out, m)
     assert report["passed"] and report["max_abs_diff"] < 1e-4 and report["prompts"] == 5
 
     tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
-    text = "Caf\u00e9 \U0001F600"
+    text = "Caf\u00e9 \U0001f600"
     ids = tok(text)["input_ids"]
     assert ids == [1, *(b + 4 for b in text.encode())]
     assert tok.decode(ids, skip_special_tokens=True) == text
@@ -65,7 +74,7 @@ def test_tiny_export_parity_tokenizer_and_generate(tiny_export):
     hf = load_hf(out)
     prompts = ["Hello world, this is", "ab", ""]
     enc = tok(prompts, return_tensors="pt", padding=True)
-    seqs = hf.generate(**enc, max_new_tokens=16, eos_token_id=None)[:, enc["input_ids"].shape[1]:]
+    seqs = hf.generate(**enc, max_new_tokens=16, eos_token_id=None)[:, enc["input_ids"].shape[1] :]
     ours = generate_ids(m, prompts, max_new_bytes=16, stop_on_eos=False)
     assert seqs.tolist() == [[v % FUSED_OFFSET for v in row] for row in ours.fused_ids]
 
@@ -78,8 +87,9 @@ def test_load_exported_roundtrip(tiny_export):
     from bolmo_core.generate import retained_index
 
     with torch.no_grad():
-        torch.testing.assert_close(back(ids, retained_index(m).expand(ids)).logits,
-                                   m(ids, retained_index(m).expand(ids)).logits)
+        torch.testing.assert_close(
+            back(ids, retained_index(m).expand(ids)).logits, m(ids, retained_index(m).expand(ids)).logits
+        )
 
 
 def test_parity_check_catches_a_bad_export(tiny_export, tmp_path):
@@ -120,12 +130,18 @@ def test_smollm2_export_keeps_rope_theta_and_reloads_offline(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rope_theta"] == 100000.0 and cfg["global_config"]["rope_parameters"]["rope_theta"] == 100000.0
     assert cfg["rms_norm_eps"] == m.global_model.config.rms_norm_eps and cfg["num_key_value_heads"] == 3
-    report = check_parity(out, m, prompts=("The capital of France is", "Caf\u00e9 \U0001F600"))
+    report = check_parity(out, m, prompts=("The capital of France is", "Caf\u00e9 \U0001f600"))
     assert report["passed"] and report["max_abs_diff"] < 1e-4 and report["rope_theta"] == 100000.0
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, env=env,
-                         timeout=300, cwd=tmp_path)  # a fresh process, away from the repo: no bolmo_core import
+    res = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )  # a fresh process, away from the repo: no bolmo_core import
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["rope_theta"] == 100000.0
@@ -141,9 +157,17 @@ def test_cli_export_then_generate(tiny_export, tmp_path, capsys):
     m, _ = tiny_export
     preset = get_preset("tiny")
     uri = checkpoint.save_checkpoint(
-        str(tmp_path / "stage2"), checkpoint.step_name(5), rank=0, world_size=1, barrier=lambda: None,
-        rank_state={}, model_state=m.state_dict(), optimizer_state={}, scheduler_state={},
-        trainer_state={"step": 5}, config={"preset": preset.to_dict(), "stage": 2},
+        str(tmp_path / "stage2"),
+        checkpoint.step_name(5),
+        rank=0,
+        world_size=1,
+        barrier=lambda: None,
+        rank_state={},
+        model_state=m.state_dict(),
+        optimizer_state={},
+        scheduler_state={},
+        trainer_state={"step": 5},
+        config={"preset": preset.to_dict(), "stage": 2},
     )
     out = tmp_path / "hf"
     assert main(["export", uri, str(out)]) == 0

@@ -43,8 +43,12 @@ def check_alignment(name):
         for k in range(1, P):
             if not batch["patch_mask"][r, k]:
                 continue
-            got = ids[r, starts[r, k]: starts[r, k] + pl[r, k]].tolist()
-            want = [BOS] if tids[r, k] == vocab.doc_separator_id else [x + OFFSET for x in vocab.token_bytes[tids[r, k]]]
+            got = ids[r, starts[r, k] : starts[r, k] + pl[r, k]].tolist()
+            want = (
+                [BOS]
+                if tids[r, k] == vocab.doc_separator_id
+                else [x + OFFSET for x in vocab.token_bytes[tids[r, k]]]
+            )
             assert got == want
     assert batch["teacher_next"].tolist() == [lm_ids[P - 1] for lm_ids in _token_rows(tok, vocab, _docs(2))]
 
@@ -62,7 +66,9 @@ def check_alignment(name):
     for i in range(n):  # ref.hidden_states[i] = input of block i
         torch.testing.assert_close(out.hidden_states[i][m], ref.hidden_states[i][m], rtol=1e-4, atol=1e-4)
     # HF's last entry is after the final norm; ours is the raw residual stream
-    torch.testing.assert_close(model.teacher.norm(out.hidden)[m], ref.hidden_states[n][m], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        model.teacher.norm(out.hidden)[m], ref.hidden_states[n][m], rtol=1e-4, atol=1e-4
+    )
     torch.testing.assert_close(logits[m], ref.logits[m], rtol=1e-4, atol=1e-3)
 
 
@@ -110,7 +116,7 @@ def test_kv_cache_incremental_equals_full(tiny_global):
         a = gm(x[:, :5], cache=cache, use_cache=True)
         steps = [a.hidden]
         for t in range(5, 9):
-            steps.append(gm(x[:, t: t + 1], cache=a.cache, use_cache=True).hidden)
+            steps.append(gm(x[:, t : t + 1], cache=a.cache, use_cache=True).hidden)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 

@@ -36,7 +36,8 @@ def test_scores_are_consistent_and_match_the_evaluator(lm):
     ctx, cont = "The capital of France", " is Paris."
     [(ll, _)] = adapter.loglikelihood([_req("loglikelihood", (ctx, cont))])
     r_ctx, r_all = adapter.loglikelihood_rolling(
-        [_req("loglikelihood_rolling", (ctx,)), _req("loglikelihood_rolling", (ctx + cont,))])
+        [_req("loglikelihood_rolling", (ctx,)), _req("loglikelihood_rolling", (ctx + cont,))]
+    )
     # Same forward over BOS + ctx + cont: log p(ctx) + log p(cont | ctx) = log p(ctx + cont).
     assert ll < 0 and r_ctx + ll == pytest.approx(r_all, rel=1e-5)
     # The evaluator's bits for the same text (one window, BOS first) are the same number.
@@ -51,15 +52,25 @@ def test_rolling_windows_cover_long_text(lm):
     [r] = adapter.loglikelihood_rolling([_req("loglikelihood_rolling", (text,))])
     room = adapter.max_length - 1
     parts = [text[:room], text[room:]]
-    assert r == pytest.approx(sum(adapter.loglikelihood_rolling(
-        [_req("loglikelihood_rolling", (p,)) for p in parts])), rel=1e-5)
+    assert r == pytest.approx(
+        sum(adapter.loglikelihood_rolling([_req("loglikelihood_rolling", (p,)) for p in parts])), rel=1e-5
+    )
 
 
 def _write_tasks(tmp_path):
-    mc = [{"question": "Which word is spelled h-e-l-l-o?", "choices": [" hello", " world", " yellow"], "answer": 0},
-          {"question": "Two plus two is", "choices": [" four", " five"], "answer": 0},
-          {"question": "The opposite of up is", "choices": [" left", " down", " in"], "answer": 1}]
-    rolling = [{"text": "Bytes are data. A document is a string of bytes."}, {"text": "Ünïcödé text costs bytes."}]
+    mc = [
+        {
+            "question": "Which word is spelled h-e-l-l-o?",
+            "choices": [" hello", " world", " yellow"],
+            "answer": 0,
+        },
+        {"question": "Two plus two is", "choices": [" four", " five"], "answer": 0},
+        {"question": "The opposite of up is", "choices": [" left", " down", " in"], "answer": 1},
+    ]
+    rolling = [
+        {"text": "Bytes are data. A document is a string of bytes."},
+        {"text": "Ünïcödé text costs bytes."},
+    ]
     gen = [{"prompt": "Repeat: abc abc abc", "target": "abc"}]
     for name, rows in (("mc", mc), ("rolling", rolling), ("gen", gen)):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -67,7 +78,7 @@ def _write_tasks(tmp_path):
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {tmp_path / 'mc.jsonl'}
+    test: {tmp_path / "mc.jsonl"}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
@@ -80,7 +91,7 @@ metric_list:
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {tmp_path / 'rolling.jsonl'}
+    test: {tmp_path / "rolling.jsonl"}
 test_split: test
 output_type: loglikelihood_rolling
 doc_to_text: ""
@@ -92,7 +103,7 @@ metric_list:
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {tmp_path / 'gen.jsonl'}
+    test: {tmp_path / "gen.jsonl"}
 test_split: test
 output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"

@@ -29,8 +29,9 @@ def manifest(tmp_path_factory):
     d = tmp_path_factory.mktemp("loader")
     docs = tiny_corpus(60_000)[:80] + ["tab\there\x00nul 👋 é"]
     (d / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    return D.prepare_dataset([str(d / "docs.jsonl")], TINY, str(d / "out"),
-                             DataConfig(shard_docs=20, validation_fraction=0.2))
+    return D.prepare_dataset(
+        [str(d / "docs.jsonl")], TINY, str(d / "out"), DataConfig(shard_docs=20, validation_fraction=0.2)
+    )
 
 
 def stream(manifest, split, vocab):
@@ -48,8 +49,15 @@ def test_batch_format(manifest, vocab):
     ld = WindowLoader(manifest, vocab, window_tokens=P, batch_size=3, seed=1)
     b = next(iter(ld))
     L = 6 * P
-    shapes = {"input_ids": (3, L), "expanded_ids": (3, L), "patch_lens": (3, P), "teacher_ids": (3, P),
-              "teacher_next": (3,), "byte_mask": (3, L), "patch_mask": (3, P)}
+    shapes = {
+        "input_ids": (3, L),
+        "expanded_ids": (3, L),
+        "patch_lens": (3, P),
+        "teacher_ids": (3, P),
+        "teacher_next": (3,),
+        "byte_mask": (3, L),
+        "patch_mask": (3, P),
+    }
     assert {k: tuple(v.shape) for k, v in b.items()} == shapes
     assert b["byte_mask"].dtype == torch.bool and b["patch_mask"].dtype == torch.bool
     assert all(b[k].dtype == torch.long for k in shapes if "mask" not in k)
@@ -61,7 +69,7 @@ def test_batch_format(manifest, vocab):
         assert teach[1] != sep  # leading separators are stripped
         ends = torch.cumsum(lens, 0)
         for k in range(1, P):  # patch k holds the bytes of teacher input k
-            got = ids[ends[k - 1]:ends[k]]
+            got = ids[ends[k - 1] : ends[k]]
             tid = int(teach[k])
             want = [BOS] if tid == sep else [x + OFFSET for x in vocab.token_bytes[tid]]
             assert got.tolist() == want
@@ -70,9 +78,11 @@ def test_batch_format(manifest, vocab):
         assert (ids[n:] == PAD).all()
         # The window is P consecutive tokens of the packed stream; teacher_next is the last.
         window = teach[1:].tolist() + [int(b["teacher_next"][r])]
-        hits = [s for s in range(len(ref) - P + 1) if ref[s:s + P].tolist() == window]
+        hits = [s for s in range(len(ref) - P + 1) if ref[s : s + P].tolist() == window]
         assert hits
-    assert torch.equal(b["expanded_ids"], torch.as_tensor(RetainedIndex(vocab).expand(b["input_ids"].numpy())))
+    assert torch.equal(
+        b["expanded_ids"], torch.as_tensor(RetainedIndex(vocab).expand(b["input_ids"].numpy()))
+    )
     assert (b["expanded_ids"][:, 0] == sep).all()
     assert (b["expanded_ids"][~b["byte_mask"]] == vocab.pad_id).all()
 
@@ -125,8 +135,10 @@ def test_shuffle_is_seeded_per_epoch(manifest, vocab):
 
 
 def test_ranks_get_disjoint_windows(manifest, vocab):
-    loaders = [WindowLoader(manifest, vocab, window_tokens=P, batch_size=1, seed=3, rank=r, world_size=3)
-               for r in range(3)]
+    loaders = [
+        WindowLoader(manifest, vocab, window_tokens=P, batch_size=1, seed=3, rank=r, world_size=3)
+        for r in range(3)
+    ]
     for epoch in (0, 1):
         parts = [set(ld._rank_windows(epoch).tolist()) for ld in loaders]
         assert len(set.union(*parts)) == sum(map(len, parts)) == 3 * (loaders[0].n_windows // 3)
@@ -146,7 +158,9 @@ def test_validation_iterates_once_in_order(manifest, vocab):
 
 def test_bad_loader_inputs(manifest, vocab, tmp_path):
     other = dataclasses.replace(vocab, fingerprint="0" * 64)
-    with pytest.raises(D.DataError, match=r"manifest.json: prepared with tokenizer \w{12}, loader given 000000000000"):
+    with pytest.raises(
+        D.DataError, match=r"manifest.json: prepared with tokenizer \w{12}, loader given 000000000000"
+    ):
         WindowLoader(manifest, other, window_tokens=P, batch_size=2)
     with pytest.raises(D.DataError, match=r"fewer than world_size x batch_size = 10000"):
         next(iter(WindowLoader(manifest, vocab, window_tokens=P, batch_size=10_000)))

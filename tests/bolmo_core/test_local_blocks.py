@@ -36,7 +36,7 @@ def test_step_mode_equals_full_sequence():
         y0, state = blk(x[:, :3])  # prefill, then one byte at a time
         outs.append(y0)
         for t in range(3, 11):
-            y, state = blk(x[:, t: t + 1], state)
+            y, state = blk(x[:, t : t + 1], state)
             outs.append(y)
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-5)
     for a, b in zip(state, last, strict=True):

@@ -28,7 +28,9 @@ def test_boundary_bce_hand_computed():
 
 def test_boundary_bce_clips_certain_boundaries():
     """log p = 0 (BOS) is clipped to -1e-3, so a 0 label there is finite (log(1 - e^-0.001))."""
-    got = losses.boundary_bce(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool))
+    got = losses.boundary_bce(
+        torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.bool), torch.ones(1, 1, dtype=torch.bool)
+    )
     assert abs(float(got) + math.log(1 - math.exp(-1e-3))) < 1e-4
 
 

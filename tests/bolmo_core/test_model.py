@@ -37,21 +37,41 @@ def test_stage1_loss_and_gradient_flow(setup):
     model.zero_grad(set_to_none=True)
     loss, m = model.stage1_loss(batch, preset.stage1.losses)
     loss.backward()
-    for key in ("loss_encoder", "loss_ce", "loss_distill", "loss_boundary", "boundary_acc", "boundary_precision",
-                "boundary_recall", "boundary_rate_pred", "overflow_frac", "bytes_per_patch", "loss"):
+    for key in (
+        "loss_encoder",
+        "loss_ce",
+        "loss_distill",
+        "loss_boundary",
+        "boundary_acc",
+        "boundary_precision",
+        "boundary_recall",
+        "boundary_rate_pred",
+        "overflow_frac",
+        "bytes_per_patch",
+        "loss",
+    ):
         assert isinstance(m[key], float), key
     w = preset.stage1.losses
-    want = w.encoder * m["loss_encoder"] + w.ce * m["loss_ce"] + w.distill * m["loss_distill"] + w.boundary * m["loss_boundary"]
+    want = (
+        w.encoder * m["loss_encoder"]
+        + w.ce * m["loss_ce"]
+        + w.distill * m["loss_distill"]
+        + w.boundary * m["loss_boundary"]
+    )
     assert abs(m["loss"] - want) < 1e-4 * abs(want)
     assert m["overflow_frac"] == 0.0
-    assert abs(m["bytes_per_patch"] - batch["byte_mask"].sum().item() / batch["patch_mask"].sum().item()) < 1e-6
+    assert (
+        abs(m["bytes_per_patch"] - batch["byte_mask"].sum().item() / batch["patch_mask"].sum().item()) < 1e-6
+    )
     enc = model.local_encoder
     assert enc.byte_embedding.weight.grad.abs().sum() > 0
     assert enc.retained_embedding.weight.grad.abs().sum() > 0
     assert all(g is not None and g.abs().sum() > 0 for g in _grads(enc.blocks))
     assert model.out_projection.weight.grad.abs().sum() > 0  # only via the L2 loss through frozen blocks
     assert model.boundary_predictor.q.weight.grad is not None
-    assert all(g is None for g in _grads(model.global_model)) and all(g is None for g in _grads(model.teacher))
+    assert all(g is None for g in _grads(model.global_model)) and all(
+        g is None for g in _grads(model.teacher)
+    )
 
 
 def test_stage1_encoder_loss_reaches_encoder_through_frozen_blocks(setup):
@@ -102,7 +122,9 @@ def test_fused_labels():
     b = torch.tensor([[1, 0, 1, 1, 0]], dtype=torch.bool)
     mask = ids != 0
     labels, valid = BolmoModel.fused_labels(ids, b, mask)
-    assert labels.tolist() == [[10, 11 + 260, 12 + 260, 0, 0]] and valid.tolist() == [[True, True, True, False, False]]
+    assert labels.tolist() == [[10, 11 + 260, 12 + 260, 0, 0]] and valid.tolist() == [
+        [True, True, True, False, False]
+    ]
 
 
 def test_boundary_targets_eos_joins_previous_patch(setup):
@@ -232,7 +254,9 @@ def test_distillation_matches_explicit_loop(setup):
             t_ll = float(t_logp[r, k - 1, tids[r, k]]) + float(torch.logsumexp(t_logp[r, k][ws_mask], 0))
             ys.append(s_ll)
             yt.append(t_ll)
-    want = binarised_kl(torch.tensor(yt), torch.tensor(ys), torch.ones(len(ys), dtype=torch.bool), w.distill_tau)
+    want = binarised_kl(
+        torch.tensor(yt), torch.tensor(ys), torch.ones(len(ys), dtype=torch.bool), w.distill_tau
+    )
     assert len(ys) > 30 and math.isfinite(m["loss_distill"])
     assert abs(m["loss_distill"] - float(want)) < 1e-4 * max(1.0, float(want))
 

@@ -43,7 +43,9 @@ def test_boundaries_from_patch_lens_and_patch_ids():
     assert torch.equal(boundaries_from_patch_lens(pl, 6), B_HAND)
     assert patch_ids(B_HAND).tolist() == [[0, 1, 1, 2, 2, 2]]
     # a patch cut by truncation (end past L) gives no boundary
-    assert boundaries_from_patch_lens(torch.tensor([[1, 2, 9]]), 6).tolist() == [[True, False, True, False, False, False]]
+    assert boundaries_from_patch_lens(torch.tensor([[1, 2, 9]]), 6).tolist() == [
+        [True, False, True, False, False, False]
+    ]
 
 
 def test_predictor_identity_init_and_forced_ends():

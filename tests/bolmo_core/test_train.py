@@ -62,7 +62,7 @@ def test_train_config_rejects_bad_fields():
         TrainConfig.from_dict({"preset": {}, "stage": 3, "manifest_uri": "m", "out_uri": "o"})
 
 
-RECORDER = '''
+RECORDER = """
 import json
 from bolmo_core.callbacks import Callback
 class Recorder(Callback):
@@ -77,16 +77,22 @@ class Recorder(Callback):
     def on_checkpoint(self, step, uri): self._w("checkpoint", step, uri)
     def on_error(self, step, e): self._w("error", step, str(e))
     def on_train_end(self, step, m): self._w("end", step)
-'''
+"""
 
 
 def test_stage1_then_stage2_skip_and_refusals(manifest, tmp_path, monkeypatch, capsys):
     (tmp_path / "rec_cb.py").write_text(RECORDER)
     monkeypatch.syspath_prepend(str(tmp_path))
     log = tmp_path / "events.jsonl"
-    s1 = run_config(manifest, str(tmp_path / "s1"), 1, {"stage1.steps": 4, "stage1.eval_every": 2},
-                    deterministic=False, callbacks=["rec_cb:Recorder"],
-                    callback_kwargs={"rec_cb:Recorder": {"path": str(log)}})
+    s1 = run_config(
+        manifest,
+        str(tmp_path / "s1"),
+        1,
+        {"stage1.steps": 4, "stage1.eval_every": 2},
+        deterministic=False,
+        callbacks=["rec_cb:Recorder"],
+        callback_kwargs={"rec_cb:Recorder": {"path": str(log)}},
+    )
     out = train(TrainConfig.from_dict(s1))
     assert out["step"] == 4 and not out["skipped"] and out["final"].endswith("/final")
     m = out["metrics"]
@@ -95,29 +101,53 @@ def test_stage1_then_stage2_skip_and_refusals(manifest, tmp_path, monkeypatch, c
     assert 0 < m["val_bpb"] < 12 and 0 < m["val_source_bpb"] < 16 and 0 <= m["val_boundary_acc"] <= 1
     rec = [json.loads(line) for line in log.read_text().splitlines()]
     kinds = [r[0] for r in rec]
-    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("step") == 4 and kinds.count("eval") == 2
+    assert (
+        kinds[0] == "start" and kinds[-1] == "end" and kinds.count("step") == 4 and kinds.count("eval") == 2
+    )
     assert [r[1] for r in rec if r[0] == "checkpoint"] == [2, 4]
     step_keys = next(r[2] for r in rec if r[0] == "step")
-    for k in ("loss", "loss_ce", "loss_distill", "loss_encoder", "loss_boundary", "boundary_acc",
-              "boundary_precision", "boundary_recall", "bytes_per_s", "grad_norm", "lr/local"):
+    for k in (
+        "loss",
+        "loss_ce",
+        "loss_distill",
+        "loss_encoder",
+        "loss_boundary",
+        "boundary_acc",
+        "boundary_precision",
+        "boundary_recall",
+        "bytes_per_s",
+        "grad_norm",
+        "lr/local",
+    ):
         assert k in step_keys, k
     stdout_events = _events(capsys.readouterr().out)  # the progress stream is always on
-    assert [e["event"] for e in stdout_events][:2] == ["start", "step"] and stdout_events[-1]["event"] == "end"
+    assert [e["event"] for e in stdout_events][:2] == ["start", "step"] and stdout_events[-1][
+        "event"
+    ] == "end"
 
     # a finished stage is recognised and skipped
     again = train(TrainConfig.from_dict(s1))
     assert again["skipped"] and again["step"] == 4
 
     # refusal: another config for the same output folder names the field
-    other = run_config(manifest, str(tmp_path / "s1"), 1, {"stage1.steps": 4, "stage1.optim.lr": 0.002},
-                       deterministic=False)
-    with pytest.raises(ckpt.CheckpointMismatch, match=r"config stage1\.optim\.lr: 0\.001 in the checkpoint, 0\.002 now"):
+    other = run_config(
+        manifest, str(tmp_path / "s1"), 1, {"stage1.steps": 4, "stage1.optim.lr": 0.002}, deterministic=False
+    )
+    with pytest.raises(
+        ckpt.CheckpointMismatch, match=r"config stage1\.optim\.lr: 0\.001 in the checkpoint, 0\.002 now"
+    ):
         train(TrainConfig.from_dict(other))
 
     # Stage 2 from the Stage-1 checkpoint, with the compression knob
     capsys.readouterr()
-    s2 = run_config(manifest, str(tmp_path / "s2"), 2, {"stage2.steps": 2, "stage2.target_bytes_per_patch": 5.0},
-                    deterministic=False, init_from=str(tmp_path / "s1"))
+    s2 = run_config(
+        manifest,
+        str(tmp_path / "s2"),
+        2,
+        {"stage2.steps": 2, "stage2.target_bytes_per_patch": 5.0},
+        deterministic=False,
+        init_from=str(tmp_path / "s1"),
+    )
     out2 = train(TrainConfig.from_dict(s2))
     assert out2["step"] == 2
     cfg2 = ckpt.read_config(out2["final"])
@@ -139,16 +169,22 @@ def test_manifest_mismatch_refused(manifest, tmp_path_factory, tmp_path):
     out = str(tmp_path / "s1")
     train(TrainConfig.from_dict(run_config(manifest, out, 1, {"stage1.steps": 2}, deterministic=False)))
     other = make_manifest(tmp_path_factory.mktemp("otherdata"), chars=24_000)
-    with pytest.raises(ckpt.CheckpointMismatch, match="manifest_hash: '[0-9a-f]+' in the checkpoint, '[0-9a-f]+' now"):
+    with pytest.raises(
+        ckpt.CheckpointMismatch, match="manifest_hash: '[0-9a-f]+' in the checkpoint, '[0-9a-f]+' now"
+    ):
         train(TrainConfig.from_dict(run_config(other, out, 1, {"stage1.steps": 2}, deterministic=False)))
     # the user may override the refusal: the finished stage is then accepted as it is
-    assert train(TrainConfig.from_dict(run_config(other, out, 1, {"stage1.steps": 2}, deterministic=False,
-                                                  allow_mismatch=True)))["skipped"]
+    assert train(
+        TrainConfig.from_dict(
+            run_config(other, out, 1, {"stage1.steps": 2}, deterministic=False, allow_mismatch=True)
+        )
+    )["skipped"]
 
 
 def test_time_budget_ends_stage_as_finished(manifest, tmp_path):
-    cfg = run_config(manifest, str(tmp_path / "s1"), 1, {"stage1.steps": 50}, deterministic=False,
-                     max_minutes=1e-6)
+    cfg = run_config(
+        manifest, str(tmp_path / "s1"), 1, {"stage1.steps": 50}, deterministic=False, max_minutes=1e-6
+    )
     out = train(TrainConfig.from_dict(cfg))
     assert out["reason"] == "max_minutes" and out["step"] < 50 and out["final"].endswith("/final")
     state = json.loads((tmp_path / "s1" / "final" / "trainer_state.json").read_text())
@@ -172,6 +208,7 @@ def test_error_reaches_callbacks_and_exits_nonzero(manifest, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- processes, SIGKILL, resume (slow)
+
 
 def _wait(proc, timeout=900):
     try:
@@ -240,8 +277,19 @@ def test_two_processes_match_one(straight_runs):
     a, b = _weights(straight_runs[1]), _weights(straight_runs[2])
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-5, worst
-    changed = max(float((a[k] - load_file(os.path.join(os.path.dirname(straight_runs[1]), "step-000002",
-                                                       "model.safetensors"))[k]).abs().max()) for k in a)
+    changed = max(
+        float(
+            (
+                a[k]
+                - load_file(
+                    os.path.join(os.path.dirname(straight_runs[1]), "step-000002", "model.safetensors")
+                )[k]
+            )
+            .abs()
+            .max()
+        )
+        for k in a
+    )
     assert changed > 1e-4  # the comparison is not vacuous: training moved the weights
 
 

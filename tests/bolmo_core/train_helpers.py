@@ -14,11 +14,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Tiny preset shrunk so a step takes well under a second: 16-token windows (96 byte slots).
 OVERRIDES = {
-    "data.window_tokens": 16, "data.validation_fraction": 0.1,
-    "stage1.steps": 6, "stage1.global_batch": 2, "stage1.micro_batch": 1, "stage1.checkpoint_every": 2,
-    "stage1.eval_every": 0, "stage1.eval_batches": 1, "stage1.keep_last": 2,
-    "stage2.steps": 4, "stage2.global_batch": 2, "stage2.micro_batch": 1, "stage2.checkpoint_every": 2,
-    "stage2.eval_every": 0, "stage2.eval_batches": 1,
+    "data.window_tokens": 16,
+    "data.validation_fraction": 0.1,
+    "stage1.steps": 6,
+    "stage1.global_batch": 2,
+    "stage1.micro_batch": 1,
+    "stage1.checkpoint_every": 2,
+    "stage1.eval_every": 0,
+    "stage1.eval_batches": 1,
+    "stage1.keep_last": 2,
+    "stage2.steps": 4,
+    "stage2.global_batch": 2,
+    "stage2.micro_batch": 1,
+    "stage2.checkpoint_every": 2,
+    "stage2.eval_every": 0,
+    "stage2.eval_batches": 1,
 }
 
 
@@ -35,8 +45,14 @@ def make_manifest(folder: Path, chars: int = 30_000) -> str:
 
 def run_config(manifest: str, out: str, stage: int = 1, overrides: dict | None = None, **kw) -> dict:
     preset = get_preset("tiny", {**OVERRIDES, **(overrides or {})})
-    return {"preset": preset.to_dict(), "stage": stage, "manifest_uri": manifest, "out_uri": out,
-            "deterministic": True, **kw}
+    return {
+        "preset": preset.to_dict(),
+        "stage": stage,
+        "manifest_uri": manifest,
+        "out_uri": out,
+        "deterministic": True,
+        **kw,
+    }
 
 
 def write_config(path: Path, cfg: dict) -> str:
@@ -51,13 +67,40 @@ def launch(config_file: str, nproc: int = 1, launcher: str = "torchrun", **popen
     if nproc == 1:
         cmd = [sys.executable, "-m", "bolmo_core.train", "--config", config_file]
     elif launcher == "torchrun":
-        cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "bolmo_core.train", "--config", config_file]
+        cmd = [
+            str(bin_dir / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "bolmo_core.train",
+            "--config",
+            config_file,
+        ]
     else:
         from conftest import free_port
 
-        cmd = [str(bin_dir / "accelerate"), "launch", "--config_file",
-               str(REPO / "deployments/accelerate/cpu_2proc.yaml"), "--num_processes", str(nproc),
-               "--main_process_port", str(free_port()), "-m", "bolmo_core.train", "--config", config_file]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **popen_kw)
+        cmd = [
+            str(bin_dir / "accelerate"),
+            "launch",
+            "--config_file",
+            str(REPO / "deployments/accelerate/cpu_2proc.yaml"),
+            "--num_processes",
+            str(nproc),
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "bolmo_core.train",
+            "--config",
+            config_file,
+        ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **popen_kw,
+    )

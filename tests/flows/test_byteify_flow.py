@@ -18,8 +18,11 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-BUDGET = {"stage1_steps": 6, "stage2_steps": 4,
-          "overrides": {"stage1.checkpoint_every": 3, "stage2.checkpoint_every": 2}}
+BUDGET = {
+    "stage1_steps": 6,
+    "stage2_steps": 4,
+    "overrides": {"stage1.checkpoint_every": 3, "stage2.checkpoint_every": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,9 @@ def env(tmp_path_factory, s3_server, prefect_api_patient):
     tmp = tmp_path_factory.mktemp("flow")
     saved = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_server  # MLflow artifacts on S3 too (direct mode)
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"),
-                             PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}):
+    with temporary_settings(
+        {PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"), PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
+    ):
         yield {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
     if saved is None:
         os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
@@ -55,10 +59,17 @@ def _run(env, storage_root: str, return_state: bool = False):
     from flows.byteify import Budget, Compute, Evaluation, Tracking, byteify
 
     return byteify(
-        preset="tiny", storage_root=storage_root, budget=Budget(**BUDGET), compute=Compute(deterministic=True),
+        preset="tiny",
+        storage_root=storage_root,
+        budget=Budget(**BUDGET),
+        compute=Compute(deterministic=True),
         evaluation=Evaluation(max_bytes=3000, cute_items=0),
-        tracking_cfg=Tracking(tracking_uri=env["tracking_uri"], experiment="e2e", model_name="byteify-e2e",
-                              artifact_location="s3://byteify-test/mlflow"),
+        tracking_cfg=Tracking(
+            tracking_uri=env["tracking_uri"],
+            experiment="e2e",
+            model_name="byteify-e2e",
+            artifact_location="s3://byteify-test/mlflow",
+        ),
         return_state=return_state,
     )
 
@@ -107,9 +118,12 @@ def test_flow_on_s3_registers_model_with_lineage_and_artifacts(env, first):
     assert parent.info.artifact_uri.startswith("s3://byteify-test/mlflow")
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"data", "evaluation", "plots"} <= arts
-    assert [a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")] == ["evaluation/report.json"]
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")] == [
+        "evaluation/report.json"
+    ]
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     stages = {r.data.tags["byteify.stage"]: r for r in children}
     assert set(stages) == {"stage1", "stage2"}
     assert len(client.get_metric_history(stages["stage1"].info.run_id, "loss")) == 6
@@ -117,10 +131,18 @@ def test_flow_on_s3_registers_model_with_lineage_and_artifacts(env, first):
     assert out["metrics"]["byte_model.bits_per_byte"] > 0
 
     with get_client(sync_client=True) as pc:
-        artifacts = pc.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-            any_=[flow_run_id])))
+        artifacts = pc.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     keys = {a.key for a in artifacts if a.key}
-    assert {"data-manifest", "training-curves", "evaluation", "boundaries", "mlflow-run", "mlflow-model"} <= keys
+    assert {
+        "data-manifest",
+        "training-curves",
+        "evaluation",
+        "boundaries",
+        "mlflow-run",
+        "mlflow-model",
+    } <= keys
     progress = [a for a in artifacts if a.type == "progress"]
     assert len(progress) == 2 and all(float(a.data) == 100.0 for a in progress)
     boundaries = next(a for a in artifacts if a.key == "boundaries")
@@ -172,8 +194,11 @@ def _kill_stage1_when_checkpointed(root: Path, killed: list) -> None:
                 except OSError:
                     continue
                 # The trainer itself (not its accelerate launcher), running a Stage-1 config file.
-                if b"bolmo_core.train" in argv and b"launch" not in argv and any(
-                        a.endswith(b"/stage1.json") for a in argv):
+                if (
+                    b"bolmo_core.train" in argv
+                    and b"launch" not in argv
+                    and any(a.endswith(b"/stage1.json") for a in argv)
+                ):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
             return
@@ -198,5 +223,6 @@ def test_sigkill_of_stage1_trainer_resumes_to_identical_weights(env, first, tmp_
     from mlflow import MlflowClient
 
     mv = MlflowClient(env["tracking_uri"], registry_uri=env["tracking_uri"]).get_model_version(
-        "byteify-e2e", res["version"])
+        "byteify-e2e", res["version"]
+    )
     assert mv.tags["byteify.stage1_checkpoint_hash"] == out["stage1_hash"]

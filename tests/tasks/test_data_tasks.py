@@ -42,7 +42,9 @@ def test_bad_input_fails_without_retrying(prefect_api, tmp_path):
 
     from tasks.data import plan_shards
 
-    state: State = plan_shards([str(tmp_path / "missing.jsonl")], TINY, str(tmp_path / "o"), CFG, return_state=True)
+    state: State = plan_shards(
+        [str(tmp_path / "missing.jsonl")], TINY, str(tmp_path / "o"), CFG, return_state=True
+    )
     assert state.is_failed()
     with pytest.raises(D.DataError, match=r"missing.jsonl: does not exist$"):
         state.result()

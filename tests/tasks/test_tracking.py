@@ -17,9 +17,17 @@ import pytest
 from bolmo_core.source import SourceConfig, resolve_source
 from tasks import tracking
 
-LINEAGE = {"source_id": "byteify/tiny-olmo2", "source_revision": "", "source_file_sha256": "",
-           "manifest_hash": "m" * 64, "stage1_checkpoint_hash": "a" * 64, "stage2_checkpoint_hash": "b" * 64,
-           "export_hash": "c" * 64, "flow_run_id": "fr-1", "eval_summary": {"byte_model.bits_per_byte": 2.5}}
+LINEAGE = {
+    "source_id": "byteify/tiny-olmo2",
+    "source_revision": "",
+    "source_file_sha256": "",
+    "manifest_hash": "m" * 64,
+    "stage1_checkpoint_hash": "a" * 64,
+    "stage2_checkpoint_hash": "b" * 64,
+    "export_hash": "c" * 64,
+    "flow_run_id": "fr-1",
+    "eval_summary": {"byte_model.bits_per_byte": 2.5},
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +50,32 @@ def test_register_pyfunc_with_lineage_once_per_lineage(tmp_path, hf_folder):
     run_id = tracking.start_flow_run(uri, "t", "fr-1", {"preset": {"name": "tiny"}})
     first = tracking.register_model(uri, "byteify-t", hf_folder, LINEAGE, run_id=run_id)
     assert (first["version"], first["created"]) == ("1", True)
-    again = tracking.register_model(uri, "byteify-t", hf_folder, {**LINEAGE, "flow_run_id": "fr-2"}, run_id=run_id)
+    again = tracking.register_model(
+        uri, "byteify-t", hf_folder, {**LINEAGE, "flow_run_id": "fr-2"}, run_id=run_id
+    )
     assert (again["version"], again["created"]) == ("1", False)  # same lineage: no second version
 
     client = tracking._client(uri)
     mv = client.get_model_version_by_alias("byteify-t", "candidate")
     assert str(mv.version) == "1" and mv.status == "READY"
     tags = mv.tags
-    for key in ("source_id", "manifest_hash", "stage1_checkpoint_hash", "stage2_checkpoint_hash", "flow_run_id",
-                "code_version", "eval_summary", "lineage_hash"):
+    for key in (
+        "source_id",
+        "manifest_hash",
+        "stage1_checkpoint_hash",
+        "stage2_checkpoint_hash",
+        "flow_run_id",
+        "code_version",
+        "eval_summary",
+        "lineage_hash",
+    ):
         assert tags.get(f"byteify.{key}"), key
     assert tags["byteify.stage2_checkpoint_hash"] == "b" * 64
     assert '"byte_model.bits_per_byte": 2.5' in tags["byteify.eval_summary"]
 
-    newer = tracking.register_model(uri, "byteify-t", hf_folder, {**LINEAGE, "stage2_checkpoint_hash": "d" * 64})
+    newer = tracking.register_model(
+        uri, "byteify-t", hf_folder, {**LINEAGE, "stage2_checkpoint_hash": "d" * 64}
+    )
     assert (newer["version"], newer["created"]) == ("2", True)
     assert str(client.get_model_version_by_alias("byteify-t", "candidate").version) == "2"
     assert len(client.search_model_versions("name = 'byteify-t'")) == 2
@@ -75,7 +95,9 @@ def test_half_done_registration_is_completed_not_duplicated(tmp_path, hf_folder)
     client.create_model_version("byteify-h", source=hf_folder, tags={"byteify.lineage_hash": h})
     out = tracking.register_model(uri, "byteify-h", hf_folder, LINEAGE)
     assert (out["version"], out["created"]) == ("1", False)
-    assert client.get_model_version_by_alias("byteify-h", "candidate").tags["byteify.manifest_hash"] == "m" * 64
+    assert (
+        client.get_model_version_by_alias("byteify-h", "candidate").tags["byteify.manifest_hash"] == "m" * 64
+    )
     assert len(client.search_model_versions("name = 'byteify-h'")) == 1
 
 
@@ -123,6 +145,7 @@ def test_callback_survives_tracking_outage_and_errors_are_classified(tmp_path, m
 
 # ---------------------------------------------------------------- a real server that goes down
 
+
 def _free_port() -> int:
     import socket
 
@@ -134,10 +157,26 @@ def _free_port() -> int:
 def _start_mlflow(tmp_path: Path, port: int) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("mlflow")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-                             "--artifacts-destination", str(tmp_path / "art"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'srv.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     return proc
 
 
@@ -188,8 +227,9 @@ def test_registration_retried_while_mlflow_server_is_down(tmp_path, hf_folder, p
 
         @flow
         def register_flow():
-            return tracking.mlflow_register(uri, "byteify-down", hf_folder, LINEAGE, run_id=run_id,
-                                            return_state=True)
+            return tracking.mlflow_register(
+                uri, "byteify-down", hf_folder, LINEAGE, run_id=run_id, return_state=True
+            )
 
         state = register_flow()
         result = state.result()
