@@ -1,7 +1,8 @@
 """Training throughput: a Stage-2 Bolmo step vs a training step of the source subword model.
 
 Both train on the same text (the same windows of the offline Wikipedia extracts, SmolLM2
-tokenizer), in the same precision (bf16 autocast, fp32 master weights), and a step is the
+tokenizer), in the same precision (`--precision`: fp32, or bf16 autocast with fp32 master
+weights), and a step is the
 same work for both: forward, backward, gradient clipping and an AdamW update of every
 trainable weight. Bolmo: `smollm2-135m` preset, Stage 2 (everything trained, predicted
 boundaries, CE + 4 x BCE) on B windows of P tokens = 6P byte slots; the source:
@@ -9,7 +10,7 @@ SmolLM2-135M as a causal LM on the same B x P tokens. Throughput is counted in t
 (the bytes the window covers), so the ratio is Bolmo bytes/s over source bytes/s (goal
 >= 0.7). Steps alternate (source, Bolmo, source, ...) so load changes hit both alike.
 
-    .venv/bin/python benchmarks/bench_train.py [--windows 1] [--steps 2] [--window-tokens 128]
+    .venv/bin/python benchmarks/bench_train.py [--windows 4] [--steps 3] [--window-tokens 64] [--precision fp32]
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def _batch(work: Path, preset, vocab, windows: int) -> dict:
     return next(iter(build_loader(preset, manifest, vocab, windows, "train", 0, 0, 1)))
 
 
-def _step(params, opt, loss_fn) -> float:
+def _step(params, opt, loss_fn, precision: str) -> float:
     t = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss = loss_fn()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 0.5)
@@ -53,9 +54,11 @@ def _step(params, opt, loss_fn) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=1, help="windows per step (batch)")
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per model (after 1 warm-up step)")
-    ap.add_argument("--window-tokens", type=int, default=128)
+    ap.add_argument("--windows", type=int, default=4, help="windows per step (batch)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per model (after 1 warm-up step)")
+    ap.add_argument("--window-tokens", type=int, default=64)
+    # fp32 by default: CPUs without native bf16 (like the CI box) run bf16 matmuls ~40x slower.
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     args = ap.parse_args()
 
     from bolmo_core.config import get_preset
@@ -90,8 +93,14 @@ def main() -> None:
             lambda: torch.nn.functional.cross_entropy(
                 source(input_ids=ids).logits.flatten(0, 1).float(), labels.flatten()
             ),
+            args.precision,
         ),
-        "bolmo": lambda: _step(b_params, b_opt, lambda: bolmo.stage2_loss(batch, preset.stage2.losses)[0]),
+        "bolmo": lambda: _step(
+            b_params,
+            b_opt,
+            lambda: bolmo.stage2_loss(batch, preset.stage2.losses)[0],
+            args.precision,
+        ),
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for fn in runs.values():  # warm-up (allocations, first-call overheads)
@@ -104,7 +113,7 @@ def main() -> None:
     bps = {k: text_bytes / min(v) for k, v in times.items()}
     print(
         f"threads={torch.get_num_threads()} windows={args.windows} x {args.window_tokens} tokens, "
-        f"{text_bytes} text bytes per step, bf16 autocast, fwd+bwd+clip+AdamW, best of {args.steps}"
+        f"{text_bytes} text bytes per step, {args.precision}, fwd+bwd+clip+AdamW, best of {args.steps}"
     )
     print(f"{'model':<28}{'step s (best)':>14}{'bytes/s':>12}")
     print(f"{'source SmolLM2-135M':<28}{min(times['source']):>14.2f}{bps['source']:>12.1f}")
