@@ -40,6 +40,7 @@ from bolmo_core import generate as gen  # noqa: E402
 from bolmo_core.byte_tokenizer import BOS, OFFSET, PAD  # noqa: E402
 from bolmo_core.config import get_preset  # noqa: E402
 from bolmo_core.global_model import build_source_skeleton  # noqa: E402
+from bolmo_core.loader import finish_batch  # noqa: E402
 from bolmo_core.mlstm import get_mlstm_backend, mlstm_chunkwise  # noqa: E402
 from bolmo_core.model import BolmoModel  # noqa: E402
 from bolmo_core.subword import RetainedIndex, SubwordVocab  # noqa: E402
@@ -108,22 +109,7 @@ def synthetic_batch(vocab: SubwordVocab, index: RetainedIndex, B: int, P: int, L
         patch_lens[r] = [len(p) for p in pieces]
         teacher[r, 1:] = toks[:-1]
         nxt[r] = toks[-1]
-    patch_mask = np.cumsum(patch_lens, axis=1) <= L
-    patch_lens[~patch_mask] = 0
-    byte_mask = input_ids != PAD
-    expanded = np.asarray(index.expand(input_ids), dtype=np.int64).reshape(B, L)
-    expanded[input_ids == BOS] = sep
-    expanded[~byte_mask] = vocab.pad_id
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-    return {
-        "input_ids": t(input_ids),
-        "expanded_ids": t(expanded),
-        "patch_lens": t(patch_lens),
-        "teacher_ids": t(teacher),
-        "teacher_next": t(nxt),
-        "byte_mask": t(byte_mask),
-        "patch_mask": t(patch_mask),
-    }
+    return finish_batch(input_ids, patch_lens, teacher, nxt, index, sep, vocab.pad_id)
 
 
 # ---------------------------------------------------------------- measuring

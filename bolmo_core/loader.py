@@ -90,6 +90,35 @@ def pack_stream(table: pa.Table, sep_id: int) -> tuple[np.ndarray, np.ndarray, n
     return tok, starts, byte_ids
 
 
+def finish_batch(
+    input_ids: np.ndarray,
+    patch_lens: np.ndarray,
+    teacher: np.ndarray,
+    nxt: np.ndarray,
+    retained: RetainedIndex,
+    sep: int,
+    pad: int,
+) -> dict[str, torch.Tensor]:
+    """Masks, truncated patches and retained ids for filled byte/patch arrays; the batch as tensors."""
+    B, L = input_ids.shape
+    patch_mask = np.cumsum(patch_lens, axis=1) <= L  # patches cut by truncation are dropped
+    patch_lens[~patch_mask] = 0
+    byte_mask = input_ids != PAD
+    expanded = np.asarray(retained.expand(input_ids), dtype=np.int64).reshape(B, L)
+    expanded[input_ids == BOS] = sep
+    expanded[~byte_mask] = pad
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    return {
+        "input_ids": t(input_ids),
+        "expanded_ids": t(expanded),
+        "patch_lens": t(patch_lens),
+        "teacher_ids": t(teacher),
+        "teacher_next": t(nxt),
+        "byte_mask": t(byte_mask),
+        "patch_mask": t(patch_mask),
+    }
+
+
 class WindowLoader:
     """Batches of training windows from a manifest's split; resumable and rank-aware."""
 
@@ -161,22 +190,7 @@ class WindowLoader:
             patch_lens[r, 1:] = self.starts[s + 1 : s + P] - self.starts[s : s + P - 1]
             teacher[r, 1:] = toks[: P - 1]
             nxt[r] = toks[P - 1]
-        patch_mask = np.cumsum(patch_lens, axis=1) <= L
-        patch_lens[~patch_mask] = 0
-        byte_mask = input_ids != PAD
-        expanded = np.asarray(self.retained.expand(input_ids), dtype=np.int64).reshape(B, L)
-        expanded[input_ids == BOS] = self.sep
-        expanded[~byte_mask] = self.pad
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-        return {
-            "input_ids": t(input_ids),
-            "expanded_ids": t(expanded),
-            "patch_lens": t(patch_lens),
-            "teacher_ids": t(teacher),
-            "teacher_next": t(nxt),
-            "byte_mask": t(byte_mask),
-            "patch_mask": t(patch_mask),
-        }
+        return finish_batch(input_ids, patch_lens, teacher, nxt, self.retained, self.sep, self.pad)
 
     def __iter__(self):
         """Batches forever (epoch after epoch), from the current position."""
