@@ -246,8 +246,12 @@ def _unspellable_pattern(missing: tuple[int, ...]) -> re.Pattern | None:
     return re.compile(f"([{cls}]+)")
 
 
-def _split_valid_utf8(doc: bytes, unspellable: re.Pattern | None) -> list[str | bytes]:
-    """Maximal tokenizable runs (as str) and runs of invalid or unspellable bytes (as bytes), in order."""
+def _split_valid_utf8(doc: bytes, unspellable: re.Pattern | None, missing: bytes = b"") -> list[str | bytes]:
+    """Maximal tokenizable runs (as str) and runs of invalid or unspellable bytes (as bytes), in order.
+
+    `missing` are the bytes with no single-byte token: a character is unspellable only if its
+    UTF-8 form contains one of them, so a document without any skips the regex (C-speed check).
+    """
     try:
         parts: list[str | bytes] = [doc.decode("utf-8")]
     except UnicodeDecodeError:
@@ -255,7 +259,7 @@ def _split_valid_utf8(doc: bytes, unspellable: re.Pattern | None) -> list[str | 
         for i, piece in enumerate(_ESCAPED.split(doc.decode("utf-8", errors="surrogateescape"))):
             if piece:
                 parts.append(piece.encode("utf-8", errors="surrogateescape") if i % 2 else piece)
-    if unspellable is None:
+    if unspellable is None or (missing and len(doc.translate(None, missing)) == len(doc)):
         return parts
     out: list[str | bytes] = []
     for part in parts:
@@ -274,13 +278,14 @@ def label_documents(
     """Per document (token_ids uint32, token_ends uint32): the source tokenization and each token's byte end."""
     vocab = vocab or get_vocab(tok)
     unspellable = vocab.unspellable
+    missing = bytes(np.nonzero(vocab.single_byte_ids < 0)[0].tolist())
     raw_ids = np.where(vocab.single_byte_ids >= 0, vocab.single_byte_ids, vocab.byte_fallback_id)
     plans, texts = [], []
     for doc in docs:
         if not isinstance(doc, bytes | bytearray):
             raise TokenizerError(f"label_documents: documents must be bytes, got {type(doc).__name__}")
         plan = []
-        for part in _split_valid_utf8(bytes(doc), unspellable):
+        for part in _split_valid_utf8(bytes(doc), unspellable, missing):
             if isinstance(part, str):
                 plan.append(len(texts))
                 texts.append(part)
