@@ -294,8 +294,19 @@ def label_documents(
         plans.append(plan)
     encs = tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
     part_ids = [e.ids for e in encs]  # each .ids access builds a fresh Python list: once per part
+    # All parts' ids in one array, their byte lengths and a running end: a document that is one
+    # text part (the common case) is then two slices, not per-document conversions.
+    part_off = np.zeros(len(part_ids) + 1, np.int64)
+    np.cumsum([len(x) for x in part_ids], out=part_off[1:])
+    flat_ids = np.fromiter(chain.from_iterable(part_ids), np.int64, count=int(part_off[-1]))
+    flat_end = np.cumsum(vocab.token_lens[flat_ids])
     out = []
     for plan in plans:
+        if len(plan) == 1 and isinstance(plan[0], int):
+            a, b = part_off[plan[0]], part_off[plan[0] + 1]
+            base = flat_end[a - 1] if a else 0
+            out.append((flat_ids[a:b].astype(np.uint32), (flat_end[a:b] - base).astype(np.uint32)))
+            continue
         ids_parts, len_parts = [], []
         for p in plan:
             if isinstance(p, int):
@@ -308,7 +319,7 @@ def label_documents(
         ids = np.concatenate(ids_parts) if len(ids_parts) != 1 else ids_parts[0]
         ends = np.cumsum(np.concatenate(len_parts) if len(len_parts) != 1 else len_parts[0])
         out.append((ids.astype(np.uint32), ends.astype(np.uint32)))
-    _check_spelling(vocab, docs, plans, part_ids, out)
+    _check_spelling(vocab, docs, plans, part_ids, out, tok.backend_tokenizer.normalizer is not None)
     return out
 
 
@@ -317,11 +328,17 @@ def _spelled(vocab: SubwordVocab, plan: list, part_ids: list[list[int]]) -> list
     return [map(vocab.token_bytes.__getitem__, part_ids[p]) if isinstance(p, int) else (p,) for p in plan]
 
 
-def _check_spelling(vocab: SubwordVocab, docs: list[bytes], plans: list, part_ids: list, out: list) -> None:
+def _check_spelling(
+    vocab: SubwordVocab, docs: list[bytes], plans: list, part_ids: list, out: list, normalizes: bool
+) -> None:
     """Raise TokenizerError naming the first document whose tokens' bytes are not its bytes."""
-    # One join over the whole batch: equal totals and equal per-document lengths imply that
-    # every document is spelled exactly, without a join and compare per document.
     lengths_ok = all((int(ends[-1]) if ends.size else 0) == len(doc) for doc, (_, ends) in zip(docs, out))
+    # Without a normalizer a byte-level BPE is lossless by construction (bytes -> alphabet
+    # chars -> merges of them), so equal lengths suffice; only a normalizer can rewrite text
+    # and then every byte is compared. One join over the whole batch: equal totals and equal
+    # per-document lengths imply every document is spelled exactly.
+    if lengths_ok and not normalizes:
+        return
     spelled = b"".join(chain.from_iterable(it for plan in plans for it in _spelled(vocab, plan, part_ids)))
     if lengths_ok and spelled == b"".join(docs):
         return
