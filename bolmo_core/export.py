@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import storage
 from .byte_tokenizer import BOS, OFFSET
 
 HF_DIR = Path(__file__).parent / "hf"
@@ -155,9 +155,7 @@ def export_model(
         auto_map=AUTO_MAP,
         **extra,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
-    try:
+    with storage.atomic_local_dir(out) as tmp:
         hf_cfg.save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name in REMOTE_FILES:
@@ -185,12 +183,6 @@ def export_model(
             "preset": preset.to_dict() if preset is not None else None,
         }
         (tmp / "byteify_export.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -138,3 +143,22 @@ def listdir(uri: str) -> list[str]:
     if not fs.exists(path):
         return []
     return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+@contextmanager
+def atomic_local_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder next to `dest`; on success it replaces `dest` in one rename.
+
+    A failure (or a kill) leaves `dest` as it was: readers never see a half-written folder.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
