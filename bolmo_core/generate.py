@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .byte_tokenizer import BOS, EOS, FUSED_OFFSET, FUSED_VOCAB, OFFSET
-from .local_blocks import HOLD_F, HOLD_I, run_blocks
+from .local_blocks import run_blocks
 from .pooling import depool
 
 
@@ -48,7 +48,7 @@ class GenerationConfig:
     seed: int | None = None
     stop_on_eos: bool = True
     boundary_bias: float = 0.0  # added to flagged logits (the reference's gen_boundary_bias)
-    sync: float = 0.5  # run a global step once this fraction of unfinished rows waits for one (speed only)
+    sync: float = 1.0  # run a global step once this fraction of unfinished rows waits for one (speed only)
     precision: str = "fp32"  # fp32 | bf16 (CPU/GPU autocast; mLSTM math stays fp32)
 
     def check(self) -> None:
@@ -141,10 +141,12 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | N
 
 
 class _StepStack:
-    """A LocalBlock stack for one position per row, with fused projections (one matmul for q, k, v,
-    the output gate and both scalar gates; one for the SwiGLU gate and up): the same math as
-    LocalBlock + MLSTMLayer + mlstm_step (the cache-consistency test checks it against a full
-    forward), in far fewer ops per byte, which is what a byte step costs on a CPU."""
+    """A LocalBlock stack for one position of some rows, in few ops: one matmul for q, k, v, the
+    output gate and both scalar gates, one for the SwiGLU gate and up, fused norms, and the mLSTM
+    state updated in place (generation never revisits an old state). Only the rows that step are
+    computed (idle rows' states are not touched at all). Same math as LocalBlock + MLSTMLayer +
+    mlstm_step; the cache-consistency test checks it against a full forward. On a CPU a byte step
+    costs its op count and weight reads more than its FLOPs, which is what this saves per byte."""
 
     def __init__(self, blocks):
         self.layers = []
@@ -155,36 +157,44 @@ class _StepStack:
             )
             b = torch.cat([w.new_zeros(2 * ml.dqk + 2 * ml.d), ml.i_gate.bias, ml.f_gate.bias])
             ff = torch.cat([blk.ffn.gate.weight, blk.ffn.up.weight])
-            split = [ml.dqk, ml.dqk, ml.d, ml.d, ml.h, ml.h]
-            self.layers.append((blk, ml, w, b, ff, split))
+            self.layers.append((blk, ml, w, b, ff, [ml.dqk, ml.dqk, ml.d, ml.d, 2 * ml.h]))
 
-    def __call__(self, x: torch.Tensor, states: list, hold: torch.Tensor):
-        """x (B, d), states [(C, n, m)] per block, hold (B,) bool -> (y (B, d), new states)."""
-        new = []
-        B = x.shape[0]
-        keep = hold[:, None]
-        for (blk, ml, w, b, ff, split), (C, n, m) in zip(self.layers, states):
-            q, k, v, o, i, f = F.linear(blk.mlstm_norm(x), w, b).split(split, -1)
-            q, k, v = (t.float().view(B, ml.h, -1) for t in (q, k, v))
-            i = torch.where(keep, HOLD_I, ml.soft_cap * torch.tanh(i.float() / ml.soft_cap))
-            f = torch.where(keep, HOLD_F, ml.soft_cap * torch.tanh(f.float() / ml.soft_cap))
-            logf = F.logsigmoid(f)
-            m_new = torch.maximum(logf + m, i)
-            fa, ia = torch.exp(logf + m - m_new), torch.exp(i - m_new)
-            C = fa[..., None, None] * C + (ia[..., None] * k).unsqueeze(-1) * v.unsqueeze(-2)
-            n = fa[..., None] * n + ia[..., None] * k
-            qs = q * (q.shape[-1] ** -0.5)
-            den = torch.maximum((qs * n).sum(-1).abs(), torch.exp(-m_new)) + 1e-6
-            h = (qs.unsqueeze(-2) @ C).squeeze(-2) / den[..., None]
-            var, mean = torch.var_mean(h, -1, unbiased=False, keepdim=True)
-            h = ((h - mean) * torch.rsqrt(var + ml.head_norm_eps)).reshape(
-                B, -1
-            ) * ml.head_norm_weight.float()
+    @staticmethod
+    def _rms(x: torch.Tensor, norm) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), norm.weight.float(), norm.eps).to(x.dtype)
+
+    def __call__(self, x: torch.Tensor, states: list, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x (k, d) for the rows `idx` (None: all rows, k == B); states [(C, n, m)] per block, updated
+        in place -> y (k, d)."""
+        k_rows = x.shape[0]
+        for (blk, ml, w, b, ff, split), st in zip(self.layers, states):
+            C, n, m = st if idx is None else (t.index_select(0, idx) for t in st)
+            H, dk = ml.h, ml.dqk // ml.h
+            q, k, v, o, g = F.linear(self._rms(x, blk.mlstm_norm), w, b).split(split, -1)
+            i, f = (ml.soft_cap * torch.tanh(g.float() / ml.soft_cap)).chunk(2, -1)  # both gates at once
+            lm = F.logsigmoid(f) + m
+            m_new = torch.maximum(lm, i)
+            fa, ia = torch.exp(lm - m_new), torch.exp(i - m_new)
+            kk = k.float().view(k_rows, H, dk) * ia[..., None]
+            Cv = C.view(k_rows * H, dk, -1)
+            C.mul_(fa[..., None, None])
+            Cv.baddbmm_(kk.view(k_rows * H, dk, 1), v.float().reshape(k_rows * H, 1, -1))
+            n.mul_(fa[..., None]).add_(kk)
+            qs = q.float().reshape(k_rows * H, 1, dk) * (dk**-0.5)
+            num = torch.bmm(qs, Cv).view(k_rows, H, -1)
+            qn = torch.bmm(qs, n.view(k_rows * H, dk, 1)).view(k_rows, H)
+            den = torch.maximum(qn.abs(), torch.exp(-m_new)) + 1e-6
+            h = F.layer_norm(num / den[..., None], (num.shape[-1],), eps=ml.head_norm_eps)
+            h = h.view(k_rows, -1) * ml.head_norm_weight.float()
             x = x + F.linear(h.to(o.dtype) * torch.sigmoid(o), ml.out.weight)
-            g, u = F.linear(blk.ffn_norm(x), ff).chunk(2, -1)
-            x = x + F.linear(F.silu(g) * u, blk.ffn.down.weight)
-            new.append((C, n, m_new))
-        return x, new
+            gate, up = F.linear(self._rms(x, blk.ffn_norm), ff).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, blk.ffn.down.weight)
+            if idx is None:
+                st[2].copy_(m_new)
+            else:
+                for full, new in zip(st, (C, n, m_new)):
+                    full.index_copy_(0, idx, new)
+        return x
 
 
 class _Rows:
@@ -203,8 +213,8 @@ class _Rows:
             self.hist[rows, :-1] = self.hist[rows, 1:]
             self.hist[rows, -1] = ids
 
-    def retained_last(self) -> np.ndarray:
-        return self.index.expand_last(self.hist, 1)[:, 0]
+    def retained_last(self, rows: np.ndarray | None = None) -> np.ndarray:
+        return self.index.expand_last(self.hist if rows is None else self.hist[rows], 1)[:, 0]
 
 
 def _steps(model, prompts: list[bytes], cfg: GenerationConfig, trace: bool) -> Iterator[tuple]:
@@ -275,6 +285,9 @@ def _steps(model, prompts: list[bytes], cfg: GenerationConfig, trace: bool) -> I
             flags[r].append(bool(pend_b[r]))
     rows = _Rows(seqs, index)
     enc_step, dec_step = _StepStack(enc.blocks), _StepStack(dec.blocks)
+    # The steps update states in place: own them (prefill states may be views or expanded).
+    enc_state = [tuple(t.clone() for t in st) for st in enc_state]
+    dec_state = [tuple(t.clone() for t in st) for st in dec_state]
     out_ids: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     active = torch.ones(B, dtype=torch.bool, device=dev)
@@ -282,10 +295,8 @@ def _steps(model, prompts: list[bytes], cfg: GenerationConfig, trace: bool) -> I
     if cfg.max_new_bytes == 0:
         active[:] = False
 
-    def emit(mask: torch.Tensor, chosen: torch.Tensor):
-        """Record sampled ids for the rows in `mask`; stop rows on EOS or the byte budget."""
-        idx = mask.nonzero().squeeze(-1).tolist()
-        vals = chosen[mask].tolist()
+    def emit(idx: list[int], vals: list[int]):
+        """Record sampled ids for rows `idx`; stop rows on EOS or the byte budget."""
         for r, v in zip(idx, vals):
             out_ids[r].append(v)
             flags[r].append(v >= FUSED_OFFSET)
@@ -297,20 +308,30 @@ def _steps(model, prompts: list[bytes], cfg: GenerationConfig, trace: bool) -> I
         rows.push(np.asarray(idx, dtype=np.int64), np.asarray(vals, dtype=np.int64) % FUSED_OFFSET)
         return idx, vals
 
+    def subset(mask: torch.Tensor, n: int) -> torch.Tensor | None:
+        """Row indices of `mask`, or None when every row is in it (the step then needs no gather)."""
+        return None if n == B else mask.nonzero().squeeze(-1)
+
     if cfg.max_new_bytes > 0:
         free = ~forced
         if bool(free.any()):
-            for r, v in zip(*emit(free, first)):
+            fr = free.nonzero().squeeze(-1)
+            for r, v in zip(*emit(fr.tolist(), first[fr].tolist())):
                 yield r, v
     waiting = torch.zeros(B, dtype=torch.bool, device=dev)
 
     while bool(active.any()):
         adv = active & ~waiting  # rows that consume their pending byte now
         enc_rows = adv & need_enc
-        if bool(enc_rows.any()):
-            e = enc.embed(pend_x, None if index is None else torch.from_numpy(rows.retained_last()).to(dev))
-            xe, enc_state = enc_step(e, enc_state, ~enc_rows)
-            h_cur = torch.where(enc_rows[:, None], enc.norm(xe), h_cur)
+        n_enc = int(enc_rows.sum())
+        if n_enc:
+            ei = subset(enc_rows, n_enc)
+            px = pend_x if ei is None else pend_x[ei]
+            ret = None
+            if index is not None:
+                ret = torch.from_numpy(rows.retained_last(None if ei is None else ei.cpu().numpy())).to(dev)
+            he = enc.norm(enc_step(enc.embed(px, ret), enc_state, ei))
+            h_cur = he if ei is None else h_cur.index_copy(0, ei, he)
         need_enc = torch.ones_like(need_enc)
         waiting = waiting | (adv & pend_b)
         ready = adv & ~pend_b
@@ -328,17 +349,23 @@ def _steps(model, prompts: list[bytes], cfg: GenerationConfig, trace: bool) -> I
             n_patches = n_patches + waiting.long()
             ready = ready | waiting
             waiting = torch.zeros_like(waiting)
-        if not bool(ready.any()):
+        n_ready = int(ready.sum())
+        if not n_ready:
             continue
-        yd, dec_state = dec_step(dec.in_projection(h_cur) + last_value, dec_state, ~ready)
-        logits = model.lm_head(yd).float()
+        di = subset(ready, n_ready)
+        xd = dec.in_projection(h_cur) + last_value
+        logits = model.lm_head(dec_step(xd if di is None else xd[di], dec_state, di)).float()
+        ridx = list(range(B)) if di is None else di.tolist()
         if trace:
-            for r in ready.nonzero().squeeze(-1).tolist():
-                traces[r].append(logits[r : r + 1])
+            for j, r in enumerate(ridx):
+                traces[r].append(logits[j : j + 1])
         chosen = sample((logits + flag_bias).masked_fill(~allowed, -math.inf), cfg, gen)
-        pend_x = torch.where(ready, chosen % FUSED_OFFSET, pend_x)
-        pend_b = torch.where(ready, chosen >= FUSED_OFFSET, pend_b)
-        for r, v in zip(*emit(ready, chosen)):
+        if di is None:
+            pend_x, pend_b = chosen % FUSED_OFFSET, chosen >= FUSED_OFFSET
+        else:
+            pend_x = pend_x.index_copy(0, di, chosen % FUSED_OFFSET)
+            pend_b = pend_b.index_copy(0, di, chosen >= FUSED_OFFSET)
+        for r, v in zip(*emit(ridx, chosen.tolist())):
             yield r, v
 
     seq_bytes = [bytes((v % FUSED_OFFSET) - OFFSET for v in o if v % FUSED_OFFSET >= OFFSET) for o in out_ids]
