@@ -417,7 +417,7 @@ def label_batch(tok, docs: list[tuple[str, bytes]], max_doc_bytes: int = MAX_DOC
         if not data:
             counts["skipped_empty_docs"] += 1
             continue
-        if not _is_utf8(data):
+        if not data.isascii() and not _is_utf8(data):  # isascii: no decode for most documents
             counts["invalid_utf8_docs"] += 1
         if len(data) > max_doc_bytes:
             counts["split_long_docs"] += 1

@@ -275,52 +275,79 @@ def _split_valid_utf8(doc: bytes, unspellable: re.Pattern | None, missing: bytes
 def label_documents(
     tok, docs: list[bytes], vocab: SubwordVocab | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per document (token_ids uint32, token_ends uint32): the source tokenization and each token's byte end."""
+    """Per document (token_ids uint32, token_ends uint32): the source tokenization and each token's byte end.
+
+    Each document's pair are views into two arrays shared by the batch (`label_flat`).
+    """
+    ids, ends, doc_off = label_flat(tok, docs, vocab)
+    bounds = doc_off.tolist()
+    return [(ids[a:b], ends[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def label_flat(
+    tok, docs: list[bytes], vocab: SubwordVocab | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`label_documents` as whole-batch arrays: (token_ids uint32, token_ends uint32, doc_offsets int64).
+
+    Document n owns tokens ``doc_offsets[n]:doc_offsets[n + 1]``; its ends count from its own
+    first byte. Everything after the one encoder call is whole-batch numpy, so what is paid
+    per document is one UTF-8 decode and a few list appends.
+    """
     vocab = vocab or get_vocab(tok)
     unspellable = vocab.unspellable
     missing = bytes(np.nonzero(vocab.single_byte_ids < 0)[0].tolist())
-    raw_ids = np.where(vocab.single_byte_ids >= 0, vocab.single_byte_ids, vocab.byte_fallback_id)
-    plans, texts = [], []
-    for doc in docs:
+    texts: list[str] = []
+    first_part = []  # per document: index in `texts` of its first text part (plus one past the end)
+    plans: dict[int, list] = {}  # documents that are not exactly one text part: part indices and raw runs
+    for n, doc in enumerate(docs):
         if not isinstance(doc, bytes | bytearray):
             raise TokenizerError(f"label_documents: documents must be bytes, got {type(doc).__name__}")
-        plan = []
-        for part in _split_valid_utf8(bytes(doc), unspellable, missing):
+        first_part.append(len(texts))
+        parts = _split_valid_utf8(bytes(doc), unspellable, missing)
+        if len(parts) == 1 and isinstance(parts[0], str):  # the common case: one valid, spellable run
+            texts.append(parts[0])
+            continue
+        plan = plans[n] = []
+        for part in parts:
             if isinstance(part, str):
                 plan.append(len(texts))
                 texts.append(part)
             else:
                 plan.append(part)
-        plans.append(plan)
+    first_part.append(len(texts))
     encs = tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
-    part_ids = [e.ids for e in encs]  # each .ids access builds a fresh Python list: once per part
-    # All parts' ids in one array, their byte lengths and a running end: a document that is one
-    # text part (the common case) is then two slices, not per-document conversions.
-    part_off = np.zeros(len(part_ids) + 1, np.int64)
-    np.cumsum([len(x) for x in part_ids], out=part_off[1:])
-    flat_ids = np.fromiter(chain.from_iterable(part_ids), np.int64, count=int(part_off[-1]))
-    flat_end = np.cumsum(vocab.token_lens[flat_ids])
-    out = []
-    for plan in plans:
-        if len(plan) == 1 and isinstance(plan[0], int):
-            a, b = part_off[plan[0]], part_off[plan[0] + 1]
-            base = flat_end[a - 1] if a else 0
-            out.append((flat_ids[a:b].astype(np.uint32), (flat_end[a:b] - base).astype(np.uint32)))
-            continue
-        ids_parts, len_parts = [], []
+    # All text parts' ids in one array (each .ids access builds a Python list: once per part).
+    part_off = np.zeros(len(encs) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, encs), np.int64, count=len(encs)), out=part_off[1:])
+    text_ids = np.fromiter(chain.from_iterable(e.ids for e in encs), np.int64, count=int(part_off[-1]))
+    ids, lens = text_ids, vocab.token_lens[text_ids]
+    doc_ntok = np.diff(part_off[np.asarray(first_part, np.int64)])
+    at, runs = [], []
+    for n, plan in plans.items():
+        k = first_part[n]  # text parts before the current position
         for p in plan:
             if isinstance(p, int):
-                ids = np.asarray(part_ids[p], dtype=np.int64)
-                ids_parts.append(ids)
-                len_parts.append(vocab.token_lens[ids])
-            else:  # raw bytes: one token per byte, one byte per token
-                ids_parts.append(raw_ids[np.frombuffer(p, dtype=np.uint8)])
-                len_parts.append(np.ones(len(p), dtype=np.int64))
-        ids = np.concatenate(ids_parts) if len(ids_parts) != 1 else ids_parts[0]
-        ends = np.cumsum(np.concatenate(len_parts) if len(len_parts) != 1 else len_parts[0])
-        out.append((ids.astype(np.uint32), ends.astype(np.uint32)))
-    _check_spelling(vocab, docs, plans, part_ids, out, tok.backend_tokenizer.normalizer is not None)
-    return out
+                k = p + 1
+            else:  # a raw run goes before the first token of the next text part
+                at.append(np.full(len(p), part_off[k], np.int64))
+                runs.append(np.frombuffer(p, np.uint8))
+                doc_ntok[n] += len(p)
+    if runs:
+        # Invalid or unspellable bytes are one token each, inserted into the text tokens in
+        # document order (np.insert keeps the given order of equal positions).
+        at_all, run_bytes = np.concatenate(at), np.concatenate(runs)
+        raw_ids = np.where(vocab.single_byte_ids >= 0, vocab.single_byte_ids, vocab.byte_fallback_id)
+        ids = np.insert(ids, at_all, raw_ids[run_bytes])
+        lens = np.insert(lens, at_all, 1)  # one byte each, whatever the fallback token spells
+    doc_off = np.zeros(len(docs) + 1, np.int64)
+    np.cumsum(doc_ntok, out=doc_off[1:])
+    cum = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=cum[1:])
+    base = cum[doc_off[:-1]]  # bytes of all earlier documents
+    ends = cum[1:] - np.repeat(base, doc_ntok)
+    spelled_len = cum[doc_off[1:]] - base
+    _check_spelling(vocab, docs, spelled_len, first_part, plans, text_ids, part_off, tok)
+    return ids.astype(np.uint32), ends.astype(np.uint32), doc_off
 
 
 def _spelled(vocab: SubwordVocab, plan: list, part_ids: list[list[int]]) -> list:
@@ -329,20 +356,32 @@ def _spelled(vocab: SubwordVocab, plan: list, part_ids: list[list[int]]) -> list
 
 
 def _check_spelling(
-    vocab: SubwordVocab, docs: list[bytes], plans: list, part_ids: list, out: list, normalizes: bool
+    vocab: SubwordVocab,
+    docs: list[bytes],
+    spelled_len: np.ndarray,
+    first_part: list[int],
+    plans: dict[int, list],
+    text_ids: np.ndarray,
+    part_off: np.ndarray,
+    tok,
 ) -> None:
     """Raise TokenizerError naming the first document whose tokens' bytes are not its bytes."""
-    lengths_ok = all((int(ends[-1]) if ends.size else 0) == len(doc) for doc, (_, ends) in zip(docs, out))
+    lengths_ok = np.array_equal(spelled_len, np.fromiter(map(len, docs), np.int64, count=len(docs)))
     # Without a normalizer a byte-level BPE is lossless by construction (bytes -> alphabet
     # chars -> merges of them), so equal lengths suffice; only a normalizer can rewrite text
     # and then every byte is compared. One join over the whole batch: equal totals and equal
     # per-document lengths imply every document is spelled exactly.
-    if lengths_ok and not normalizes:
+    if lengths_ok and tok.backend_tokenizer.normalizer is None:
         return
-    spelled = b"".join(chain.from_iterable(it for plan in plans for it in _spelled(vocab, plan, part_ids)))
+    bounds = part_off.tolist()
+    part_ids = [text_ids[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+    all_plans = [plans.get(n, [first_part[n]]) for n in range(len(docs))]
+    spelled = b"".join(
+        chain.from_iterable(it for plan in all_plans for it in _spelled(vocab, plan, part_ids))
+    )
     if lengths_ok and spelled == b"".join(docs):
         return
-    for n, (doc, plan) in enumerate(zip(docs, plans)):
+    for n, (doc, plan) in enumerate(zip(docs, all_plans)):
         if b"".join(chain.from_iterable(_spelled(vocab, plan, part_ids))) != doc:
             raise TokenizerError(
                 f"label_documents: document {n}: the bytes of its tokens do not spell the document "
