@@ -429,3 +429,27 @@ def markdown_table(report: dict) -> str:
         f"{t['window_bytes']} bytes (no overlap)."
     )
     return "\n".join(lines)
+
+
+def boundary_samples(model, tok, docs: list[bytes], n: int = 3, max_bytes: int = 300) -> list[dict]:
+    """Texts cut into the patches the model predicts, beside the source tokenizer's tokens."""
+    vocab = get_vocab(tok)
+    picked = [d for d in docs if d][:n]
+    windows = [make_windows(tok, [d], max_bytes, vocab)[0] for d in picked]
+    if not windows:
+        return []
+    input_ids, expanded = byte_batch(windows, RetainedIndex(vocab), vocab)
+    with torch.no_grad():
+        out = model(input_ids, expanded, byte_mask=input_ids != 0)
+    mask = out.boundary_mask.bool().cpu().numpy()
+    samples = []
+    for r, w in enumerate(windows):
+        ends = [p for p in range(1, len(w.data)) if mask[r, p]] + [len(w.data)]
+        starts = [0] + ends[:-1]
+        patches = [w.data[s:e].decode("utf-8", errors="replace") for s, e in zip(starts, ends)]
+        tok_starts = [0] + [int(x) for x in w.token_ends[:-1]]
+        tokens = [
+            w.data[s : int(e)].decode("utf-8", errors="replace") for s, e in zip(tok_starts, w.token_ends)
+        ]
+        samples.append({"patches": patches, "tokens": tokens})
+    return samples

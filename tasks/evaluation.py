@@ -53,38 +53,6 @@ def validation_docs(manifest_uri: str, max_bytes: int) -> list[bytes]:
     return docs
 
 
-def boundary_samples(model, tok, docs: list[bytes], n: int = 3, max_bytes: int = 300) -> list[dict]:
-    """Texts cut into the patches the model predicts, beside the source tokenizer's tokens.
-
-    Uses only bolmo_core.evaluate's batch helpers and the model's forward (boundary_mask).
-    """
-    import torch
-
-    from bolmo_core.evaluate import byte_batch, make_windows
-    from bolmo_core.subword import RetainedIndex, get_vocab
-
-    vocab = get_vocab(tok)
-    picked = [d for d in docs if d][:n]
-    windows = [make_windows(tok, [d], max_bytes, vocab)[0] for d in picked]
-    if not windows:
-        return []
-    input_ids, expanded = byte_batch(windows, RetainedIndex(vocab), vocab)
-    with torch.no_grad():
-        out = model(input_ids, expanded, byte_mask=input_ids != 0)
-    mask = out.boundary_mask.bool().cpu().numpy()
-    samples = []
-    for r, w in enumerate(windows):
-        ends = [p for p in range(1, len(w.data)) if mask[r, p]] + [len(w.data)]
-        starts = [0] + ends[:-1]
-        patches = [w.data[s:e].decode("utf-8", errors="replace") for s, e in zip(starts, ends)]
-        tok_starts = [0] + [int(x) for x in w.token_ends[:-1]]
-        tokens = [
-            w.data[s : int(e)].decode("utf-8", errors="replace") for s, e in zip(tok_starts, w.token_ends)
-        ]
-        samples.append({"patches": patches, "tokens": tokens})
-    return samples
-
-
 def run_evaluation(
     checkpoint_uri: str,
     manifest_uri: str,
@@ -99,7 +67,7 @@ def run_evaluation(
     import torch
 
     from bolmo_core import cute
-    from bolmo_core.evaluate import EvalConfig, evaluate
+    from bolmo_core.evaluate import EvalConfig, boundary_samples, evaluate
     from bolmo_core.load import load_byte_model
     from bolmo_core.source import load_source_model, load_tokenizer
 

@@ -178,3 +178,21 @@ def test_source_generation_batch_equals_single(tiny):
     alone = [gen([p], 12)[0] for p in prompts]
     assert together == alone
     assert all(isinstance(t, str) for t in together)
+
+
+def test_boundary_samples_cut_the_text_both_ways(tiny):
+    """Each sample's patches and the source tokens both spell the window; patches follow the model's mask."""
+    _, model, tok = tiny
+    ascii_text = bytes(b for b in _wiki_text(600) if b < 0x80)  # per-piece decoding can't split a character
+    docs = [ascii_text, b"", b"Forty-two bridges cross the river."]
+    samples = E.boundary_samples(model, tok, docs, n=3, max_bytes=200)
+    assert len(samples) == 2  # the empty document is skipped
+    first = E.make_windows(tok, [ascii_text], 200)[0].data.decode()
+    assert "".join(samples[0]["patches"]) == first == "".join(samples[0]["tokens"])
+    assert (
+        "".join(samples[1]["patches"])
+        == "Forty-two bridges cross the river."
+        == "".join(samples[1]["tokens"])
+    )
+    assert all(p for s in samples for p in s["patches"])  # no empty patch
+    assert len(samples[0]["tokens"]) > 10 and len(samples[0]["patches"]) > 1
