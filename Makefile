@@ -28,8 +28,8 @@ test-all: setup
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
-	$(BIN)/ruff check bolmo_core tasks flows tests benchmarks
-	$(BIN)/ruff format --check bolmo_core tasks flows tests benchmarks
+	$(BIN)/ruff check bolmo_core tasks flows tests benchmarks scripts
+	$(BIN)/ruff format --check bolmo_core tasks flows tests benchmarks scripts
 
 demo: setup
 	$(BIN)/python -m flows.demo
