@@ -7,15 +7,16 @@ model decides it: the decoder's logits at the second-to-last byte, restricted to
 and without the end-of-patch flag (forced decoding). From then on each sampled fused id carries
 its own flag (>= 260: the byte closes its patch).
 
-Loop, one byte per row per step, all rows in one batched call per component:
-encoder step on the pending byte -> a row whose byte closes a patch waits for a global step ->
+Loop, one byte per row per step, one batched call per component for the rows that advance
+(gathered by index: finished and waiting rows cost no local work): encoder step on the pending byte -> a row whose byte closes a patch waits for a global step ->
 decoder step on in_proj(h) + the row's latest normalised patch vector -> sample. The global
 model's KV cache and all mLSTM states are carried, never recomputed. Unlike the reference (one
 global step only once *every* row is at a boundary, and no patch padding mask, spec §11.4),
 a global step runs for the rows that are waiting, the others get a masked cache slot; each row
 keeps its own patch count as its RoPE position, and the 2-D attention mask hides filler and
 masked slots. Results therefore do not depend on the batch; `sync` only trades how long waiting
-rows idle against how many global calls are made (speed, never results).
+rows idle against how many global calls are made (speed, never results; the default 1.0, one
+global call once every unfinished row waits, measured fastest at batch 8 on a CPU).
 """
 
 from __future__ import annotations
