@@ -354,8 +354,8 @@ def _steps(model, prompts: list[bytes], cfg: GenerationConfig, trace: bool) -> I
         if not n_ready:
             continue
         di = subset(ready, n_ready)
-        xd = dec.in_projection(h_cur) + last_value
-        logits = model.lm_head(dec_step(xd if di is None else xd[di], dec_state, di)).float()
+        hd, lv = (h_cur, last_value) if di is None else (h_cur[di], last_value[di])
+        logits = model.lm_head(dec_step(dec.in_projection(hd) + lv, dec_state, di)).float()
         ridx = list(range(B)) if di is None else di.tolist()
         if trace:
             for j, r in enumerate(ridx):
