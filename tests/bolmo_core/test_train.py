@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,3 +305,47 @@ def test_world_size_mismatch_refused(straight_runs, tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+PINNED = Path(__file__).with_name("pinned_losses.json")
+PINNED_DATA = Path("/tmp/byteify-pinned-losses")
+
+
+def test_losses_pinned_step_for_step(tmp_path, monkeypatch):
+    """Stage 1 (6 steps) then Stage 2 (4 steps), deterministic, tiny preset: the losses of every step
+    equal the ones recorded before the trainer was refactored (tests/bolmo_core/pinned_losses.json).
+
+    The documents live at a fixed path: their ids (file URI + line) decide the train/validation
+    split, so the same path gives the same data on every machine."""
+    manifest = make_manifest(PINNED_DATA, out=tmp_path / "data")
+    (tmp_path / "loss_rec.py").write_text(LOSS_RECORDER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    log = tmp_path / "losses.jsonl"
+    cb = {
+        "callbacks": ["loss_rec:LossRecorder"],
+        "callback_kwargs": {"loss_rec:LossRecorder": {"path": str(log)}},
+    }
+    train(TrainConfig.from_dict(run_config(manifest, str(tmp_path / "s1"), 1, **cb)))
+    s2 = run_config(manifest, str(tmp_path / "s2"), 2, init_from=str(tmp_path / "s1"), **cb)
+    train(TrainConfig.from_dict(s2))
+    got = [json.loads(line) for line in log.read_text().splitlines()]
+    want = json.loads(PINNED.read_text())
+    assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in want]
+    for g, w in zip(got, want):
+        for k, v in w.items():
+            assert g[k] == pytest.approx(v, rel=1e-6, abs=1e-7), (w["stage"], w["step"], k)
+
+
+LOSS_RECORDER = """
+import json
+from bolmo_core.callbacks import Callback
+class LossRecorder(Callback):
+    def __init__(self, path):
+        self.path, self.stage = path, None
+    def on_train_start(self, step, total, info):
+        self.stage = info.get("stage")
+    def on_step_end(self, step, m):
+        keep = {k: v for k, v in m.items() if k.startswith("loss") or k == "grad_norm"}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"stage": self.stage, "step": step, **keep}) + "\\n")
+"""

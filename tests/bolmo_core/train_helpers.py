@@ -32,15 +32,17 @@ OVERRIDES = {
 }
 
 
-def make_manifest(folder: Path, chars: int = 30_000) -> str:
+def make_manifest(folder: Path, chars: int = 30_000, out: Path | None = None) -> str:
     """Real Wikipedia text (the offline extracts) labelled with the tiny-olmo2 tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
     docs = folder / "docs.jsonl"
-    with open(docs, "w") as f:
-        for d in tiny_corpus(chars):
-            f.write(json.dumps({"text": d}) + "\n")
+    text = "".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus(chars))
+    if not docs.exists() or docs.read_text() != text:  # the same bytes (and mtime) when already there
+        tmp = docs.with_name(f".docs-{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, docs)
     p = get_preset("tiny", OVERRIDES)
-    return prepare_dataset([str(docs)], SourceConfig("tiny-olmo2"), str(folder / "data"), p.data)
+    return prepare_dataset([str(docs)], SourceConfig("tiny-olmo2"), str(out or folder / "data"), p.data)
 
 
 def run_config(manifest: str, out: str, stage: int = 1, overrides: dict | None = None, **kw) -> dict:
