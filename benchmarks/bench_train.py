@@ -30,15 +30,15 @@ sys.path.insert(0, str(ROOT))
 
 def _batch(work: Path, preset, vocab, windows: int) -> dict:
     from bolmo_core.data import prepare_dataset
+    from bolmo_core.loader import WindowLoader
     from bolmo_core.source import tiny_corpus
-    from bolmo_core.train import build_loader
 
     docs = work / "docs.jsonl"
     with open(docs, "w") as f:
         for t in tiny_corpus(60_000):
             f.write(json.dumps({"text": t}) + "\n")
     manifest = prepare_dataset([str(docs)], preset.model.source, str(work / "data"), preset.data)
-    return next(iter(build_loader(preset, manifest, vocab, windows, "train", 0, 0, 1)))
+    return next(iter(WindowLoader.from_config(preset.data, manifest, vocab, windows)))
 
 
 def _step(params, opt, loss_fn, precision: str) -> float:

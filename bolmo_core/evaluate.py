@@ -24,6 +24,7 @@ besides BOS / the separator, which makes bpb slightly worse than a sliding windo
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ import torch
 
 from . import cute
 from .byte_tokenizer import BOS, OFFSET, PAD, fold_logprobs
+from .coarsen import coarsen_batch
 from .subword import RetainedIndex, SubwordVocab, get_vocab, label_documents
 
 LN2 = math.log(2.0)
@@ -292,6 +294,155 @@ def byte_generation_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+# ---------------------------------------------------------------- in-loop validation (the trainer)
+
+
+class Validator:
+    """Validation on the manifest's validation split (rank 0, the stage's precision, fixed windows).
+
+    * ``val_bpb``: byte bits per byte from folded fused probabilities (p(v) + p(v+260)),
+      boundaries predicted by the model (no patch-slot limit);
+    * ``val_source_bpb``: the source model's token NLL sum / bytes on exactly the same bytes
+      (computed once: the source does not change);
+    * ``val_boundary_acc`` / precision / recall against the (possibly coarsened) labels;
+    * ``val_patch_cos``: cosine similarity of the pooled patch representations (true
+      boundaries) to the teacher's input embeddings of the same tokens (spec §8: > 0.97).
+    """
+
+    def __init__(self, preset, stage: int, manifest_uri: str, vocab, device):
+        self.preset, self.stage, self.manifest_uri, self.vocab, self.device = (
+            preset,
+            stage,
+            manifest_uri,
+            vocab,
+            device,
+        )
+        self.stage_cfg = preset.stage1 if stage == 1 else preset.stage2
+        stage_cfg = self.stage_cfg
+        self.batches: list[dict] | None = None
+        self.source_bpb: float | None = None
+        # bf16 stages evaluate under bf16 autocast too (4-5x faster on CPUs); log-probs in fp32
+        self.autocast = (
+            (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+            if stage_cfg.precision == "bf16"
+            else contextlib.nullcontext
+        )
+
+    def _load_batches(self) -> list[dict]:
+        from .loader import WindowLoader
+
+        loader = WindowLoader.from_config(
+            self.preset.data, self.manifest_uri, self.vocab, self.stage_cfg.micro_batch, split="validation"
+        )
+        n = max(1, self.stage_cfg.eval_batches)
+        out = [
+            coarsen_batch(b, self.stage_cfg.target_bytes_per_patch if self.stage == 2 else None)
+            for b in loader.iter_eval(max_batches=n)
+        ]
+        if not out:
+            raise EvalError(
+                f"{self.manifest_uri}: the validation split has no window of "
+                f"{self.preset.data.window_tokens} tokens"
+            )
+        return out
+
+    @staticmethod
+    def _target_mask(batch: dict) -> torch.Tensor:
+        """(B, L) bool: byte positions t whose next byte belongs to a complete (unclipped) patch."""
+        ends = batch["patch_lens"].sum(1, keepdim=True)  # valid patches form a prefix
+        t = torch.arange(batch["input_ids"].shape[1])
+        return (t + 1 >= 1) & (t + 1 < ends) & batch["byte_mask"].bool()
+
+    @torch.no_grad()
+    def _source_bpb(self) -> float:
+        from .source import load_source_model
+
+        src = load_source_model(self.preset.model.source).to(self.device)
+        nll, n_bytes = 0.0, 0
+        for b in self.batches:
+            ids = b["teacher_ids"].to(self.device)
+            with self.autocast():
+                logits = src(input_ids=ids).logits
+            logp = logits.float().log_softmax(-1)
+            tok = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            lens = b.get("token_patch_lens", b["patch_lens"])[:, 1:].to(self.device)  # one patch per token
+            m = lens > 0  # the loader zeroes the lengths of patches cut by truncation
+            nll -= float(tok[m].sum())
+            n_bytes += int(lens[m].sum())
+        del src
+        return nll / max(1, n_bytes) / math.log(2)
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict[str, float]:
+        from .pooling import boundaries_from_patch_lens
+
+        if self.batches is None:
+            self.batches = self._load_batches()
+        if self.source_bpb is None:
+            self.source_bpb = self._source_bpb()
+        was_training = model.training
+        model.eval()
+        nll, n_bytes, acc_n, acc_d, tp, n_pred, n_lab, cos_sum, cos_n, over = (
+            0.0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0.0,
+            0,
+            0.0,
+        )
+        for b in self.batches:
+            d = {k: v.to(self.device) for k, v in b.items()}
+            ids, byte_mask = d["input_ids"], d["byte_mask"].bool()
+            with self.autocast():
+                out = model(ids, d["expanded_ids"], byte_mask=byte_mask)
+                h, _, _ = model.encode(ids, d["expanded_ids"])
+                P = d["patch_lens"].shape[1]
+                b_true = boundaries_from_patch_lens(d["patch_lens"], ids.shape[1]) & byte_mask
+                reps, pmask, _, _ = model.patches(h, b_true, P)
+            folded = fold_logprobs(out.logits.float().log_softmax(-1))  # (B, L, 260)
+            nxt = torch.nn.functional.pad(ids[:, 1:], (0, 1))
+            tgt = self._target_mask(b).to(self.device)
+            lp = folded.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            nll -= float(lp[tgt].sum())
+            n_bytes += int(tgt.sum())
+            over += float(out.overflow.float().mean())
+            lab, mask = model.boundary_targets(ids, b_true, byte_mask)
+            pred = model.boundary_predictor.decide(out.boundary_logp) & mask
+            lab = lab & mask
+            acc_n += int(((pred == lab) & mask).sum())
+            acc_d += int(mask.sum())
+            tp += int((pred & lab).sum())
+            n_pred += int(pred.sum())
+            n_lab += int(lab.sum())
+            if self.stage == 1 or not self.stage_cfg.target_bytes_per_patch:
+                emb = model.teacher.embed(d["teacher_ids"]).float()
+                cos = torch.nn.functional.cosine_similarity(reps.float(), emb, dim=-1)
+                valid = pmask & d["patch_mask"].bool()
+                cos_sum += float(cos[valid].sum())
+                cos_n += int(valid.sum())
+        if was_training:
+            model.train()
+        bpb = nll / max(1, n_bytes) / math.log(2)
+        metrics = {
+            "val_bpb": bpb,
+            "val_source_bpb": self.source_bpb,
+            "val_bpb_ratio": bpb / self.source_bpb if self.source_bpb else float("nan"),
+            "val_boundary_acc": acc_n / max(1, acc_d),
+            "val_boundary_precision": tp / max(1, n_pred),
+            "val_boundary_recall": tp / max(1, n_lab),
+            "val_bytes_per_patch_pred": n_bytes / max(1, n_pred),
+            "val_overflow_frac": over / len(self.batches),
+            "val_bytes": float(n_bytes),
+        }
+        if cos_n:
+            metrics["val_patch_cos"] = cos_sum / cos_n
+        return metrics
 
 
 # ---------------------------------------------------------------- the report

@@ -122,6 +122,18 @@ def finish_batch(
 class WindowLoader:
     """Batches of training windows from a manifest's split; resumable and rank-aware."""
 
+    @classmethod
+    def from_config(cls, data_cfg, manifest_uri: str, vocab: SubwordVocab, batch_size: int, **kw):
+        """A loader with the preset's window shape (`DataConfig`)."""
+        return cls(
+            manifest_uri,
+            vocab,
+            data_cfg.window_tokens,
+            batch_size,
+            byte_expansion=data_cfg.byte_expansion,
+            **kw,
+        )
+
     def __init__(
         self,
         manifest_uri: str,
@@ -168,9 +180,14 @@ class WindowLoader:
         return (self.n_windows // self.world_size) // self.B
 
     def _rank_windows(self, epoch: int) -> np.ndarray:
+        """This rank's windows of one epoch, in order: global micro-batch k goes to rank k % world.
+
+        Dealt round-robin (not contiguous slices), step s covers the same windows at any world
+        size with the same global and micro batch, so runs at different scales compare.
+        """
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-        per_rank = self.n_windows // self.world_size
-        return perm[self.rank * per_rank : (self.rank + 1) * per_rank]
+        n = len(self) * self.world_size * self.B
+        return perm[:n].reshape(len(self), self.world_size, self.B)[:, self.rank].reshape(-1)
 
     def make_batch(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
         """The batch for the given window indices (docs/internals.md, "The training batch")."""

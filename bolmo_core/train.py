@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import heapq
 import json
-import math
 import os
 import random
 import sys
@@ -38,7 +36,10 @@ import torch
 from . import checkpoint as ckpt
 from . import storage
 from .callbacks import Callback, CallbackList, ProgressStreamCallback, load_callback
+from .coarsen import coarsen_batch
 from .config import Preset, StageConfig
+from .evaluate import EvalError, Validator
+from .loader import WindowLoader
 
 
 class TrainError(ValueError):
@@ -121,110 +122,6 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-
-
-# ---------------------------------------------------------------- compression knob (Stage 2)
-
-
-def coarsen_patch_lens(patch_lens: torch.Tensor, target: float) -> torch.Tensor:
-    """Merge adjacent label patches until each row has at least ``target`` bytes per patch.
-
-    Deterministic "shortest pair first" scheme (a BPE-like variant of spec §9.3): repeatedly
-    merge the adjacent pair with the smallest combined length (ties: leftmost), never the
-    BOS patch 0, until bytes / patches >= target. Merged lengths stay in order, packed
-    left; freed slots become 0 (no patch).
-    """
-    out = torch.zeros_like(patch_lens)
-    for r, row in enumerate(patch_lens.tolist()):
-        lens = [x for x in row[1:] if x > 0]
-        total = sum(lens) + row[0]
-        keep = max(1, math.floor(total / target) - 1)  # patches besides BOS
-        merges = len(lens) - keep
-        if merges > 0:
-            lens = _merge_shortest(lens, merges)
-        merged = [row[0]] + lens
-        out[r, : len(merged)] = torch.tensor(merged, dtype=patch_lens.dtype)
-    return out
-
-
-def _merge_shortest(lens: list[int], merges: int) -> list[int]:
-    n = len(lens)
-    nxt, prv, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
-    cur = list(lens)
-    heap = [(cur[i] + cur[i + 1], i, i + 1) for i in range(n - 1)]
-    heapq.heapify(heap)
-    done = 0
-    while done < merges and heap:
-        s, i, j = heapq.heappop(heap)
-        if not (alive[i] and alive[j]) or nxt[i] != j or cur[i] + cur[j] != s:
-            continue  # stale entry
-        cur[i] += cur[j]
-        alive[j] = False
-        nxt[i] = nxt[j]
-        if nxt[i] < n:
-            prv[nxt[i]] = i
-            heapq.heappush(heap, (cur[i] + cur[nxt[i]], i, nxt[i]))
-        if prv[i] >= 0:
-            heapq.heappush(heap, (cur[prv[i]] + cur[i], prv[i], i))
-        done += 1
-    return [cur[i] for i in range(n) if alive[i]]
-
-
-def coarsen_batch(batch: dict, target: float | None) -> dict:
-    if not target:
-        return batch
-    b = dict(batch)
-    b["token_patch_lens"] = batch["patch_lens"]  # one patch per source token (source bpb needs these)
-    b["patch_lens"] = coarsen_patch_lens(batch["patch_lens"], target)
-    b["patch_mask"] = b["patch_lens"] > 0
-    b["patch_mask"][:, 0] = True
-    return b
-
-
-# ---------------------------------------------------------------- data
-
-
-def _global_order_loader_cls():
-    from .loader import WindowLoader
-
-    class GlobalOrderLoader(WindowLoader):
-        """WindowLoader dealing batches round-robin to ranks: global micro-batch k goes to rank k % world.
-
-        With contiguous per-rank slices, world size 1 and 2 would see different windows in
-        the same step; dealt round-robin, step s covers the same windows for any world
-        size (with the same global and micro batch), so runs at different scales compare.
-        """
-
-        def _rank_windows(self, epoch: int) -> np.ndarray:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-            n = len(self) * self.world_size * self.B
-            return perm[:n].reshape(len(self), self.world_size, self.B)[:, self.rank].reshape(-1)
-
-    return GlobalOrderLoader
-
-
-def build_loader(
-    preset: Preset,
-    manifest_uri: str,
-    vocab,
-    batch_size: int,
-    split: str,
-    seed: int,
-    rank: int,
-    world_size: int,
-):
-    cls = _global_order_loader_cls()
-    return cls(
-        manifest_uri,
-        vocab,
-        preset.data.window_tokens,
-        batch_size,
-        split=split,
-        byte_expansion=preset.data.byte_expansion,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-    )
 
 
 # ---------------------------------------------------------------- model
@@ -424,14 +321,20 @@ def _train(cfg, preset, stage_cfg, accelerator, callbacks, progress: dict) -> di
     model, init_info = build_model(cfg, preset, vocab)
     model.configure_stage(stage_cfg)  # requires_grad per stage, before DDP registers its hooks
     model.to(accelerator.device)
-    loader = build_loader(
-        preset, cfg.manifest_uri, vocab, stage_cfg.micro_batch, "train", stage_cfg.seed, rank, world
+    loader = WindowLoader.from_config(
+        preset.data,
+        cfg.manifest_uri,
+        vocab,
+        stage_cfg.micro_batch,
+        seed=stage_cfg.seed,
+        rank=rank,
+        world_size=world,
     )
     objective = accelerator.prepare_model(StageObjective(model, cfg.stage, stage_cfg.losses))
     optimizer = build_optimizer(model, stage_cfg)
     scheduler = build_scheduler(optimizer, stage_cfg)
     evaluator = (
-        Evaluator(preset, cfg, vocab, stage_cfg, accelerator.device)
+        Validator(preset, cfg.stage, cfg.manifest_uri, vocab, accelerator.device)
         if rank == 0 and not _is_fsdp(accelerator)
         else None
     )
@@ -572,146 +475,6 @@ def _run_eval(evaluator, model, accelerator, callbacks, step, stage_cfg) -> dict
     return metrics
 
 
-# ---------------------------------------------------------------- validation
-
-
-class Evaluator:
-    """Validation on the manifest's validation split (rank 0, the stage's precision, fixed windows).
-
-    * ``val_bpb``: byte bits per byte from folded fused probabilities (p(v) + p(v+260)),
-      boundaries predicted by the model (no patch-slot limit);
-    * ``val_source_bpb``: the source model's token NLL sum / bytes on exactly the same bytes
-      (computed once: the source does not change);
-    * ``val_boundary_acc`` / precision / recall against the (possibly coarsened) labels;
-    * ``val_patch_cos``: cosine similarity of the pooled patch representations (true
-      boundaries) to the teacher's input embeddings of the same tokens (spec §8: > 0.97).
-    """
-
-    def __init__(self, preset: Preset, cfg: TrainConfig, vocab, stage_cfg: StageConfig, device):
-        self.preset, self.cfg, self.vocab, self.stage_cfg, self.device = preset, cfg, vocab, stage_cfg, device
-        self.batches: list[dict] | None = None
-        self.source_bpb: float | None = None
-        # bf16 stages evaluate under bf16 autocast too (4-5x faster on CPUs); log-probs in fp32
-        self.autocast = (
-            (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-            if stage_cfg.precision == "bf16"
-            else contextlib.nullcontext
-        )
-
-    def _load_batches(self) -> list[dict]:
-        loader = build_loader(
-            self.preset, self.cfg.manifest_uri, self.vocab, self.stage_cfg.micro_batch, "validation", 0, 0, 1
-        )
-        n = max(1, self.stage_cfg.eval_batches)
-        out = [
-            coarsen_batch(b, self.stage_cfg.target_bytes_per_patch if self.cfg.stage == 2 else None)
-            for b in loader.iter_eval(max_batches=n)
-        ]
-        if not out:
-            raise TrainError(
-                f"{self.cfg.manifest_uri}: the validation split has no window of "
-                f"{self.preset.data.window_tokens} tokens"
-            )
-        return out
-
-    @staticmethod
-    def _target_mask(batch: dict) -> torch.Tensor:
-        """(B, L) bool: byte positions t whose next byte belongs to a complete (unclipped) patch."""
-        ends = batch["patch_lens"].sum(1, keepdim=True)  # valid patches form a prefix
-        t = torch.arange(batch["input_ids"].shape[1])
-        return (t + 1 >= 1) & (t + 1 < ends) & batch["byte_mask"].bool()
-
-    @torch.no_grad()
-    def _source_bpb(self) -> float:
-        from .source import load_source_model
-
-        src = load_source_model(self.preset.model.source).to(self.device)
-        nll, n_bytes = 0.0, 0
-        for b in self.batches:
-            ids = b["teacher_ids"].to(self.device)
-            with self.autocast():
-                logits = src(input_ids=ids).logits
-            logp = logits.float().log_softmax(-1)
-            tok = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            lens = b.get("token_patch_lens", b["patch_lens"])[:, 1:].to(self.device)  # one patch per token
-            m = lens > 0  # the loader zeroes the lengths of patches cut by truncation
-            nll -= float(tok[m].sum())
-            n_bytes += int(lens[m].sum())
-        del src
-        return nll / max(1, n_bytes) / math.log(2)
-
-    @torch.no_grad()
-    def __call__(self, model) -> dict[str, float]:
-        from .byte_tokenizer import fold_logprobs
-        from .pooling import boundaries_from_patch_lens
-
-        if self.batches is None:
-            self.batches = self._load_batches()
-        if self.source_bpb is None:
-            self.source_bpb = self._source_bpb()
-        was_training = model.training
-        model.eval()
-        nll, n_bytes, acc_n, acc_d, tp, n_pred, n_lab, cos_sum, cos_n, over = (
-            0.0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0.0,
-            0,
-            0.0,
-        )
-        for b in self.batches:
-            d = _batch_to(b, self.device)
-            ids, byte_mask = d["input_ids"], d["byte_mask"].bool()
-            with self.autocast():
-                out = model(ids, d["expanded_ids"], byte_mask=byte_mask)
-                h, _, _ = model.encode(ids, d["expanded_ids"])
-                P = d["patch_lens"].shape[1]
-                b_true = boundaries_from_patch_lens(d["patch_lens"], ids.shape[1]) & byte_mask
-                reps, pmask, _, _ = model.patches(h, b_true, P)
-            folded = fold_logprobs(out.logits.float().log_softmax(-1))  # (B, L, 260)
-            nxt = torch.nn.functional.pad(ids[:, 1:], (0, 1))
-            tgt = self._target_mask(b).to(self.device)
-            lp = folded.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-            nll -= float(lp[tgt].sum())
-            n_bytes += int(tgt.sum())
-            over += float(out.overflow.float().mean())
-            lab, mask = model.boundary_targets(ids, b_true, byte_mask)
-            pred = model.boundary_predictor.decide(out.boundary_logp) & mask
-            lab = lab & mask
-            acc_n += int(((pred == lab) & mask).sum())
-            acc_d += int(mask.sum())
-            tp += int((pred & lab).sum())
-            n_pred += int(pred.sum())
-            n_lab += int(lab.sum())
-            if self.cfg.stage == 1 or not self.stage_cfg.target_bytes_per_patch:
-                emb = model.teacher.embed(d["teacher_ids"]).float()
-                cos = torch.nn.functional.cosine_similarity(reps.float(), emb, dim=-1)
-                valid = pmask & d["patch_mask"].bool()
-                cos_sum += float(cos[valid].sum())
-                cos_n += int(valid.sum())
-        if was_training:
-            model.train()
-        bpb = nll / max(1, n_bytes) / math.log(2)
-        metrics = {
-            "val_bpb": bpb,
-            "val_source_bpb": self.source_bpb,
-            "val_bpb_ratio": bpb / self.source_bpb if self.source_bpb else float("nan"),
-            "val_boundary_acc": acc_n / max(1, acc_d),
-            "val_boundary_precision": tp / max(1, n_pred),
-            "val_boundary_recall": tp / max(1, n_lab),
-            "val_bytes_per_patch_pred": n_bytes / max(1, n_pred),
-            "val_overflow_frac": over / len(self.batches),
-            "val_bytes": float(n_bytes),
-        }
-        if cos_n:
-            metrics["val_patch_cos"] = cos_sum / cos_n
-        return metrics
-
-
 # ---------------------------------------------------------------- command line
 
 
@@ -770,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train(config_from_args(args))
-    except (TrainError, ckpt.CheckpointError, DataError, SourceError, storage.StorageError) as e:
+    except (TrainError, EvalError, ckpt.CheckpointError, DataError, SourceError, storage.StorageError) as e:
         print(f"bolmo_core.train: error: {e}", file=sys.stderr, flush=True)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

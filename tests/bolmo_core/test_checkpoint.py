@@ -11,10 +11,11 @@ from train_helpers import OVERRIDES, make_manifest
 from bolmo_core import checkpoint as ckpt
 from bolmo_core import storage
 from bolmo_core.config import get_preset
+from bolmo_core.loader import WindowLoader
 from bolmo_core.model import BolmoModel
 from bolmo_core.source import load_tokenizer
 from bolmo_core.subword import SubwordVocab
-from bolmo_core.train import build_loader, build_optimizer, build_scheduler
+from bolmo_core.train import build_optimizer, build_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def _trained(setup, steps=2):
     model = BolmoModel.from_source(preset.model, vocab=vocab)
     opt = build_optimizer(model, preset.stage1)
     sched = build_scheduler(opt, preset.stage1)
-    loader = build_loader(preset, manifest, vocab, 1, "train", 0, 0, 1)
+    loader = WindowLoader.from_config(preset.data, manifest, vocab, 1)
     it = iter(loader)
     for _ in range(steps):
         loss, _ = model.stage1_loss(next(it), preset.stage1.losses)
@@ -84,7 +85,7 @@ def test_round_trip_restores_everything(setup, tmp_path):
     assert sched2.get_last_lr() == sched.get_last_lr()
     ckpt.restore_rng(st["rank"]["rng"])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected_rand
-    loader2 = build_loader(preset, manifest, vocab, 1, "train", 0, 0, 1)
+    loader2 = WindowLoader.from_config(preset.data, manifest, vocab, 1)
     loader2.load_state_dict(st["rank"]["loader"])
     got = next(iter(loader2))
     assert all(torch.equal(got[k], expected_batch[k]) for k in got)

@@ -21,7 +21,7 @@ from train_helpers import launch, make_manifest, run_config, write_config
 
 from bolmo_core import checkpoint as ckpt
 from bolmo_core.callbacks import parse_progress_line
-from bolmo_core.train import TrainConfig, coarsen_patch_lens, lr_factor, main, train
+from bolmo_core.train import TrainConfig, lr_factor, main, train
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +39,6 @@ def test_lr_schedule_warmup_then_linear_decay():
     assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.5) and f[99] == pytest.approx(1 / 90)
     assert lr_factor(100, 100, 0.1) == 0.0
     assert all(a <= b for a, b in zip(f[:10], f[1:10])) and all(a >= b for a, b in zip(f[10:], f[11:]))
-
-
-def test_coarsen_patch_lens_reaches_target_by_merging_neighbours():
-    g = torch.Generator().manual_seed(0)
-    lens = torch.randint(1, 6, (3, 40), generator=g)
-    lens[:, 0] = 1
-    lens[2, 30:] = 0  # truncated tail
-    out = coarsen_patch_lens(lens, 6.0)
-    for r in range(3):
-        a, b = lens[r][lens[r] > 0], out[r][out[r] > 0]
-        assert b.sum() == a.sum() and b[0] == 1  # bytes kept, BOS untouched
-        assert a.sum() / len(b) >= 6.0 > a.sum() / (len(b) + 1)  # just enough merges
-        assert set(b.cumsum(0).tolist()) <= set(a.cumsum(0).tolist())  # only merges of neighbours
-    assert torch.equal(out, coarsen_patch_lens(lens, 6.0))
-    assert torch.equal(coarsen_patch_lens(lens, 1.0), lens)  # already coarser than asked: unchanged
 
 
 def test_train_config_rejects_bad_fields():
