@@ -40,6 +40,9 @@ class ModelConfig:
     retained_embeddings: bool = True  # byte + longest-suffix subword embedding (spec §2)
     boundary_lookahead: int = 1  # 1: the released non-causal predictor; 0: causal ablation
     boundary_threshold: float = 0.5  # boundary where p_t > threshold (spec §4.2)
+    boundary_context: int = (
+        0  # the predictor also reads this many previous bytes' encoder states (0: spec §4)
+    )
     encoder_loss_layer: int = 4  # Stage-1 L2 match after this many global blocks (spec §8.4)
 
 
@@ -77,6 +80,12 @@ class LossConfig:
     boundary: float = 4.0
     distill_tau: float = 5.0
     whitespace_debias: bool = True
+    byte_kl: float = (
+        0.0  # Stage 1: KL from the teacher's exact byte-level targets (bolmo_core/byte_targets.py)
+    )
+    boundary_soft: float = (
+        0.0  # Stage 1: boundary BCE target = (1-a) subword ends + a teacher's "ends here" mass
+    )
 
 
 @dataclass

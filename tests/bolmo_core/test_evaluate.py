@@ -109,10 +109,11 @@ def test_byte_bpb_independent_and_batch_invariant(tiny):
     wins = E.make_windows(tok, [_wiki_text(400), b"A second, shorter document."], 150)
     batched = E.byte_model_stats(model, vocab, wins, batch_size=4)
     single = E.byte_model_stats(model, vocab, wins, batch_size=1)
-    assert batched["bits"] == pytest.approx(single["bits"], rel=1e-5)
-    assert batched["patches"] == single["patches"]
+    for key in ("bits", "bits_lookahead"):
+        assert batched[key] == pytest.approx(single[key], rel=1e-5)
+    assert batched["patches"] == single["patches"] and batched["patches_causal"] == single["patches_causal"]
 
-    # Independent: per window, a forward with predicted boundaries, probabilities summed over the flag.
+    # Independent look-ahead figure: per window, a forward with predicted boundaries, p summed over the flag.
     from bolmo_core.subword import RetainedIndex
 
     retained, bits = RetainedIndex(vocab), 0.0
@@ -124,8 +125,63 @@ def test_byte_bpb_independent_and_batch_invariant(tiny):
             p = model(ids, exp).logits.float().softmax(-1)[0]
         p_byte = p[:-1, :260] + p[:-1, 260:]
         bits -= float(torch.log2(p_byte.gather(-1, ids[0, 1:, None])).double().sum())
-    assert batched["bits"] == pytest.approx(bits, rel=1e-4)
+    assert batched["bits_lookahead"] == pytest.approx(bits, rel=1e-4)
     assert batched["bytes"] == sum(len(w.data) for w in wins)
+
+
+def _byte_by_byte(model, ids: torch.Tensor, exp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slow reference of causal scoring, one row: for t = 0, 1, ...: a forward over bytes 0..t with the
+    flags decided so far, then byte t+1's flag = flagged vs unflagged logit of the true byte at t."""
+    b, logp = [True], []
+    for t in range(len(ids) - 1):
+        with torch.no_grad():
+            out = model(ids[None, : t + 1], exp[None, : t + 1], boundary_mask=torch.tensor([b]))
+        lg = out.logits[0, t].float()
+        x = int(ids[t + 1])
+        b.append(bool(lg[x + 260] > lg[x]))
+        lp = lg.log_softmax(-1)
+        logp.append(float(torch.logaddexp(lp[x], lp[x + 260])))
+    return torch.tensor(b), torch.tensor(logp, dtype=torch.float64)
+
+
+def test_causal_scores_equal_byte_by_byte_decoding(tiny):
+    """The fixed-point iteration == a forward per byte with the flags decided so far (random-ish flags:
+    an untrained head flags ~half the bytes, so many passes are needed and checked)."""
+    _, model, tok = tiny
+    vocab = get_vocab(tok)
+    wins = E.make_windows(tok, [_wiki_text(300), b"Short one."], 120)
+    ids, exp = E.byte_batch(wins, E.RetainedIndex(vocab), vocab)
+    sc = E.score_bytes(model, ids, exp, ids != 0)
+    assert sc.passes > 2
+    ref_bits = 0.0
+    for r, w in enumerate(wins):
+        n = len(w.data) + 1
+        b_ref, lp_ref = _byte_by_byte(model, ids[r, :n], exp[r, :n])
+        assert torch.equal(sc.boundary[r, :n], b_ref) and not sc.boundary[r, n:].any()
+        assert 0.2 < b_ref.float().mean() < 0.8
+        assert torch.allclose(sc.logp[r, : n - 1].double(), lp_ref, atol=1e-4)
+        assert not sc.logp[r, n - 1 :].any()
+        ref_bits -= float(lp_ref.sum()) / math.log(2)
+    stats = E.byte_model_stats(model, vocab, wins)
+    assert stats["bits"] == pytest.approx(ref_bits, rel=1e-5)
+    assert stats["bits"] != stats["bits_lookahead"] and stats["causal_passes"] == sc.passes
+
+
+def test_causal_boundaries_are_those_of_greedy_generation(tiny):
+    """Greedy generation from BOS alone emits its own flags; scoring its bytes causally places exactly them."""
+    from bolmo_core.generate import generate_ids
+
+    _, model, tok = tiny
+    vocab = get_vocab(tok)
+    gen = generate_ids(model, [b""], max_new_bytes=60, stop_on_eos=False)
+    data = gen.sequences[0]
+    assert len(data) == 60
+    ids = torch.tensor([[1] + [x + 4 for x in data]])
+    exp = torch.as_tensor(E.RetainedIndex(vocab).expand(ids.numpy())).long()
+    exp[0, 0] = vocab.doc_separator_id
+    sc = E.score_bytes(model, ids, exp, ids != 0)
+    assert torch.equal(sc.boundary[0], gen.boundaries[0])
+    assert 0 < int(gen.boundaries[0][1:].sum()) < 60
 
 
 def test_source_boundaries_agree_perfectly(tiny):
