@@ -167,6 +167,49 @@ def test_causal_scores_equal_byte_by_byte_decoding(tiny):
     assert stats["bits"] != stats["bits_lookahead"] and stats["causal_passes"] == sc.passes
 
 
+def test_validator_scores_with_the_same_scorer(tmp_path_factory):
+    """The trainer's validation: val_bpb is causal (== byte-by-byte decoding of its batches), and
+    val_bpb_lookahead == a plain forward with the predictor's boundaries."""
+    from train_helpers import OVERRIDES, make_manifest
+
+    manifest = make_manifest(tmp_path_factory.mktemp("valdata"))
+    preset = get_preset("tiny", {**OVERRIDES, "stage1.eval_batches": 2})
+    vocab = get_vocab(load_tokenizer(preset.model.source))
+    torch.manual_seed(0)
+    model = BolmoModel.from_source(preset.model, vocab=vocab)
+    val = E.Validator(preset, 1, manifest, vocab, torch.device("cpu"))
+    m = val(model)
+    causal = look = 0.0
+    n_bytes = 0
+    for b in val.batches:
+        ids, exp, mask = b["input_ids"], b["expanded_ids"], b["byte_mask"].bool()
+        with torch.no_grad():
+            folded = model(ids, exp, byte_mask=mask).logits.float().log_softmax(-1)
+        for r in range(ids.shape[0]):
+            n, ends = int(mask[r].sum()), int(b["patch_lens"][r].sum())
+            _, lp_ref = _byte_by_byte(model, ids[r, :n], exp[r, :n])
+            x = ids[r, 1:ends]
+            causal -= float(lp_ref[: ends - 1].sum())
+            look -= float(
+                torch.logaddexp(
+                    folded[r, : ends - 1].gather(-1, x[:, None]),
+                    folded[r, : ends - 1].gather(-1, x[:, None] + 260),
+                ).sum()
+            )
+            n_bytes += ends - 1
+    assert m["val_bytes"] == n_bytes
+    assert m["val_bpb"] == pytest.approx(causal / n_bytes / math.log(2), rel=1e-5)
+    assert m["val_bpb_lookahead"] == pytest.approx(look / n_bytes / math.log(2), rel=1e-5)
+    assert m["val_bpb_ratio"] == pytest.approx(m["val_bpb"] / m["val_source_bpb"])
+    for k in (
+        "val_boundary_acc",
+        "val_boundary_acc_causal",
+        "val_bytes_per_patch_causal",
+        "val_causal_passes",
+    ):
+        assert m[k] == m[k] and m[k] > 0, k
+
+
 def test_causal_boundaries_are_those_of_greedy_generation(tiny):
     """Greedy generation from BOS alone emits its own flags; scoring its bytes causally places exactly them."""
     from bolmo_core.generate import generate_ids
@@ -220,6 +263,10 @@ def test_report_and_table(tiny):
     table = E.markdown_table(report)
     assert table.splitlines()[0] == "| metric | source | byte model |"
     assert "| CUTE-style (regenerated): del_char |" in table and "| bits per byte |" in table
+    assert "| bits per byte, look-ahead boundaries |" in table and "| boundary accuracy (causal) |" in table
+    byt = report["byte_model"]
+    assert byt["bits_per_byte"] != byt["bits_per_byte_lookahead"] and byt["causal_passes"] >= 1
+    assert 0 <= byt["boundary_causal"]["accuracy"] <= 1 and byt["bytes_per_patch_causal"] > 0
     with pytest.raises(E.EvalError, match="give a source model"):
         E.evaluate([b"x"], tok)
 
