@@ -655,8 +655,8 @@ def _fmt(x, digits=3) -> str:
     return str(x)
 
 
-def markdown_table(report: dict) -> str:
-    """Source vs byte model, one metric per row."""
+def report_rows(report: dict) -> list[tuple[str, object, object]]:
+    """(metric, source value, byte-model value) per row of the report's table (None: not measured)."""
     src, byt = report.get("source") or {}, report.get("byte_model") or {}
     bnd, causal = byt.get("boundary", {}), byt.get("boundary_causal", {})
     rows = [
@@ -679,6 +679,12 @@ def markdown_table(report: dict) -> str:
         )
     if report["cute"]["tasks"]:
         rows.append((f"{report['cute']['name']}: mean", src.get("cute_mean"), byt.get("cute_mean")))
+    return rows
+
+
+def markdown_table(report: dict) -> str:
+    """Source vs byte model, one metric per row (`report_rows`)."""
+    rows = report_rows(report)
     lines = ["| metric | source | byte model |", "|---|---|---|"]
     lines += [f"| {name} | {_fmt(a)} | {_fmt(b)} |" for name, a, b in rows]
     t = report["text"]
@@ -712,3 +718,53 @@ def boundary_samples(model, tok, docs: list[bytes], n: int = 3, max_bytes: int =
         ]
         samples.append({"patches": patches, "tokens": tokens})
     return samples
+
+
+# ---------------------------------------------------------------- a checkpoint on a whole split
+
+
+def split_metrics(
+    path: str, manifest_uri: str, max_batches: int | None = None, device: str = "cpu"
+) -> dict[str, float]:
+    """The Validator's val_* metrics of a checkpoint on the manifest's whole validation split
+    (or its first max_batches micro-batches), windows as in training, source bpb on the same bytes."""
+    from . import checkpoint
+    from .load import load_checkpoint_model
+    from .source import load_tokenizer
+    from .subword import SubwordVocab
+
+    model, preset = load_checkpoint_model(path, device)
+    stage = int(checkpoint.read_config(checkpoint.resolve_checkpoint(path)).get("stage", 1))
+    stage_cfg = preset.stage1 if stage == 1 else preset.stage2
+    stage_cfg.eval_batches = max_batches or 1 << 30  # iter_eval stops at the split's end
+    vocab = SubwordVocab.from_tokenizer(load_tokenizer(preset.model.source))
+    return Validator(preset, stage, manifest_uri, vocab, torch.device(device))(model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m bolmo_core.evaluate CHECKPOINT --manifest M [--batches N]: val_* metrics as JSON."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m bolmo_core.evaluate", description=main.__doc__)
+    ap.add_argument("checkpoint", help="a checkpoint folder (step-N/, final/) or a stage output folder")
+    ap.add_argument("--manifest", required=True, help="data manifest whose validation split is scored")
+    ap.add_argument("--batches", type=int, default=None, help="only the first N micro-batches")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .load import LoadError
+    from .storage import StorageError
+
+    try:
+        metrics = split_metrics(args.checkpoint, args.manifest, args.batches, args.device)
+    except (EvalError, LoadError, DataError, CheckpointError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

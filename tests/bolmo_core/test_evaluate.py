@@ -299,3 +299,29 @@ def test_boundary_samples_cut_the_text_both_ways(tiny):
     )
     assert all(p for s in samples for p in s["patches"])  # no empty patch
     assert len(samples[0]["tokens"]) > 10 and len(samples[0]["patches"]) > 1
+
+
+def test_split_metrics_of_a_checkpoint_cover_the_whole_split(tmp_path_factory, capsys):
+    """`python -m bolmo_core.evaluate CKPT --manifest M`: a trained checkpoint on every validation window."""
+    from train_helpers import make_manifest, run_config
+
+    from bolmo_core.config import Preset
+    from bolmo_core.loader import WindowLoader
+    from bolmo_core.train import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("splitdata")
+    manifest = make_manifest(tmp)
+    out = train(TrainConfig.from_dict(run_config(manifest, str(tmp / "s1"), 1, {"stage1.steps": 2})))
+    capsys.readouterr()  # the trainer's progress lines
+    E.main([out["final"], "--manifest", manifest])
+    m = json.loads(capsys.readouterr().out)
+    cfg = Preset.from_dict(run_config(manifest, "x")["preset"])
+    vocab = get_vocab(load_tokenizer(cfg.model.source))
+    loader = WindowLoader.from_config(cfg.data, manifest, vocab, 4, split="validation")
+    want = sum(int(b["patch_lens"].sum(1).sub(1).sum()) for b in loader.iter_eval())
+    assert m["val_bytes"] == want and m["val_bpb"] > 0 and m["val_bpb_lookahead"] > 0
+    with pytest.raises(SystemExit) as e:
+        E.main([str(tmp / "nothing"), "--manifest", manifest])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "nothing" in err[0]
