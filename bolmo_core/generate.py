@@ -575,6 +575,35 @@ def generate(
     ).sequences
 
 
+def stream_bytes(
+    model,
+    prompt: bytes | str,
+    max_new_bytes: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_on_eos: bool = True,
+    **kwargs,
+) -> Iterator[bytes]:
+    """One prompt's continuation, exactly, one byte at a time as it is generated (no EOS)."""
+    cfg = GenerationConfig(
+        max_new_bytes=max_new_bytes,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_on_eos=stop_on_eos,
+        **kwargs,
+    )
+    for ev in _run(model, [prompt], cfg, trace=False):
+        if ev[0] == "done":
+            return
+        v = ev[1] % FUSED_OFFSET
+        if v >= OFFSET:
+            yield bytes([v - OFFSET])
+
+
 def stream(
     model,
     prompt: bytes | str,
@@ -588,27 +617,22 @@ def stream(
 ) -> Iterator[str]:
     """Text chunks of one prompt's continuation as they are generated; never a partial UTF-8 character.
 
-    Invalid byte sequences come out as U+FFFD (display only; `generate` returns the exact bytes).
+    Invalid byte sequences come out as U+FFFD (display only; `generate` and `stream_bytes` give the
+    exact bytes).
     """
-    cfg = GenerationConfig(
-        max_new_bytes=max_new_bytes,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_on_eos=stop_on_eos,
-        **kwargs,
+    yield from utf8_chunks(
+        stream_bytes(
+            model,
+            prompt,
+            max_new_bytes=max_new_bytes,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_on_eos=stop_on_eos,
+            **kwargs,
+        )
     )
-
-    def new_bytes():
-        for ev in _run(model, [prompt], cfg, trace=False):
-            if ev[0] == "done":
-                return
-            v = ev[1] % FUSED_OFFSET
-            if v >= OFFSET:
-                yield bytes([v - OFFSET])
-
-    yield from utf8_chunks(new_bytes())
 
 
 def utf8_chunks(chunks) -> Iterator[str]:
