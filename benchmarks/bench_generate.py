@@ -12,6 +12,12 @@ own batch-8 speed-up is printed too: on a CPU it shows how much batching a same-
 can gain at all on this machine (small-batch matmuls turn compute-bound), next to the byte model's.
 
     .venv/bin/python benchmarks/bench_generate.py [--threads 1] [--new-bytes 96] [--repeats 2] [--precision fp32|bf16]
+
+`--olmo3`: the sliding-window path instead (issue 12). The global model is an Olmo 3 architecture
+of SmolLM2-135M's shape (30 blocks, d=576, random weights, every 4th block full attention, the
+others a sliding window of 16 patches, which every row crosses); batch 8 with its rows
+generated together (per-row window masks) vs the same 8 rows one at a time (what generation did
+for sliding-window sources before), and batch 1, side by side, same random boundary flags.
 """
 
 from __future__ import annotations
@@ -75,14 +81,66 @@ def byte_run(model, batch: int, new_bytes: int, precision: str):
     return n_bytes / dt, n_bytes / max(patches, 1)
 
 
+def olmo3_of_smollm2_shape(preset, window: int = 16) -> BolmoModel:
+    """SmolLM2-135M's shape as an Olmo 3 source (random weights): 3 sliding-window blocks to 1 full."""
+    from transformers import AutoModelForCausalLM, Olmo3Config
+
+    tok = load_tokenizer(preset.model.source)
+    cfg = Olmo3Config(
+        vocab_size=len(tok),
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        sliding_window=window,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    src = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    return BolmoModel.from_source(preset.model, source_model=src).eval()
+
+
+def sliding(args) -> None:
+    model = olmo3_of_smollm2_shape(get_preset("smollm2-135m"))
+    random_flags(model, 1.0 / 5.71)  # SmolLM2's bytes per token on this prompt (the default run prints it)
+    prompts = [PROMPT[: len(PROMPT) - 7 * r] for r in range(8)]
+    patches = generate_ids(
+        model, prompts, max_new_bytes=args.new_bytes, stop_on_eos=False
+    ).n_patches  # warm-up
+    best = {"b1": 0.0, "b8": 0.0, "alone": 0.0}
+    for _ in range(args.repeats):  # interleaved, best of each
+        best["b1"] = max(best["b1"], byte_run(model, 1, args.new_bytes, args.precision)[0])
+        best["b8"] = max(best["b8"], byte_run(model, 8, args.new_bytes, args.precision)[0])
+        t = time.perf_counter()
+        kw = dict(max_new_bytes=args.new_bytes, stop_on_eos=False, precision=args.precision)
+        n = sum(len(generate_ids(model, [p], **kw).sequences[0]) for p in prompts)
+        best["alone"] = max(best["alone"], n / (time.perf_counter() - t))
+    print(f"Olmo 3 of SmolLM2-135M's shape (window 16 patches), threads={args.threads} {args.precision}")
+    print(f"new_bytes={args.new_bytes} per row, best of {args.repeats}")
+    print("| run | bytes/s | ratio |")
+    print("|---|---|---|")
+    print(f"| byte model, batch 1 | {best['b1']:.1f} | 1.00x |")
+    print(f"| byte model, 8 rows one at a time | {best['alone']:.1f} | {best['alone'] / best['b1']:.2f}x |")
+    print(f"| byte model, batch 8 (rows together) | {best['b8']:.1f} | {best['b8'] / best['b1']:.2f}x |")
+    print(f"patches per row (batch 8): {patches}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new-bytes", type=int, default=96)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--olmo3", action="store_true", help="the sliding-window path (see the docstring)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.olmo3:
+        return sliding(args)
     preset = get_preset("smollm2-135m")
     src = load_source_model(preset.model.source)
     tok = load_tokenizer(preset.model.source)

@@ -498,17 +498,28 @@ def _row_window_cache():
 
 def _row_window_masks(config, x, attn, cache, position_ids, window):
     """Sliding-window layers see the last `window` patches of each row's OWN positions (slot -> the
-    running count of the row's real slots), ANDed onto transformers' causal + padding mask; full
-    layers get the ordinary causal + padding mask."""
+    running count of the row's real slots), applied to transformers' causal + padding mask as a
+    4-D mask; full layers get that causal + padding mask as is."""
     from transformers.masking_utils import create_causal_mask
 
+    full = create_causal_mask(
+        config=config,
+        inputs_embeds=x,
+        attention_mask=attn,
+        cache=cache,
+        position_ids=position_ids,
+        allow_is_causal_skip=False,
+    )
+    if not isinstance(full, torch.Tensor) or full.shape[-1] != attn.shape[1]:
+        raise ValueError(
+            f"attention '{config._attn_implementation}': no 4-D mask for batched sliding windows"
+        )
     pos = attn.cumsum(1) - 1
-
-    def in_row_window(batch_idx, head_idx, q_idx, kv_idx):
-        return pos[batch_idx, kv_idx] > pos[batch_idx, q_idx] - window
-
-    kw = dict(config=config, inputs_embeds=x, attention_mask=attn, cache=cache, position_ids=position_ids)
-    sliding = create_causal_mask(**kw, and_mask_function=in_row_window)
+    in_window = pos[:, None, None, :] > pos[:, None, -x.shape[1] :, None] - window
+    if full.dtype == torch.bool:
+        sliding = full & in_window
+    else:
+        sliding = full.masked_fill(~in_window, torch.finfo(full.dtype).min)
     if not getattr(config, "layer_types", None):
         return sliding
-    return {"full_attention": create_causal_mask(**kw), "sliding_attention": sliding}
+    return {"full_attention": full, "sliding_attention": sliding}
