@@ -21,6 +21,7 @@ import torch
 
 from . import storage
 from .byte_tokenizer import BOS, OFFSET
+from .load import EXPORT_META, load_checkpoint_model
 
 HF_DIR = Path(__file__).parent / "hf"
 REMOTE_FILES = ("configuration_bolmo.py", "modeling_bolmo.py", "tokenization_bolmo.py")
@@ -90,8 +91,6 @@ def retained_table(vocab) -> tuple[np.ndarray, np.ndarray, bytes]:
 
 def _resolve(model_or_dir):
     if isinstance(model_or_dir, str | os.PathLike):
-        from .load import load_checkpoint_model
-
         return load_checkpoint_model(str(model_or_dir))
     return model_or_dir, None
 
@@ -182,7 +181,7 @@ def export_model(
             "source_revision": cfg.source.revision,
             "preset": preset.to_dict() if preset is not None else None,
         }
-        (tmp / "byteify_export.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
 
@@ -242,34 +241,3 @@ def check_parity(export_dir, model, prompts=PARITY_PROMPTS, atol: float = 1e-4) 
 def _norm(v):
     """JSON round trip, so tuples/lists and int/float keys compare as saved."""
     return json.loads(json.dumps(v, sort_keys=True, default=str))
-
-
-def load_exported(path, device: str | torch.device = "cpu"):
-    """(BolmoModel, preset) from an exported folder written by `export_model` (needs its preset)."""
-    from safetensors.torch import load_file
-
-    from .config import Preset
-    from .model import BolmoModel
-
-    meta_path = Path(path, "byteify_export.json")
-    if not meta_path.exists():
-        raise ExportError(f"export folder '{path}': no byteify_export.json (not written by byteify)")
-    meta = json.loads(meta_path.read_text())
-    if not meta.get("preset"):
-        raise ExportError(
-            f"export folder '{path}': exported without a preset, load it with transformers instead"
-        )
-    preset = Preset.from_dict(meta["preset"])
-    model = BolmoModel.from_source(preset.model, init=False)
-    state = {
-        k: v
-        for k, v in load_file(str(Path(path, "model.safetensors"))).items()
-        if not k.startswith("retained_")
-    }
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("teacher.")]
-    if missing or unexpected:
-        raise ExportError(
-            f"export folder '{path}': weights do not fit its preset ({(missing or unexpected)[:3]})"
-        )
-    return model.to(device).eval(), preset

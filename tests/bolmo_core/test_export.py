@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from bolmo_core.byte_tokenizer import FUSED_OFFSET
 from bolmo_core.config import get_preset
-from bolmo_core.export import ExportError, ParityError, check_parity, export_model, load_exported, load_hf
+from bolmo_core.export import ExportError, ParityError, check_parity, export_model, load_hf
 from bolmo_core.generate import generate_ids
+from bolmo_core.load import load_exported
 from bolmo_core.model import BolmoModel
 
 
