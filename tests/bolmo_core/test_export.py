@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from bolmo_core.byte_tokenizer import FUSED_OFFSET
 from bolmo_core.config import get_preset
-from bolmo_core.export import ExportError, ParityError, check_parity, export_model, load_exported, load_hf
+from bolmo_core.export import ExportError, ParityError, check_parity, export_model, load_hf
 from bolmo_core.generate import generate_ids
+from bolmo_core.load import load_exported
 from bolmo_core.model import BolmoModel
 
 
@@ -202,3 +203,30 @@ def test_sliding_window_export_generates_batched_like_bolmo_core(tmp_path):
     ours = generate_ids(m, prompts, max_new_bytes=32, stop_on_eos=False)
     assert min(ours.n_patches) > 8  # past the window of 4 patches
     assert seqs.tolist() == [[v % FUSED_OFFSET for v in row] for row in ours.fused_ids]
+
+
+def test_overwrite_replaces_only_an_earlier_byteify_export(tiny_export, tmp_path):
+    m, _ = tiny_export
+    out = export_model(m, tmp_path / "exp")
+    (out / "byteify_parity.json").write_text("{}")  # the flow's marker beside it is known too
+    export_model(m, out, overwrite=True)  # an earlier export: replaced
+    assert json.loads((out / "byteify_export.json").read_text())["files"][-1] == "byteify_export.json"
+
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="'notes.txt' was not written by byteify"):
+        export_model(m, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.bin").write_bytes(b"x")
+    with pytest.raises(ExportError, match="'data.bin' was not written by byteify"):
+        export_model(m, foreign, overwrite=True)
+    assert (foreign / "data.bin").read_bytes() == b"x"
+
+    ck = tmp_path / "stage1" / "final"
+    ck.mkdir(parents=True)
+    (ck / "COMMIT").write_text("{}")
+    with pytest.raises(ExportError, match="holds a checkpoint"):
+        export_model(m, tmp_path / "stage1", overwrite=True)
+    assert (ck / "COMMIT").exists()
