@@ -2,7 +2,7 @@
 
 Byte model: the smollm2-135m preset (real SmolLM2-135M blocks as the global model, init-only local
 modules). An untrained model's boundary flags are arbitrary, so, like the reference benchmark
-("random generation steps marked as boundaries", spec §11.5), a hook on the byte head sets each
+("random generation steps marked as boundaries", docs/architecture.md §11.5), a hook on the byte head sets each
 row's flag at random with p = 1 / (the source's bytes per token in this very run): the byte model
 runs its global model as often per byte as a trained Bolmo, which mimics the source's
 segmentation, would. The actual bytes/patch is printed. Source:

@@ -1,4 +1,4 @@
-"""Cached batched generation (spec §4.4, §11; Appendix A checks 7 and 8) on the tiny preset."""
+"""Cached batched generation (docs/architecture.md §4.4, §11; Appendix A checks 7 and 8) on the tiny preset."""
 
 import copy
 
