@@ -18,6 +18,10 @@ of SmolLM2-135M's shape (30 blocks, d=576, random weights, every 4th block full 
 others a sliding window of 16 patches, which every row crosses); batch 8 with its rows
 generated together (per-row window masks) vs the same 8 rows one at a time (what generation did
 for sliding-window sources before), and batch 1, side by side, same random boundary flags.
+
+`--against REV`: this tree's generation vs `bolmo_core/generate.py` as of git revision REV (loaded
+from `git show`, next to this tree's other modules), batch 1 and 8, interleaved in one process:
+wall and CPU-time bytes/s and the median of the paired ratios (CPU time is steadier on a shared box).
 """
 
 from __future__ import annotations
@@ -130,6 +134,61 @@ def sliding(args) -> None:
     print(f"patches per row (batch 8): {patches}")
 
 
+def generate_at(rev: str):
+    """`bolmo_core/generate.py` as of git revision `rev`, imported beside this tree's modules."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(
+        ["git", "show", f"{rev}:bolmo_core/generate.py"], cwd=root, capture_output=True, check=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "generate.py"
+    path.write_bytes(src)
+    name = "bolmo_core._generate_at_rev"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def against(args) -> None:
+    import statistics
+
+    import bolmo_core.generate as now
+
+    then = generate_at(args.against)
+    model = BolmoModel.from_source(get_preset("smollm2-135m").model).eval()
+    random_flags(model, 1.0 / 5.71)  # SmolLM2's bytes per token on this prompt (the default run prints it)
+
+    def run(mod, batch: int) -> tuple[float, float]:
+        prompts = [PROMPT[: len(PROMPT) - 7 * r] for r in range(batch)]
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = mod.generate_ids(model, prompts, max_new_bytes=args.new_bytes, stop_on_eos=False)
+        n = sum(len(s) for s in out.sequences)
+        return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
+
+    run(then, 2), run(now, 2)  # warm-up
+    print(
+        f"this tree vs generate.py at {args.against}, new_bytes={args.new_bytes}, {args.repeats} paired runs"
+    )
+    print(
+        "| batch | bytes/s then (wall, cpu) | bytes/s now (wall, cpu) | median ratio now/then (wall, cpu) |"
+    )
+    print("|---|---|---|---|")
+    for batch in (1, 8):
+        pairs = [(run(then, batch), run(now, batch)) for _ in range(args.repeats)]
+        med = [statistics.median(p[k][i] for p in pairs) for k in (0, 1) for i in (0, 1)]
+        ratio = [statistics.median(b[i] / a[i] for a, b in pairs) for i in (0, 1)]
+        print(
+            f"| {batch} | {med[0]:.1f}, {med[1]:.1f} | {med[2]:.1f}, {med[3]:.1f} | {ratio[0]:.3f}, {ratio[1]:.3f} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -137,10 +196,13 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--olmo3", action="store_true", help="the sliding-window path (see the docstring)")
+    ap.add_argument("--against", metavar="REV", help="this tree's generation vs generate.py at git REV")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.olmo3:
         return sliding(args)
+    if args.against:
+        return against(args)
     preset = get_preset("smollm2-135m")
     src = load_source_model(preset.model.source)
     tok = load_tokenizer(preset.model.source)
