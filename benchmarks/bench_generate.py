@@ -162,6 +162,7 @@ def against(args) -> None:
     import bolmo_core.generate as now
 
     then = generate_at(args.against)
+    torch.manual_seed(0)
     model = BolmoModel.from_source(get_preset("smollm2-135m").model).eval()
     random_flags(model, 1.0 / 5.71)  # SmolLM2's bytes per token on this prompt (the default run prints it)
 

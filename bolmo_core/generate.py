@@ -154,7 +154,7 @@ def _row_window_masks(config, x, attn, cache, position_ids, window: int):
         position_ids=position_ids,
         allow_is_causal_skip=False,
     )
-    if not isinstance(full, torch.Tensor) or full.shape[-1] != attn.shape[1]:
+    if not isinstance(full, torch.Tensor) or full.dim() != 4 or full.shape[-1] != attn.shape[1]:
         raise GenerationError(
             f"global model: attention '{config._attn_implementation}' has no 4-D mask for batched sliding windows"
         )
@@ -299,6 +299,7 @@ class GenState:
     n_patches: torch.Tensor  # (B,) patches closed so far = the next patch's global position
     attn: torch.Tensor  # (B, S) 1 where global cache slot s holds one of the row's patches
     cache: object  # the global model's KV cache (S slots)
+    row_windows: bool  # sliding-window source, several rows: per-row window masks (see _row_window_masks)
     enc_state: list  # mLSTM (C, n, m) per encoder block, updated in place
     dec_state: list  # same for the decoder
     history: _History  # recent bytes per row (retained-subword lookup)
@@ -344,7 +345,6 @@ class _Engine:
         self.flag_bias[FUSED_OFFSET:] = cfg.boundary_bias
         self.enc_step, self.dec_step = _StepStack(self.enc.blocks), _StepStack(self.dec.blocks)
         self.window = _sliding_window(model.global_model.config)
-        self.row_windows = False  # set by prefill: batched rows of a sliding-window source
 
     # ------------------------------------------------------------------ prefill
 
@@ -367,10 +367,11 @@ class _Engine:
         count = b.sum(1)
         P = int(count.max())
         reps, patch_mask, _, _ = model.patches(h, b, P)
-        self.row_windows = self.window is not None and B > 1
+        row_windows = self.window is not None and B > 1  # alone, a row's slots are its positions
         attn = patch_mask.long()  # filler slots of rows with fewer patches are masked (§11.4)
-        cache = _row_window_cache() if self.row_windows else model.global_model.new_cache()
-        gp = dec.project_global(self._global(reps, attn, cache, torch.arange(P, device=dev).expand(B, P)))
+        cache = _row_window_cache() if row_windows else model.global_model.new_cache()
+        G = self._global(reps, attn, cache, torch.arange(P, device=dev).expand(B, P), row_windows)
+        gp = dec.project_global(G)
         y, dec_state = run_blocks(dec.blocks, dec.in_projection(h) + depool(gp, b), None, hold=~in_pre)
         logits, traces = self._prefill_logits(y, pre_len)
         st = GenState(
@@ -384,6 +385,7 @@ class _Engine:
             n_patches=count.clone(),
             attn=attn,
             cache=cache,
+            row_windows=row_windows,
             # The steps update states in place: own them (prefill states may be views or expanded).
             enc_state=[tuple(t.clone() for t in s) for s in enc_state],
             dec_state=[tuple(t.clone() for t in s) for s in dec_state],
@@ -481,9 +483,8 @@ class _Engine:
         """One global position for the waiting rows (their newest patch, at their own patch count);
         the other rows get a masked cache slot. All rows share the call: the KV cache is one tensor."""
         st.attn = torch.cat([st.attn, st.waiting.long()[:, None]], 1)
-        g = self._global(
-            self.model.out_projection(st.h_cur)[:, None], st.attn, st.cache, st.n_patches[:, None]
-        )
+        x = self.model.out_projection(st.h_cur)[:, None]
+        g = self._global(x, st.attn, st.cache, st.n_patches[:, None], st.row_windows)
         st.last_value = torch.where(st.waiting[:, None], self.dec.project_global(g)[:, 0], st.last_value)
         st.n_patches = st.n_patches + st.waiting.long()
 
@@ -492,9 +493,9 @@ class _Engine:
         hd, lv = (st.h_cur, st.last_value) if idx is None else (st.h_cur[idx], st.last_value[idx])
         return self.model.lm_head(self.dec_step(self.dec.in_projection(hd) + lv, st.dec_state, idx)).float()
 
-    def _global(self, x, attn, cache, position_ids) -> torch.Tensor:
+    def _global(self, x, attn, cache, position_ids, row_windows: bool) -> torch.Tensor:
         mask = attn
-        if self.row_windows:
+        if row_windows:
             mask = _row_window_masks(
                 self.model.global_model.config, x, attn, cache, position_ids, self.window
             )

@@ -510,7 +510,7 @@ def _row_window_masks(config, x, attn, cache, position_ids, window):
         position_ids=position_ids,
         allow_is_causal_skip=False,
     )
-    if not isinstance(full, torch.Tensor) or full.shape[-1] != attn.shape[1]:
+    if not isinstance(full, torch.Tensor) or full.dim() != 4 or full.shape[-1] != attn.shape[1]:
         raise ValueError(
             f"attention '{config._attn_implementation}': no 4-D mask for batched sliding windows"
         )
