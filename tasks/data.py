@@ -17,6 +17,9 @@ whatever runs it: each shard depends only on the plan.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from functools import lru_cache
 
 from prefect import task
@@ -24,8 +27,16 @@ from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from bolmo_core import data as D
+from bolmo_core import storage
 from bolmo_core.config import DataConfig
 from bolmo_core.source import SourceConfig, SourceError, load_tokenizer
+
+
+def data_out_uri(root: str, sources: list[str], preset) -> str:
+    """One data folder per (sources, tokenizer source, data config) (pure: the flow may call it)."""
+    ident = [sorted(sources), dataclasses.asdict(preset.model.source), dataclasses.asdict(preset.data)]
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return storage.join(root, "data", key)
 
 
 @lru_cache(maxsize=4)
