@@ -74,7 +74,7 @@ class TargetTable:
     spelled: torch.Tensor  # (Σ len,) the token's byte j (the same CSR)
     spell_len: torch.Tensor  # (V,) byte length of ids that get targets; 0 for the rest
     ws_lo: torch.Tensor  # (k,) sorted ranges of the entries starting with space / tab / newline
-    ws_hi: torch.Tensor  # (k,)   (the whitespace-debiasing mass, spec §8.4)
+    ws_hi: torch.Tensor  # (k,)   (the whitespace-debiasing mass, docs/architecture.md §8.4)
     sep_id: int
     _copies: dict = field(default_factory=dict, repr=False)
     _excluded: dict = field(default_factory=dict, repr=False)

@@ -2,15 +2,16 @@
 
 Metrics (both models on exactly the same bytes, in the same windows):
 
-* **bits per byte** (headline, causal). Byte model: Σ −log₂ p(byte) / #bytes with p(byte) the
-  folded fused probability p(v) + p(v + 260) (spec §1.1, §13.1), scored the way the model
-  generates: the end-of-patch flag of byte t+1 is decided by the decoder's output at byte t
-  given the true byte (flagged vs unflagged logit of that byte, greedy, as `generate.py`'s
-  forced first choice does), so no boundary is placed knowing a later byte (`score_bytes`).
-  ``bits_per_byte_lookahead`` is the published recipe's figure: boundaries from the encoder's
-  predictor, which looks one byte ahead (the patch that ends before byte t+1 was closed
-  knowing byte t+1, spec §5.2), so it is optimistic. Source: Σ −log₂ p(token) over every
-  token / #bytes, each window starting from the document separator as context.
+* **bits per byte** (headline, causal). Byte model: Σ −log₂ p(byte) / #bytes with p(byte)
+  the folded fused probability p(v) + p(v + 260) (docs/architecture.md §1.1, §13.1), scored
+  the way the model generates: the end-of-patch flag of byte t+1 is decided by the decoder's
+  output at byte t given the true byte (flagged vs unflagged logit of that byte, greedy, as
+  `generate.py`'s forced first choice does), so no boundary is placed knowing a later byte
+  (`score_bytes`). ``bits_per_byte_lookahead`` is the published recipe's figure: boundaries
+  from the encoder's predictor, which looks one byte ahead (the patch that ends before byte
+  t+1 was closed knowing byte t+1, docs/architecture.md §5.2), so it is optimistic. Source:
+  Σ −log₂ p(token) over every token / #bytes, each window starting from the document
+  separator as context.
 * **boundary accuracy / precision / recall** of the predictor's boundaries (``boundary``) and
   of the causal ones (``boundary_causal``) against the source tokenizer's token ends (BOS and
   each window's last byte, which the predictor cannot decide, are excluded), and the
@@ -578,7 +579,7 @@ def evaluate(
         + (
             "causal boundaries: each byte's end-of-patch flag decided by the model's own fused output at "
             "the byte before, as it generates; bits_per_byte_lookahead conditions on the boundary "
-            "predictor's (one byte of lookahead, spec §5.2: optimistic)"
+            "predictor's (one byte of lookahead, docs/architecture.md §5.2: optimistic)"
             if cfg.boundaries == "predicted"
             else "the source tokenizer's boundaries (diagnostic: not the model's own bpb)"
         ),
