@@ -167,16 +167,27 @@ def test_causal_scores_equal_byte_by_byte_decoding(tiny):
     assert stats["bits"] != stats["bits_lookahead"] and stats["causal_passes"] == sc.passes
 
 
-def test_validator_scores_with_the_same_scorer(tmp_path_factory):
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """31 short documents, 30 % of them held out (so the validation split is never empty)."""
+    from train_helpers import OVERRIDES
+
+    from bolmo_core.data import prepare_dataset
+
+    folder = tmp_path_factory.mktemp("valdata")
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus(12_000)))
+    p = get_preset("tiny", {**OVERRIDES, "data.validation_fraction": 0.3})
+    return prepare_dataset([str(folder / "docs.jsonl")], p.model.source, str(folder / "data"), p.data)
+
+
+def test_validator_scores_with_the_same_scorer(tiny, manifest):
     """The trainer's validation: val_bpb is causal (== byte-by-byte decoding of its batches), and
     val_bpb_lookahead == a plain forward with the predictor's boundaries."""
-    from train_helpers import OVERRIDES, make_manifest
+    from train_helpers import OVERRIDES
 
-    manifest = make_manifest(tmp_path_factory.mktemp("valdata"))
-    preset = get_preset("tiny", {**OVERRIDES, "stage1.eval_batches": 2})
-    vocab = get_vocab(load_tokenizer(preset.model.source))
-    torch.manual_seed(0)
-    model = BolmoModel.from_source(preset.model, vocab=vocab)
+    _, model, tok = tiny
+    preset = get_preset("tiny", {**OVERRIDES, "data.validation_fraction": 0.3, "stage1.eval_batches": 2})
+    vocab = get_vocab(tok)
     val = E.Validator(preset, 1, manifest, vocab, torch.device("cpu"))
     m = val(model)
     causal = look = 0.0
@@ -301,25 +312,45 @@ def test_boundary_samples_cut_the_text_both_ways(tiny):
     assert len(samples[0]["tokens"]) > 10 and len(samples[0]["patches"]) > 1
 
 
-def test_split_metrics_of_a_checkpoint_cover_the_whole_split(tmp_path_factory, capsys):
-    """`python -m bolmo_core.evaluate CKPT --manifest M`: a trained checkpoint on every validation window."""
-    from train_helpers import make_manifest, run_config
+@pytest.mark.parametrize("batches", [2, pytest.param(None, marks=pytest.mark.slow)])
+def test_split_metrics_of_a_checkpoint(tiny, manifest, tmp_path, capsys, batches):
+    """`python -m bolmo_core.evaluate CKPT --manifest M [--batches N]`: a saved checkpoint on the first N
+    validation micro-batches, or (slow: every window scored causally) on the whole split."""
+    from train_helpers import run_config
 
+    from bolmo_core import checkpoint as ckpt
     from bolmo_core.config import Preset
     from bolmo_core.loader import WindowLoader
-    from bolmo_core.train import TrainConfig, train
 
-    tmp = tmp_path_factory.mktemp("splitdata")
-    manifest = make_manifest(tmp)
-    out = train(TrainConfig.from_dict(run_config(manifest, str(tmp / "s1"), 1, {"stage1.steps": 2})))
-    capsys.readouterr()  # the trainer's progress lines
-    E.main([out["final"], "--manifest", manifest])
+    _, model, tok = tiny
+    tmp = tmp_path
+    preset = Preset.from_dict(run_config(manifest, "x", 1, {"data.validation_fraction": 0.3})["preset"])
+    assert preset.model == get_preset("tiny").model
+    vocab = get_vocab(tok)
+    uri = ckpt.save_checkpoint(
+        str(tmp / "s1"),
+        "final",
+        rank=0,
+        world_size=1,
+        barrier=lambda: None,
+        rank_state={"rng": ckpt.capture_rng()},
+        model_state=model.state_dict(),
+        trainer_state={"step": 0, "finished": True},
+        config={"preset": preset.to_dict(), "stage": 1},
+    )
+    E.main([uri, "--manifest", manifest] + (["--batches", str(batches)] if batches else []))
     m = json.loads(capsys.readouterr().out)
-    cfg = Preset.from_dict(run_config(manifest, "x")["preset"])
-    vocab = get_vocab(load_tokenizer(cfg.model.source))
-    loader = WindowLoader.from_config(cfg.data, manifest, vocab, 4, split="validation")
-    want = sum(int(b["patch_lens"].sum(1).sub(1).sum()) for b in loader.iter_eval())
-    assert m["val_bytes"] == want and m["val_bpb"] > 0 and m["val_bpb_lookahead"] > 0
+    loader = WindowLoader.from_config(
+        preset.data, manifest, vocab, preset.stage1.micro_batch, split="validation"
+    )
+    scored = list(loader.iter_eval(max_batches=batches))
+    want = sum(int(b["patch_lens"].sum(1).sub(1).sum()) for b in scored)
+    assert m["val_bytes"] == want > 0
+    assert (
+        sum(len(b["input_ids"]) for b in scored) == (2 if batches else loader.n_windows)
+        and loader.n_windows > 8
+    )
+    assert m["val_bpb"] > 0 and m["val_bpb_lookahead"] > 0 and m["val_causal_passes"] >= 1
     with pytest.raises(SystemExit) as e:
         E.main([str(tmp / "nothing"), "--manifest", manifest])
     assert e.value.code == 2
