@@ -6,6 +6,12 @@ patch (oracle); losses 4 x L2 at global layer `encoder_loss_layer` + CE + binari
 distillation + 4 x boundary BCE. Stage 2 (`stage2_loss`, spec §9): predicted boundaries, the
 global model runs on the student's patches, CE + 4 x BCE.
 
+Stage-1 options beyond the paper (issue 13; defaults off): `LossConfig.byte_kl` adds the KL from
+the teacher's exact byte-level targets to the student's fused distribution at every byte
+(`byte_targets.py`; computed in the teacher's one chunked pass over its logits), and
+`LossConfig.boundary_soft` mixes the teacher's "the token ends with this byte" mass into the
+boundary BCE target (docs/training.md, "Byte-level targets").
+
 Normalisation (spec §8.5): every term here is a mean over its valid elements in the batch it
 is given (CE: valid label bytes; distillation and encoder L2: valid patches; BCE: valid label
 bytes). The reference multiplies CE by (padded byte slots / valid bytes) and the distillation
