@@ -54,12 +54,12 @@ start() {  # name, health URL, command...
   echo "$name: not healthy after 120 s; see $VAR/logs/$name.log" >&2; exit 1
 }
 
-stop() {  # name: SIGTERM the process group, SIGKILL after 20 s
-  local name=$1 pid
+stop() {  # name [grace seconds]: SIGTERM the process group, SIGKILL what is left after the grace
+  local name=$1 grace=${2:-20} pid
   alive "$name" || { rm -f "$VAR/pids/$name.pid"; return; }
   pid=$(cat "$VAR/pids/$name.pid")
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  for _ in $(seq 1 $((grace * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   if kill -0 "$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; fi
   rm -f "$VAR/pids/$name.pid"
   echo "$name: stopped"
@@ -90,7 +90,12 @@ up() {
 }
 
 down() {
-  stop worker            # workers first: without a server they ignore SIGTERM (P3)
+  # Workers first (without a server they ignore SIGTERM). Prefect 3.9's `prefect worker start`
+  # turns SIGTERM into a SIGINT whose graceful shutdown never ends (its cancelled main task
+  # hangs), so the worker gets 3 s: flow runs it started share its process group and get
+  # the same SIGTERM, which Prefect's engine handles itself (the run ends Crashed and its
+  # on_crashed hook ends the MLflow runs).
+  stop worker 3
   stop mlflow
   stop prefect-server
   stop s3
@@ -103,6 +108,7 @@ status() {
 }
 
 env_() {
+  echo "export PATH=\"$BIN:\$PATH\""   # prefect, mlflow, byteify: the project's own venv
   for v in PREFECT_HOME PREFECT_API_URL PREFECT_SERVER_ANALYTICS_ENABLED MLFLOW_TRACKING_URI BYTEIFY_STORAGE_ROOT; do
     echo "export $v=\"${!v}\""
   done
