@@ -3,11 +3,12 @@
 # MLflow server (SQLite) [+ moto S3 with WITH_S3=1]. Started and stopped by PID; logs,
 # PIDs and data under var/ (BYTEIFY_VAR). Usage: deployments/stack.sh up|down|status|env
 #
-#   make up        # then: prefect deployment run byteify/smollm2-135m --watch
+#   make up
+#   eval "$(deployments/stack.sh env)"     # the venv's tools on PATH, pointed at this stack
+#   prefect deployment run byteify/tiny --watch
 #   make down
 #
-# Ports: PREFECT_PORT (4200), MLFLOW_PORT (5000), S3_PORT (5111). Source the exports printed
-# by `deployments/stack.sh env` in a shell to talk to this stack.
+# Ports: PREFECT_PORT (4200), MLFLOW_PORT (5000), S3_PORT (5111).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -86,7 +87,7 @@ up() {
   start worker "" "$BIN/prefect" worker start --pool "$POOL" --type process
   echo
   echo "Prefect UI: http://127.0.0.1:$PREFECT_PORT    MLflow UI: http://127.0.0.1:$MLFLOW_PORT"
-  echo "Run one:    eval \"\$(deployments/stack.sh env)\"; prefect deployment run byteify/smollm2-135m --watch"
+  echo "Run one:    eval \"\$(deployments/stack.sh env)\"; prefect deployment run byteify/tiny --watch"
 }
 
 down() {

@@ -99,6 +99,7 @@ class Browser:
         if then:
             self.js(then)
             self.wait_for(list(then_show), f"{url} (after a click)")
+            self.js(then)  # again, now that the page below it has grown: scrolls to the right place
         time.sleep(2.0)  # let charts and images finish drawing
         out.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
         print(f"{out}  <- {url}")
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flow-run", help="flow run id (default: the newest completed byteify run)")
     ap.add_argument("--out", default=str(ROOT / "var" / "screenshots"))
+    ap.add_argument("--readme-images", help="also write the README's two images, small, into this folder")
     args = ap.parse_args(argv)
     for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         if not os.environ.get(var, "").startswith("http"):
@@ -224,7 +226,24 @@ def main(argv: list[str] | None = None) -> int:
             browser.shoot(url, out / f"{stem}.png", must_show, *(then or [CLOSE_ASSISTANT, must_show]))
     finally:
         browser.close()
+    if args.readme_images:
+        for stem in README_IMAGES:
+            small(out / f"{stem}.png", Path(args.readme_images) / f"{stem}.png")
     return 0
+
+
+README_IMAGES = ("prefect-artifacts", "mlflow-run")
+
+
+def small(src: Path, dest: Path, width: int = 900) -> None:
+    """A downscaled, 64-colour copy (tens of kB) for the README."""
+    from PIL import Image
+
+    img = Image.open(src).convert("RGB")
+    img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    img.quantize(colors=64, dither=Image.Dither.NONE).save(dest, optimize=True)
+    print(f"{dest}: {dest.stat().st_size // 1024} kB")
 
 
 if __name__ == "__main__":

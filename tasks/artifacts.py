@@ -141,8 +141,11 @@ PANELS = {
 }
 
 
-def plot_curves(curves: dict[str, list[dict]]) -> bytes:
-    """A PNG: one row per stage (its own step axis), one panel per quantity in PANELS."""
+def plot_curves(curves: dict[str, list[dict]], columns: int = 2) -> bytes:
+    """A PNG: a block of panels per stage (its own step axis), one panel per quantity in PANELS.
+
+    Two panels a row, ~1000 px wide: the UI shows it at its width, so the text stays readable.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,24 +156,28 @@ def plot_curves(curves: dict[str, list[dict]]) -> bytes:
 
     panels = [p for p, keys in PANELS.items() if any(points(c, k) for c in curves.values() for k in keys)]
     panels = panels or ["training loss"]
-    rows = max(1, len(curves))
-    fig, axes = plt.subplots(rows, len(panels), figsize=(4.2 * len(panels), 3.3 * rows), squeeze=False)
-    for row, (stage, curve) in zip(axes, curves.items()):
+    per_stage = -(-len(panels) // columns)
+    rows = max(1, len(curves)) * per_stage
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 2.9 * rows), squeeze=False)
+    for s, (stage, curve) in enumerate(curves.items()):
         last = max((r["step"] for r in curve), default=1)
-        for ax, panel in zip(row, panels):
-            ax.set_xlim(0, last * 1.02)
+        for i, panel in enumerate(panels):
+            ax = axes[s * per_stage + i // columns][i % columns]
             for key in PANELS[panel]:
                 if pts := points(curve, key):
-                    ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("eval/") else None, ms=3)
-            ax.set_title(f"{stage}: {panel}", fontsize=10)
+                    ax.plot(*zip(*pts), label=key, marker="o" if key.startswith("eval/") else None, ms=4)
+            ax.set_xlim(0, last * 1.02)
+            ax.set_title(f"{stage}: {panel}", fontsize=11)
             ax.set_xlabel(f"{stage} step")
             ax.grid(alpha=0.3)
             if ax.lines:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=8)
             else:
                 ax.text(
                     0.5, 0.5, "not measured in this stage", ha="center", transform=ax.transAxes, color="grey"
                 )
+        for i in range(len(panels), per_stage * columns):
+            axes[s * per_stage + i // columns][i % columns].axis("off")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
