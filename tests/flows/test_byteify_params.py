@@ -7,8 +7,18 @@ def test_form_has_preset_overrides_and_deployment_groups():
     from flows.byteify import byteify
 
     props = byteify.parameters.model_dump()["properties"]
-    assert set(props) == {"preset", "overrides", "data_sources", "storage_root", "compute", "evaluation", "tracking"}
-    ok = byteify.validate_parameters({"preset": "tiny", "overrides": {"stage1.steps": 3}, "compute": {"processes": 2}})
+    assert set(props) == {
+        "preset",
+        "overrides",
+        "data_sources",
+        "storage_root",
+        "compute",
+        "evaluation",
+        "tracking",
+    }
+    ok = byteify.validate_parameters(
+        {"preset": "tiny", "overrides": {"stage1.steps": 3}, "compute": {"processes": 2}}
+    )
     assert ok["compute"].processes == 2 and ok["overrides"] == {"stage1.steps": 3}
     with pytest.raises(Exception, match="processes"):
         byteify.validate_parameters({"compute": {"processes": 0}})

@@ -1,0 +1,47 @@
+"""Fixtures for the task tests: a committed tiny checkpoint and a small prepared dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> tuple[str, str]:
+    """(URI, weights hash) of a committed `final` checkpoint of the tiny preset's model (untrained)."""
+    import torch
+
+    from bolmo_core import checkpoint as ckpt
+    from bolmo_core.config import get_preset
+    from bolmo_core.model import BolmoModel
+
+    preset = get_preset("tiny")
+    torch.manual_seed(0)
+    model = BolmoModel.from_source(preset.model)
+    uri = ckpt.save_checkpoint(
+        str(tmp_path_factory.mktemp("ckpt") / "stage2"),
+        ckpt.FINAL,
+        rank=0,
+        world_size=1,
+        barrier=lambda: None,
+        rank_state={},
+        model_state=model.state_dict(),
+        config={"preset": preset.to_dict(), "stage": 2},
+    )
+    return uri, ckpt.checkpoint_hash(uri)
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory) -> str:
+    """A real prepared dataset (offline Wikipedia text, tiny-olmo2 tokenizer): its manifest URI."""
+    from bolmo_core.config import get_preset
+    from bolmo_core.data import prepare_dataset
+    from bolmo_core.source import SourceConfig, tiny_corpus
+
+    folder = tmp_path_factory.mktemp("data")
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(30_000)))
+    data_cfg = get_preset("tiny", {"data.validation_fraction": 0.2}).data
+    return prepare_dataset(
+        [str(folder / "docs.jsonl")], SourceConfig("tiny-olmo2"), str(folder / "out"), data_cfg
+    )
