@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from bolmo_core.config import get_preset
-from tasks import PROJECT_ROOT, artifacts
+from tasks import PROJECT_ROOT, artifacts, registry
 from tasks import tracking as mlflow_tasks
 from tasks.data import data_out_uri, prepare_data
 from tasks.evaluation import evaluate_model
@@ -163,7 +163,7 @@ def byteify(
         artifacts={"data": manifest_uri, "evaluation": report_uri, "plots": curves_png},
     )
     lineage = {
-        **mlflow_tasks.source_lineage(p.model.source),
+        **registry.source_lineage(p.model.source),
         "manifest_hash": manifest_hash,
         "stage1_checkpoint_hash": hash1,
         "stage2_checkpoint_hash": hash2,
@@ -172,7 +172,7 @@ def byteify(
         "flow_run_url": fr_url,
     }
     made_by = f"[Prefect flow run {flow_run.name or fr_id}]({fr_url})"
-    reg = mlflow_tasks.register_model(
+    reg = registry.register_model(
         uri,
         tracking.model_name,
         export_uri,
