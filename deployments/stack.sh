@@ -30,6 +30,7 @@ export PREFECT_RESULTS_PERSIST_BY_DEFAULT=true
 export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-2}"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false        # ~0.5 GB instead of ~2.4 GB (M1)
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false      # no download bars in logs or when loading a model
 export BYTEIFY_STORAGE_ROOT="${BYTEIFY_STORAGE_ROOT:-$VAR/runs}"
 export BYTEIFY_ROOT="$ROOT"
 if [[ "$WITH_S3" == 1 ]]; then
@@ -110,7 +111,8 @@ status() {
 
 env_() {
   echo "export PATH=\"$BIN:\$PATH\""   # prefect, mlflow, byteify: the project's own venv
-  for v in PREFECT_HOME PREFECT_API_URL PREFECT_SERVER_ANALYTICS_ENABLED MLFLOW_TRACKING_URI BYTEIFY_STORAGE_ROOT; do
+  for v in PREFECT_HOME PREFECT_API_URL PREFECT_SERVER_ANALYTICS_ENABLED MLFLOW_TRACKING_URI \
+           MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR BYTEIFY_STORAGE_ROOT; do
     echo "export $v=\"${!v}\""
   done
   if [[ "$WITH_S3" == 1 ]]; then

@@ -69,6 +69,7 @@ def _flow_run_url(flow_run_id: str) -> str:
 
 # A failed, crashed or cancelled run ends its MLflow runs FAILED / KILLED instead of leaving
 # them RUNNING forever (the hooks run in the flow's process; see tasks.tracking.mark_failed).
+# One long function on purpose: it reads top to bottom as the pipeline, every step a task call.
 @flow(
     name="byteify",
     log_prints=True,

@@ -163,41 +163,25 @@ def _latest_flow_run(flow_run_id: str | None):
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--flow-run", help="flow run id (default: the newest completed byteify run)")
-    ap.add_argument("--out", default=str(ROOT / "var" / "screenshots"))
-    ap.add_argument("--readme-images", help="also write the README's two images, small, into this folder")
-    args = ap.parse_args(argv)
-    for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
-        if not os.environ.get(var, "").startswith("http"):
-            sys.exit(
-                f'screenshots: {var} is not a server URL; run `make up` and eval "$(deployments/stack.sh env)"'
-            )
+def pages_of(flow_run_id: str | None) -> list[tuple]:
+    """(file, URL, text that proves it rendered[, a click, what the click shows]) for one flow run."""
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    fr = _latest_flow_run(args.flow_run)
+    fr = _latest_flow_run(flow_run_id)
     prefect_ui = os.environ["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id]))
-        )
-    by_key = {a.key: a for a in arts if a.key}
+        flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id]))
+        by_key = {a.key: a for a in client.read_artifacts(artifact_filter=flt) if a.key}
     mlflow_url = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
     mlc = MlflowClient(mlflow_url, registry_uri=mlflow_url)
     flt = f"tags.`byteify.flow_run_id` = '{fr.id}' and tags.`byteify.kind` = 'flow'"
-    run = next(
-        r for e in mlc.search_experiments() for r in mlc.search_runs([e.experiment_id], filter_string=flt)
-    )
+    run = next(r for e in mlc.search_experiments() for r in mlc.search_runs([e.experiment_id], flt))
     name, version = re.search(r"#/models/([^/]+)/versions/(\d+)", by_key["mlflow-model"].data).groups()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    exp, rid = run.info.experiment_id, run.info.run_id
     flow_page = f"{prefect_ui}/runs/flow-run/{fr.id}"
-    pages = [  # (file, URL, text that proves it rendered, then a click, and what that shows)
+    pages = [
         ("prefect-flow-run", flow_page, [fr.name, "Artifacts"], "", ()),
         (
             "prefect-artifacts",
@@ -212,17 +196,37 @@ def main(argv: list[str] | None = None) -> int:
             pages.append(
                 (f"prefect-{key}", f"{prefect_ui}/artifacts/artifact/{by_key[key].id}", [key], "", ())
             )
-    ml = f"{mlflow_url}/#/experiments/{exp}/runs"
-    version_page = f"{mlflow_url}/#/models/{name}/versions/{version}?workflowType=machine_learning"
-    pages += [
-        ("mlflow-run", f"{ml}/{rid}?workflowType=machine_learning", [run.info.run_name, "stage1"]),
-        ("mlflow-run-metrics", f"{ml}/{rid}/model-metrics?workflowType=machine_learning", ["bits_per_byte"]),
-        ("mlflow-experiment", f"{ml}?workflowType=machine_learning", [run.info.run_name]),
-        ("mlflow-model-version", version_page, [f"Version {version}", "byteify.lineage_hash"]),
+    runs, ml = f"{mlflow_url}/#/experiments/{run.info.experiment_id}/runs", "workflowType=machine_learning"
+    rid = run.info.run_id
+    return pages + [
+        ("mlflow-run", f"{runs}/{rid}?{ml}", [run.info.run_name, "stage1"]),
+        ("mlflow-run-metrics", f"{runs}/{rid}/model-metrics?{ml}", ["bits_per_byte"]),
+        ("mlflow-experiment", f"{runs}?{ml}", [run.info.run_name]),
+        (
+            "mlflow-model-version",
+            f"{mlflow_url}/#/models/{name}/versions/{version}?{ml}",
+            [f"Version {version}"],
+        ),
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--flow-run", help="flow run id (default: the newest completed byteify run)")
+    ap.add_argument("--out", default=str(ROOT / "var" / "screenshots"))
+    ap.add_argument("--readme-images", help="also write the README's two images, small, into this folder")
+    args = ap.parse_args(argv)
+    for var in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        if not os.environ.get(var, "").startswith("http"):
+            sys.exit(
+                f'screenshots: {var} is not a server URL; run `make up`, then eval "$(deployments/stack.sh env)"'
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     browser = Browser()
     try:
-        for stem, url, must_show, *then in pages:
+        for stem, url, must_show, *then in pages_of(args.flow_run):
+            # MLflow pages (no click of their own): close the assistant panel, then capture.
             browser.shoot(url, out / f"{stem}.png", must_show, *(then or [CLOSE_ASSISTANT, must_show]))
     finally:
         browser.close()

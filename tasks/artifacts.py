@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from bolmo_core import storage
@@ -31,6 +33,14 @@ _ARTIFACT = dict(cache_policy=None, **RETRY)
 
 
 # ---------------------------------------------------------------- progress
+
+
+def _logger():
+    """The task's run logger (its lines reach the UI), or a plain one outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("tasks.artifacts")
 
 
 def duration(seconds: float) -> str:
@@ -68,7 +78,7 @@ class Progress:
             elif self.id is not None:
                 update_progress_artifact(self.id, percent, description=description)
         except Exception as e:  # noqa: BLE001 - display only
-            get_run_logger().warning(f"progress artifact not updated: {str(e).splitlines()[0]}")
+            _logger().warning(f"progress artifact not updated: {str(e).splitlines()[0]}")
 
     def update(self, done: float, total: float, text: str, force: bool = False, eta: bool = True) -> None:
         now = time.monotonic()
