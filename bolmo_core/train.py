@@ -45,6 +45,7 @@ from .callbacks import (
 from .coarsen import coarsen_batch
 from .config import ConfigError, StageConfig, TrainConfig
 from .evaluate import EvalError, Validator
+from .load import load_weights
 from .loader import WindowLoader
 
 __all__ = ["Trainer", "TrainConfig", "TrainError", "train", "main"]
@@ -115,15 +116,9 @@ def build_model(cfg: TrainConfig, vocab):
     info: dict[str, Any] = {}
     if from_stage1:
         src = ckpt.resolve_checkpoint(cfg.init_from)
-        state = ckpt.load_model_state(src)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing:
-            raise TrainError(f"init_from {src}: {len(missing)} model weights missing (e.g. '{missing[0]}')")
-        info = {
-            "init_from": src,
-            "init_from_hash": ckpt.checkpoint_hash(src),
-            "ignored_keys": len(unexpected),
-        }
+        # A Stage-1 checkpoint holds the whole model (teacher included); nothing may be missing.
+        skipped = load_weights(model, ckpt.load_model_state(src), f"init_from {src}", may_add=True)
+        info = {"init_from": src, "init_from_hash": ckpt.checkpoint_hash(src), "ignored_keys": skipped}
     return model, info
 
 

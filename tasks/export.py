@@ -2,7 +2,7 @@
 
 A thin wrapper over ``bolmo_core.export``: the export lands in a folder named by the
 checkpoint's hash; the parity check (exported model vs checkpoint on the same bytes) must
-pass or the task fails without retry (a parity failure is deterministic, not an outage). The parity
+pass or the task fails without retry (a parity failure is deterministic). The parity
 result is written last and is the folder's commit marker.
 """
 
@@ -17,11 +17,12 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from bolmo_core import storage
+from bolmo_core.export import PARITY_FILE
 
 from .artifacts import Progress
 from .retries import RETRY
 
-PARITY = "byteify_parity.json"
+PARITY = PARITY_FILE  # the parity report, written last: this folder's commit marker
 
 
 class ExportParityError(RuntimeError):
