@@ -259,6 +259,8 @@ def mark_failed(flow, flow_run, state) -> None:
     trk = params.get("tracking") or {}
     trk = trk if isinstance(trk, dict) else trk.model_dump()
     uri = trk.get("tracking_uri") or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return  # failed before anything was tracked: leave no empty store behind
     mlc = client(uri)
     exp = mlc.get_experiment_by_name(trk.get("experiment") or "byteify")
     if exp is None:

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
+from task_helpers import make_checkpoint, make_manifest
+
 from tasks import evaluation
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> tuple[str, str]:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory) -> str:
+    return make_manifest(tmp_path_factory.mktemp("data"))
 
 
 def _progress(key: str):

@@ -1,14 +1,16 @@
-"""Fixtures for the task tests: a committed tiny checkpoint and a small prepared dataset."""
+"""Helpers for the task tests: a committed tiny checkpoint and a small prepared dataset.
+
+Plain functions (not a conftest.py here: it would shadow tests/conftest.py for the tests
+that import helpers from it).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-import pytest
 
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> tuple[str, str]:
+def make_checkpoint(folder: Path) -> tuple[str, str]:
     """(URI, weights hash) of a committed `final` checkpoint of the tiny preset's model (untrained)."""
     import torch
 
@@ -20,7 +22,7 @@ def tiny_checkpoint(tmp_path_factory) -> tuple[str, str]:
     torch.manual_seed(0)
     model = BolmoModel.from_source(preset.model)
     uri = ckpt.save_checkpoint(
-        str(tmp_path_factory.mktemp("ckpt") / "stage2"),
+        str(folder / "stage2"),
         ckpt.FINAL,
         rank=0,
         world_size=1,
@@ -32,14 +34,12 @@ def tiny_checkpoint(tmp_path_factory) -> tuple[str, str]:
     return uri, ckpt.checkpoint_hash(uri)
 
 
-@pytest.fixture(scope="session")
-def tiny_manifest(tmp_path_factory) -> str:
+def make_manifest(folder: Path) -> str:
     """A real prepared dataset (offline Wikipedia text, tiny-olmo2 tokenizer): its manifest URI."""
     from bolmo_core.config import get_preset
     from bolmo_core.data import prepare_dataset
     from bolmo_core.source import SourceConfig, tiny_corpus
 
-    folder = tmp_path_factory.mktemp("data")
     (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(30_000)))
     data_cfg = get_preset("tiny", {"data.validation_fraction": 0.2}).data
     return prepare_dataset(

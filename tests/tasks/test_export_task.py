@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from task_helpers import make_checkpoint
+
 from tasks import export
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> tuple[str, str]:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_export_task_checks_parity_shows_progress_and_reuses_the_folder(
