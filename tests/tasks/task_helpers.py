@@ -6,7 +6,11 @@ that import helpers from it).
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
+from functools import cache
 from pathlib import Path
 
 
@@ -45,3 +49,11 @@ def make_manifest(folder: Path) -> str:
     return prepare_dataset(
         [str(folder / "docs.jsonl")], SourceConfig("tiny-olmo2"), str(folder / "out"), data_cfg
     )
+
+
+@cache
+def mlflow_store() -> str:
+    """One SQLite MLflow store for the test session (creating one costs seconds); tests use their own names in it."""
+    folder = tempfile.mkdtemp(prefix="byteify-mlflow-test-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return f"sqlite:///{folder}/mlflow.db"

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from task_helpers import mlflow_store
 
 from tasks import tracking
 from tasks.mlflow_callback import MlflowCallback
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def store() -> str:
+    return mlflow_store()
 
 
 def test_mlflow_callback_batches_metrics_into_the_stage_run(tmp_path, monkeypatch, store):

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from task_helpers import mlflow_store
 
 from bolmo_core.source import SourceConfig, resolve_source
 from tasks import registry, tracking
@@ -41,8 +42,8 @@ def hf_folder(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def store() -> str:
+    return mlflow_store()
 
 
 def test_register_typed_pyfunc_with_lineage_once_per_lineage(tmp_path, hf_folder, store):

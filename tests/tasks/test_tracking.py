@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 from prefect import flow
+from task_helpers import mlflow_store
 
 from flows.byteify import Tracking
 from tasks import tracking
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """One SQLite store for the module (creating one costs seconds); tests use their own names in it."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def store() -> str:
+    return mlflow_store()
 
 
 def test_flow_run_opens_training_experiment_links_prefect_and_survives_a_retry(tmp_path, store):
