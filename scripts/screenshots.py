@@ -92,14 +92,17 @@ class Browser:
             time.sleep(0.5)
         raise SystemExit(f"screenshots: {what} never showed {[s for s in texts if s not in text]}")
 
-    def shoot(self, url: str, out: Path, must_show: list[str], then: str = "", then_show=()) -> None:
-        """Load `url`, wait for `must_show`, run the script `then` (a click), wait for `then_show`, save a PNG."""
+    def shoot(self, url: str, out: Path, must_show: list[str], then="", then_show=(), after="") -> None:
+        """Load `url`, wait for `must_show`; run the script `then` (a click) and wait for `then_show`;
+        run `after` (a scroll: once the click's navigation settled, or the router scrolls back); save a PNG."""
         self.call("Page.navigate", url=url)
         self.wait_for(must_show, url)
         if then:
             self.js(then)
             self.wait_for(list(then_show), f"{url} (after a click)")
-            self.js(then)  # again, now that the page below it has grown: scrolls to the right place
+        time.sleep(1.0)
+        if after:
+            self.js(after)
         time.sleep(2.0)  # let charts and images finish drawing
         out.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
         print(f"{out}  <- {url}")
@@ -121,10 +124,19 @@ for (const b of document.querySelectorAll('button')) {
 
 
 def click_tab(name: str) -> str:
-    """JS: click the tab labelled `name` and scroll it to the top of the window."""
+    """JS: click the tab labelled `name`."""
+    return f"[...document.querySelectorAll('[role=tab], .p-tab, button, a')].find(e => e.innerText.trim() === {name!r}).click();"
+
+
+def scroll_to_tab(name: str) -> str:
+    """JS: scroll the page (it scrolls inside a container) so the tab labelled `name` is at the top."""
     return f"""
-const tab = [...document.querySelectorAll('[role=tab], .p-tab, button, a')].find(e => e.innerText.trim() === {name!r});
-tab.click(); tab.scrollIntoView({{block: 'start'}});
+const tab = [...document.querySelectorAll('[role=tab], .p-tab')].find(e => e.innerText.trim() === {name!r});
+for (let p = tab.parentElement; p; p = p.parentElement) {{
+  if (p.scrollHeight > p.clientHeight + 10 && /auto|scroll/.test(getComputedStyle(p).overflowY)) {{
+    p.scrollTop += tab.getBoundingClientRect().top - p.getBoundingClientRect().top - 8; break;
+  }}
+}}
 """
 
 
@@ -188,7 +200,8 @@ def pages_of(flow_run_id: str | None) -> list[tuple]:
             flow_page,
             [fr.name],
             click_tab("Artifacts"),
-            ["Stage 1 training", "boundaries"],
+            ["boundaries"],
+            scroll_to_tab("Artifacts"),
         ),
     ]
     for key in ("data-progress", "stage-1-progress", "evaluation", "training-curves", "boundaries"):
