@@ -50,6 +50,7 @@ class DataConfig:
     shard_docs: int = 2048  # documents per Parquet shard
     validation_fraction: float = 0.01
     split_seed: int = 0
+    loader: str = "auto"  # training windows: auto | memory | streaming (bolmo_core/loader.py)
 
     @property
     def byte_slots(self) -> int:

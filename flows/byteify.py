@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from tasks import artifacts, plan, tracking
-from tasks.data import prepare_data
+from tasks.data import prepare_data, token_budget
 from tasks.evaluation import evaluate_model
 from tasks.export import export_model
 from tasks.training import curve_uri, stage_done, stage_out_uri, train_stage
@@ -40,6 +40,9 @@ class Budget(BaseModel):
     stage1_steps: int | None = Field(None, ge=1)
     stage2_steps: int | None = Field(None, ge=1)
     max_minutes: float | None = Field(None, gt=0, description="per stage, wall-clock training budget")
+    max_tokens: int | None = Field(
+        None, ge=1, description="training tokens to prepare; empty: what both stages consume"
+    )
     overrides: dict[str, Any] = Field(
         default_factory=dict, description='dotted preset keys, e.g. {"stage1.micro_batch": 2}'
     )
@@ -54,6 +57,9 @@ class Compute(BaseModel):
     )
     deterministic: bool = Field(False, description="bit-exact resume on CPU (slower)")
     data_workers: int = Field(1, ge=1, description="parallel shard-labeling tasks")
+    dask_address: str | None = Field(
+        None, description="Dask scheduler (tcp://host:8786) for data preparation; empty: a thread pool"
+    )
 
 
 class Evaluation(BaseModel):
@@ -120,7 +126,8 @@ def byteify(
         plan.data_out_uri(root, data_sources, cfg),
         cfg["data_config"],
         workers=compute.data_workers,
-        world_size=compute.processes,
+        budget=token_budget(cfg["preset"], budget.max_tokens, evaluation.max_bytes),
+        dask_address=compute.dask_address,
     )
     artifacts.manifest_summary(manifest_uri)
 

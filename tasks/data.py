@@ -1,30 +1,33 @@
-"""Prefect tasks for data preparation: plan -> label shards (mapped) -> manifest.
+"""Prefect tasks for data preparation: plan -> label units (on a thread pool or a Dask cluster) -> manifest.
 
 Thin wrappers over `bolmo_core.data`: they load the tokenizer, retry transient storage
-errors (never bad input), and cache on inputs + task source (not the run id). Each shard
-also writes a done-marker after its files, so a restarted run redoes only unfinished
-shards even when Prefect's cache is gone, and ``prepare_data`` returns at once when the
-output already holds the manifest of the same inputs and tokenizer.
+errors (never bad input), and hand each other small JSON (the plan, unit results).
 
-Parallelism: ``prepare_data(workers=N)`` runs the shard tasks on a ``ThreadPoolTaskRunner``
-(the Rust tokenizer releases the GIL; see docs/benchmarks.md for threads vs processes on
-this machine). On many machines the same ``label_shard`` tasks run on a Dask or Ray
-cluster: pass ``task_runner=DaskTaskRunner(address=...)`` (prefect-dask) or
-``RayTaskRunner(address=...)`` (prefect-ray); every worker needs the same storage
-credentials (``AWS_*``) and writes straight to ``out_uri``. The output is byte-identical
-whatever runs it: each shard depends only on the plan.
+Where the unit tasks run: ``prepare_data(workers=N)`` uses a ``ThreadPoolTaskRunner`` (the
+Rust tokenizer releases the GIL); ``prepare_data(dask_address="tcp://host:8786")`` uses
+prefect-dask's ``DaskTaskRunner`` connected to that scheduler, so the units spread over every
+Dask worker (processes, machines). Every worker needs this package, the same storage
+credentials (``AWS_*``) and the Prefect API settings; it reads its unit straight from the
+sources and writes its shards straight to ``out_uri``. The output is byte-identical whatever
+runs it: each unit depends only on the plan (docs/scale.md, "Data preparation").
+
+Caching: a unit's done-marker in ``out_uri`` is its cache (it lives in the shared output
+storage, so it is valid on every machine; Prefect's result cache would live on one worker's
+disk), and ``prepare_data`` returns at once when ``out_uri`` holds the manifest of the same
+inputs, fingerprints and budget with every shard intact; a missing shard is rebuilt.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from prefect import task
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from bolmo_core import data as D
-from bolmo_core.config import DataConfig
+from bolmo_core.config import DataConfig, Preset
 from bolmo_core.source import SourceConfig, SourceError, load_tokenizer
 
 
@@ -44,62 +47,86 @@ def _retry_transient(task, task_run, state) -> bool:
     return False
 
 
-# Not cached: the plan reads the inputs' sizes and counts, which may change under the same URIs.
+def token_budget(
+    preset: dict[str, Any], max_tokens: int | None = None, validation_bytes: int = 0
+) -> dict[str, int]:
+    """The budget the stages of a resolved preset (``plan.resolve(...)["preset"]``) consume, as plain data."""
+    from dataclasses import asdict
+
+    return asdict(D.TokenBudget.for_preset(Preset.from_dict(preset), max_tokens, validation_bytes))
+
+
+# Not cached: the plan reads the inputs' listings and fingerprints, which change under the same URIs.
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
-def plan_shards(
+def plan_dataset(
     sources: list[str],
     tokenizer_source: SourceConfig,
     out_uri: str,
     data_cfg: DataConfig,
-    world_size: int = 1,
     text_column: str = "text",
+    budget: dict[str, int] | None = None,
 ) -> dict:
-    """Resolve the inputs and cut them into shard ranges (the plan is small JSON)."""
+    """Resolve the inputs into units (listings and footers only; the plan is small JSON)."""
     tok = _tokenizer(tokenizer_source)
-    return D.plan_shards(
-        sources, D.tokenizer_info(tok, tokenizer_source), out_uri, data_cfg, world_size, text_column
-    )
+    info = D.tokenizer_info(tok, tokenizer_source)
+    b = D.TokenBudget(**budget) if budget else None
+    return D.plan_dataset(sources, info, out_uri, data_cfg, text_column, budget=b)
 
 
-@task(
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=_retry_transient,
-    cache_policy=INPUTS + TASK_SOURCE,
-    persist_result=True,
-)
-def label_shard(plan: dict, index: int, tokenizer_source: SourceConfig) -> dict:
-    """Read, label and write one shard (both splits); its manifest entries."""
-    return D.label_shard(plan, index, _tokenizer(tokenizer_source))
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
+def label_unit(job: dict, index: int, unit: dict, tokenizer_source: SourceConfig) -> dict:
+    """Read, label and write one unit (shards of both splits); its result (the done-marker's content)."""
+    return D.label_unit(job, index, unit, _tokenizer(tokenizer_source))
 
 
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
 def write_manifest(plan: dict, results: list[dict]) -> tuple[str, str]:
     """Write the manifest last: (manifest_uri, manifest_hash)."""
     return D.write_manifest(plan, results)
 
 
-@task(retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
+def _runner(workers: int, dask_address: str | None):
+    if not dask_address:
+        return ThreadPoolTaskRunner(max_workers=max(1, workers))
+    from prefect_dask import DaskTaskRunner
+
+    return DaskTaskRunner(address=dask_address)
+
+
+def _in_flight(runner, workers: int) -> int:
+    """Units submitted at once: `workers`, or every thread of the Dask cluster."""
+    client = getattr(runner, "client", None) if type(runner).__name__ == "DaskTaskRunner" else None
+    if client is None:
+        return max(1, workers)
+    return max(workers, sum(client.nthreads().values()))
+
+
+@task(retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
 def prepare_data(
     sources: list[str],
     tokenizer_source: SourceConfig,
     out_uri: str,
     data_cfg: DataConfig,
     workers: int = 1,
-    world_size: int = 1,
     text_column: str = "text",
+    budget: dict[str, int] | None = None,
+    dask_address: str | None = None,
     task_runner=None,
 ) -> tuple[str, str]:
-    """Shards + manifest under `out_uri`: (manifest_uri, manifest_hash); no work if already there."""
-    plan = plan_shards(sources, tokenizer_source, out_uri, data_cfg, world_size, text_column)
+    """Shards + manifest under `out_uri`: (manifest_uri, manifest_hash); no work if already there.
+
+    `budget`: ``TokenBudget`` fields (see `token_budget`); None prepares every document.
+    """
+    plan = plan_dataset(sources, tokenizer_source, out_uri, data_cfg, text_column, budget)
     done = D.existing_manifest(plan)
     if done:
         return done, D.read_manifest(done)["manifest_hash"]
-    runner = task_runner or ThreadPoolTaskRunner(max_workers=max(1, workers))
+    D.check_output(plan["out_uri"])  # a missing bucket fails here, before any labelling
+    job = D.job_of(plan)
+    runner = task_runner or _runner(workers, dask_address)
     with runner:
-        futures = [
-            runner.submit(label_shard, {"plan": plan, "index": i, "tokenizer_source": tokenizer_source})
-            for i in range(len(plan["shards"]))
-        ]
-        results = [f.result() for f in futures]
+        params = lambda i: {"job": job, "index": i, "unit": plan["units"][i], "tokenizer_source": tokenizer_source}
+        results = D.run_units(
+            plan, lambda i: runner.submit(label_unit, params(i)), _in_flight(runner, workers)
+        )
     return write_manifest(plan, results)
