@@ -495,12 +495,12 @@ def _jsonl_docs(part: dict, column: str) -> Iterator[tuple[str, bytes]]:
             yield f"{prefix}{lineno}", as_bytes(where, column, row.pop(column))
 
 
-def _text_docs(part: dict, max_doc_bytes: int) -> Iterator[tuple[str, bytes | Iterator[bytes]]]:
-    """One document; longer than `max_doc_bytes` it comes as a chunk iterator (never whole)."""
+def _text_docs(part: dict, max_doc_bytes: int | None) -> Iterator[tuple[str, bytes | Iterator[bytes]]]:
+    """One document; longer than `max_doc_bytes` it comes as a chunk iterator (never whole; None: whole)."""
     uri = part["uri"]
     f = _open(uri, part.get("compression"))
-    head = f.read(max_doc_bytes + 1)
-    if len(head) <= max_doc_bytes:
+    head = f.read() if max_doc_bytes is None else f.read(max_doc_bytes + 1)
+    if max_doc_bytes is None or len(head) <= max_doc_bytes:
         f.close()
         yield uri, head
         return
@@ -550,7 +550,7 @@ def _builtin_docs(kind: str, part: dict) -> Iterator[tuple[str, bytes]]:
             yield f"code/{rel}", f.read()
 
 
-def iter_unit(unit: dict, max_doc_bytes: int) -> Iterator[tuple[str, bytes | Iterator[bytes]]]:
+def iter_unit(unit: dict, max_doc_bytes: int | None) -> Iterator[tuple[str, bytes | Iterator[bytes]]]:
     """(doc_id, bytes) of every document of a unit, in order, streamed.
 
     A text file longer than `max_doc_bytes` comes as an iterator of chunks instead of bytes.
@@ -581,4 +581,4 @@ def iter_documents(sources: list[str], column: str = "text"):
     """Every (doc_id, bytes) of the sources, in order (for inspection and tests; long text files whole)."""
     for i, src in enumerate(sources):
         for u in resolve_source(src, column, i):
-            yield from iter_unit(u, 1 << 62)
+            yield from iter_unit(u, None)

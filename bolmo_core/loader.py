@@ -337,6 +337,7 @@ class _ShardStream:
         self.cum = np.concatenate([[0], np.cumsum([n for _, _, n in shards])]).astype(np.int64)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="byteify-shard-read")
         self.pending: dict = {}  # shard index -> future of its packed arrays
+        self.max_held = 0  # most shards held or being read at once (the memory bound, observable)
 
     def _load(self, i: int):
         uri, sha, n = self.shards[i]
@@ -349,6 +350,7 @@ class _ShardStream:
         for j in range(i, min(len(self.shards), i + 1 + self.prefetch)):
             if j not in self.pending:
                 self.pending[j] = self.pool.submit(self._load, j)
+        self.max_held = max(self.max_held, len(self.pending))
         return self.pending[i].result()
 
     def segment(self, a: int, e: int):
@@ -414,6 +416,7 @@ class StreamingWindowLoader:
         self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
         self.K, self.prefetch = max(1, shuffle_windows), prefetch
         self.epoch, self.batch = 0, 0
+        self.stream: _ShardStream | None = None  # the current epoch's reader
 
     def _rank_shards(self, epoch: int) -> list[int]:
         """This rank's shards of one epoch: the split's shards permuted by (seed, epoch), every world-th."""
@@ -462,6 +465,7 @@ class StreamingWindowLoader:
                     f"epoch {self.epoch}, fewer than batch_size {self.B}"
                 )
             stream, orders = _ShardStream([self.shards[i] for i in ids], self.sep, self.prefetch), {}
+            self.stream = stream
             span, segment = None, None
             try:
                 while self.batch < nw // self.B:

@@ -1,7 +1,10 @@
-"""Training windows: batch format (docs/internals.md), shuffling, rank split, exact resume."""
+"""Training windows, in memory and streamed: batch format (docs/internals.md), shuffling, rank split, exact resume."""
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import torch
 from bolmo_core import data as D
 from bolmo_core.byte_tokenizer import BOS, OFFSET, PAD
 from bolmo_core.config import DataConfig
-from bolmo_core.loader import WindowLoader
+from bolmo_core.loader import StreamingWindowLoader, WindowLoader
 from bolmo_core.source import SourceConfig, load_tokenizer, tiny_corpus
 from bolmo_core.subword import RetainedIndex, get_vocab
 
@@ -180,3 +183,187 @@ def test_bad_loader_inputs(manifest, vocab, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10] + b"0" * 10)
     with pytest.raises(D.DataError, match=r"sha256 differs from the manifest"):
         WindowLoader(str(copy / "manifest.json"), vocab, window_tokens=P, batch_size=2)
+
+
+# ---------------------------------------------------------------- streaming loader
+
+
+def rank_stream(ld: StreamingWindowLoader, epoch: int, vocab) -> np.ndarray:
+    """A rank's packed token stream for one epoch, rebuilt plainly from its shards (the reference)."""
+    toks = []
+    for i in ld._rank_shards(epoch):
+        for r in D.read_shard(ld.shards[i][0]).to_pylist():
+            toks += r["token_ids"] + [vocab.doc_separator_id]
+    return np.array(toks)
+
+
+def windows_of(b) -> list[list[int]]:
+    return [t[1:] + [n] for t, n in zip(b["teacher_ids"].tolist(), b["teacher_next"].tolist())]
+
+
+@pytest.fixture(scope="module")
+def big_manifest(tmp_path_factory):
+    """Several shards per split, so two ranks each get their own."""
+    d = tmp_path_factory.mktemp("streaming")
+    (d / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(200_000)))
+    return D.prepare_dataset(
+        [str(d / "docs.jsonl")], TINY, str(d / "out"), DataConfig(shard_docs=40, validation_fraction=0.2)
+    )
+
+
+def test_streaming_windows_are_the_rank_stream_block_shuffled(big_manifest, vocab):
+    ld = StreamingWindowLoader(big_manifest, vocab, window_tokens=P, batch_size=3, seed=1, shuffle_windows=7)
+    ref, sep = rank_stream(ld, 0, vocab), vocab.doc_separator_id
+    nw = ld._n_windows(ld._rank_shards(0))
+    starts = [w * P + int(ref[w * P] == sep) for w in range(nw)]
+    seen = []
+    it = iter(ld)
+    for j in range(len(ld)):
+        b = next(it)
+        idx = ld._windows(0, j, nw, {})
+        assert windows_of(b) == [ref[starts[w] : starts[w] + P].tolist() for w in idx]
+        assert (idx // 7 == np.arange(j * 3, j * 3 + 3) // 7).all()  # shuffled within blocks of 7
+        assert b["input_ids"].shape == (3, 6 * P) and (b["teacher_ids"][:, 1] != sep).all()
+        seen += idx.tolist()
+    # Each window at most once per epoch; only the last block may leave some out.
+    assert len(set(seen)) == len(seen) == len(ld) * 3 and max(seen) < nw
+    assert set(range(len(seen) // 7 * 7)) <= set(seen)
+    assert seen != sorted(seen)
+    assert ld.state_dict()["epoch"] == 0 and next(it) is not None and ld.state_dict()["epoch"] == 1
+
+
+def test_streaming_batch_format_equals_in_memory_for_the_same_windows(manifest, vocab):
+    """iter_eval walks the split in order in both loaders: the same windows give the same tensors."""
+    mem = WindowLoader(manifest, vocab, window_tokens=P, batch_size=2, split="validation")
+    st = StreamingWindowLoader(manifest, vocab, window_tokens=P, batch_size=2, split="validation")
+    a, b = list(mem.iter_eval(batch_size=1)), list(st.iter_eval(batch_size=1))
+    assert len(b) >= len(a) - 1 > 0  # streaming may leave out the very last window
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert len(list(st.iter_eval(batch_size=1, max_batches=2))) == 2
+
+
+def test_streaming_ranks_read_only_their_own_shards(big_manifest, vocab, monkeypatch):
+    from bolmo_core import loader as loader_mod
+
+    read = []
+    real = loader_mod.read_shard_checked
+    monkeypatch.setattr(loader_mod, "read_shard_checked", lambda uri, sha: read.append(uri) or real(uri, sha))
+    mine = {}
+    for r in range(2):
+        ld = StreamingWindowLoader(
+            big_manifest, vocab, P, 2, seed=5, rank=r, world_size=2, shuffle_windows=4, prefetch=1
+        )
+        read.clear()
+        for _, _b in zip(range(len(ld)), ld):
+            pass
+        mine[r] = set(read)
+        assert mine[r] == {ld.shards[i][0] for i in ld._rank_shards(0)}
+        assert ld.stream.max_held <= ld.prefetch + 3  # bounded read-ahead
+    assert not mine[0] & mine[1]
+    assert len(mine[0] | mine[1]) == sum(
+        e["split"] == "train" for e in D.read_manifest(big_manifest)["shards"]
+    )
+
+
+def test_streaming_resume_mid_epoch_and_across_epochs(big_manifest, vocab):
+    make = lambda: StreamingWindowLoader(big_manifest, vocab, P, 3, seed=7, shuffle_windows=5)
+    ld = make()
+    it = iter(ld)
+    for _ in range(len(ld) - 2):
+        next(it)
+    state = json.loads(json.dumps(ld.state_dict()))
+    following = [next(it) for _ in range(5)]  # crosses into epoch 1
+    fresh = make()
+    fresh.load_state_dict(state)
+    again = [b for b, _ in zip(fresh, range(5))]
+    for a, b in zip(following, again):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fresh.state_dict()["epoch"] == 1
+    with pytest.raises(D.DataError, match="loader state is from the streaming loader, this one is memory"):
+        WindowLoader(big_manifest, vocab, P, 3, seed=7).load_state_dict(state)
+
+
+RANK_RUN = """
+import hashlib, json, sys
+from bolmo_core.loader import StreamingWindowLoader
+from bolmo_core.source import SourceConfig, load_tokenizer
+from bolmo_core.subword import get_vocab
+manifest, rank, world, phase, state_file = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+ld = StreamingWindowLoader(manifest, get_vocab(load_tokenizer(SourceConfig("tiny-olmo2"))), 32, 2, seed=3,
+                           rank=rank, world_size=world, shuffle_windows=6)
+if phase == "resume":
+    ld.load_state_dict(json.load(open(state_file)))
+it = iter(ld)
+if phase == "first":
+    for _ in range(5):
+        next(it)
+    json.dump(ld.state_dict(), open(state_file, "w"))
+digest = lambda b: hashlib.sha256(b"".join(v.numpy().tobytes() for v in b.values())).hexdigest()
+print(json.dumps([digest(next(it)) for _ in range(3)]))
+"""
+
+
+def test_streaming_resume_is_bit_exact_in_fresh_processes(big_manifest, tmp_path):
+    """1 and 2 ranks, each rank its own process: a new process restores the state and yields the
+    same next batches (the two worlds run side by side)."""
+    ranks = [(1, 0), (2, 0), (2, 1)]
+
+    def run(phase):
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    RANK_RUN,
+                    big_manifest,
+                    str(r),
+                    str(w),
+                    phase,
+                    str(tmp_path / f"s{w}{r}"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+            for w, r in ranks
+        ]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+        return [json.loads(o.splitlines()[-1]) for o, _ in outs]
+
+    first, resumed = run("first"), run("resume")
+    assert first == resumed
+    assert first[1] != first[2]  # the two ranks got different batches
+
+
+def test_from_config_picks_the_loader_by_size(big_manifest, vocab, monkeypatch):
+    from bolmo_core import loader as loader_mod
+
+    cfg = DataConfig(window_tokens=P)
+    assert type(WindowLoader.from_config(cfg, big_manifest, vocab, 2)) is WindowLoader  # small: in memory
+    forced = dataclasses.replace(cfg, loader="streaming")
+    assert type(WindowLoader.from_config(forced, big_manifest, vocab, 2, rank=1, world_size=2)) is (
+        StreamingWindowLoader
+    )
+    monkeypatch.setattr(loader_mod, "IN_MEMORY_MAX_BYTES", 0)
+    assert type(WindowLoader.from_config(cfg, big_manifest, vocab, 2)) is StreamingWindowLoader
+    many = len(D.read_manifest(big_manifest)["shards"])
+    assert type(WindowLoader.from_config(cfg, big_manifest, vocab, 1, world_size=many)) is WindowLoader
+    v = WindowLoader.from_config(cfg, big_manifest, vocab, 2, split="validation")
+    assert type(v) is StreamingWindowLoader and next(v.iter_eval(max_batches=1))["input_ids"].shape[0] == 2
+    with pytest.raises(D.DataError, match=r"data.loader 'disk': choose one of auto, memory, streaming"):
+        WindowLoader.from_config(dataclasses.replace(cfg, loader="disk"), big_manifest, vocab, 2)
+
+
+def test_streaming_from_s3(s3_server, tmp_path, vocab):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(60_000)))
+    cfg = DataConfig(shard_docs=20, validation_fraction=0.2)
+    remote = D.prepare_dataset([str(docs)], TINY, f"s3://byteify-test/stream-{tmp_path.name}", cfg)
+    local = D.prepare_dataset([str(docs)], TINY, str(tmp_path / "local"), cfg)
+    a = StreamingWindowLoader(remote, vocab, P, 2, seed=2, rank=1, world_size=2)
+    b = StreamingWindowLoader(local, vocab, P, 2, seed=2, rank=1, world_size=2)
+    for x, y, _ in zip(a, b, range(3)):
+        assert all(torch.equal(x[k], y[k]) for k in x)
