@@ -65,12 +65,13 @@ def plan_dataset(
     data_cfg: DataConfig,
     text_column: str = "text",
     budget: dict[str, int] | None = None,
+    unit_bytes: int = D.UNIT_BYTES,
 ) -> dict:
     """Resolve the inputs into units (listings and footers only; the plan is small JSON)."""
     tok = _tokenizer(tokenizer_source)
     info = D.tokenizer_info(tok, tokenizer_source)
     b = D.TokenBudget(**budget) if budget else None
-    return D.plan_dataset(sources, info, out_uri, data_cfg, text_column, budget=b)
+    return D.plan_dataset(sources, info, out_uri, data_cfg, text_column, budget=b, unit_bytes=unit_bytes)
 
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
@@ -112,12 +113,14 @@ def prepare_data(
     budget: dict[str, int] | None = None,
     dask_address: str | None = None,
     task_runner=None,
+    unit_bytes: int = D.UNIT_BYTES,
 ) -> tuple[str, str]:
     """Shards + manifest under `out_uri`: (manifest_uri, manifest_hash); no work if already there.
 
     `budget`: ``TokenBudget`` fields (see `token_budget`); None prepares every document.
+    `unit_bytes`: input bytes per unit task (parallelism grain).
     """
-    plan = plan_dataset(sources, tokenizer_source, out_uri, data_cfg, text_column, budget)
+    plan = plan_dataset(sources, tokenizer_source, out_uri, data_cfg, text_column, budget, unit_bytes)
     done = D.existing_manifest(plan)
     if done:
         return done, D.read_manifest(done)["manifest_hash"]
@@ -125,7 +128,12 @@ def prepare_data(
     job = D.job_of(plan)
     runner = task_runner or _runner(workers, dask_address)
     with runner:
-        params = lambda i: {"job": job, "index": i, "unit": plan["units"][i], "tokenizer_source": tokenizer_source}
+        params = lambda i: {
+            "job": job,
+            "index": i,
+            "unit": plan["units"][i],
+            "tokenizer_source": tokenizer_source,
+        }
         results = D.run_units(
             plan, lambda i: runner.submit(label_unit, params(i)), _in_flight(runner, workers)
         )
