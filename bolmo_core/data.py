@@ -74,7 +74,8 @@ from .corpus import (
 )
 from .source import SourceConfig, load_tokenizer
 
-__all__ = ["UNIT_BYTES", "DataError", "code_files", "iter_documents", "wiki_docs"]  # re-exported: callers know them as data.*
+# Re-exported: callers know them as data.*
+__all__ = ["UNIT_BYTES", "DataError", "code_files", "iter_documents", "wiki_docs"]
 
 MAX_DOC_BYTES = 1 << 20  # documents above this are split at token boundaries before labeling
 SPLIT_CONTEXT = 4096  # bytes of context tokenized on each side of a candidate cut
