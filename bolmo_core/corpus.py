@@ -34,6 +34,7 @@ that starts inside a big file counts from its start: ``<uri>#<start byte>+<line>
 from __future__ import annotations
 
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -185,15 +186,29 @@ def resolve_files(base: str) -> list[tuple[str, int, str]]:
         raise storage_error(base, e) from None
 
 
+def read_footer(f) -> pq.FileMetaData:
+    """A Parquet file's metadata, reading only its footer (pyarrow alone reads the last 64 KB)."""
+    size = f.seek(0, 2)
+    if size < 12:
+        raise pa.ArrowInvalid(f"{size} bytes: too short for Parquet")
+    f.seek(size - 8)
+    tail = f.read(8)
+    n = int.from_bytes(tail[:4], "little")
+    if tail[4:] != b"PAR1" or not 0 < n <= size - 12:
+        raise pa.ArrowInvalid("Parquet magic bytes not found in footer")
+    f.seek(size - 8 - n)
+    return pq.read_metadata(io.BytesIO(b"PAR1" + f.read(n) + tail))
+
+
 def _parquet_meta(uri: str, column: str) -> pq.FileMetaData:
     try:
         with _open(uri) as f:
-            pf = pq.ParquetFile(f)
-            schema, meta = pf.schema_arrow, pf.metadata
+            meta = read_footer(f)
     except pa.ArrowInvalid as e:
         raise DataError(f"{uri}: not a Parquet file ({first_line(e)})") from None
     except Exception as e:
         raise storage_error(uri, e) from None
+    schema = meta.schema.to_arrow_schema()
     if column not in schema.names:
         raise DataError(f"{uri}: no column '{column}' (columns: {', '.join(schema.names)})")
     t = schema.field(column).type
@@ -519,7 +534,7 @@ def _text_docs(part: dict, max_doc_bytes: int | None) -> Iterator[tuple[str, byt
 def _parquet_docs(part: dict, column: str) -> Iterator[tuple[str, bytes]]:
     uri, row = part["uri"], part["first_row"]
     with _open(uri) as f:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, metadata=read_footer(f))
         for batch in pf.iter_batches(PARQUET_BATCH_ROWS, row_groups=part["row_groups"], columns=[column]):
             for v in batch.column(0).to_pylist():
                 yield f"{uri}#{row}", as_bytes(f"{uri}: row {row}", column, v)

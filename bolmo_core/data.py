@@ -429,6 +429,18 @@ class _UnitLabeler:
         }
 
 
+def label_docs(job: dict, index: int, docs, tok) -> dict:
+    """Label (doc_id, data) pairs into unit `index`'s shards; the unit's result (no marker).
+
+    What `label_unit` does once the unit is read; stops at the budget (``complete`` False).
+    """
+    lab = _UnitLabeler(job, index, tok)
+    for doc_id, data in docs:
+        if not lab.add(doc_id, data):
+            return lab.finish(complete=False)
+    return lab.finish(complete=True)
+
+
 def label_unit(job: dict, index: int, unit: dict, tok) -> dict:
     """Read, label and write unit `index` (shards of both splits), then its done-marker; idempotent.
 
@@ -441,17 +453,11 @@ def label_unit(job: dict, index: int, unit: dict, tok) -> dict:
             return storage.read_json(marker)
         except storage.StorageError:
             pass  # unreadable marker: redo the unit
-    lab = _UnitLabeler(job, index, tok)
     docs = iter_unit(unit, job["config"]["max_doc_bytes"])
-    complete = True
     try:
-        for doc_id, data in docs:
-            if not lab.add(doc_id, data):
-                complete = False
-                break
+        out = label_docs(job, index, docs, tok)
     finally:
-        docs.close()
-    out = lab.finish(complete)
+        docs.close()  # a unit stopped at the budget closes its input now
     try:
         storage.write_json_atomic(marker, out)
     except storage.StorageError as e:

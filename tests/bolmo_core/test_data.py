@@ -121,10 +121,9 @@ def test_s3_jsonl_by_ranges_and_parquet_by_row_groups(s3_server, tmp_path, tok, 
     assert f"{src}docs.jsonl#1" in ids and f"{src}rows.parquet#{len(docs) - 1}" in ids
     assert any(re.fullmatch(rf"{src}docs.jsonl#\d+\+\d+", i) for i in ids)  # a range inside the file
     check_labels(got, get_vocab(tok))
-    # Every input byte read about once: ranges (+ the lines cut by range edges) and row groups, plus
-    # one 64 KB footer read per Parquet unit and at planning (pyarrow's footer read size).
-    footers = (64 << 10) * (1 + kinds.count("parquet"))
-    assert read <= 1.02 * (len(jl) + len(buf.getvalue())) + footers, (read, len(jl), len(buf.getvalue()))
+    # Every input byte read about once: the ranges (+ the lines cut by range edges), the row groups,
+    # and the Parquet footer once at planning and once per Parquet unit.
+    assert read < 1.1 * (len(jl) + len(buf.getvalue())), (read, len(jl), len(buf.getvalue()))
     # The same inputs read from local disk label identically (only doc ids differ).
     local = tmp_path / "local"
     local.mkdir()
