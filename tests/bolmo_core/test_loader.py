@@ -367,3 +367,61 @@ def test_streaming_from_s3(s3_server, tmp_path, vocab):
     b = StreamingWindowLoader(local, vocab, P, 2, seed=2, rank=1, world_size=2)
     for x, y, _ in zip(a, b, range(3)):
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+# ---------------------------------------------------------------- the trainer on the streaming loader (slow)
+
+
+def _train_events(proc, kill_after_checkpoint: bool) -> int | dict:
+    """Follow a launched trainer's progress; SIGKILL its process group a step after its first
+    checkpoint when asked (returns that step), else wait for it to finish (returns its start event)."""
+    import signal
+
+    from bolmo_core.callbacks import parse_progress_line
+
+    ckpt_step, start = None, {}
+    for line in proc.stdout:
+        e = parse_progress_line(line)
+        if not e:
+            continue
+        start = e if e["event"] == "start" else start
+        if e["event"] == "checkpoint" and ckpt_step is None:
+            ckpt_step = e["step"]
+        if kill_after_checkpoint and ckpt_step is not None and e["event"] == "step" and e["step"] > ckpt_step:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+            return e["step"]
+    proc.wait(900)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    return start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_trainer_resume_on_the_streaming_loader_is_bit_exact(tmp_path, nproc):
+    """Stage 1 on the streaming loader, SIGKILLed after a checkpoint and resumed, ends with the
+    same weights as the same run straight through (1 process, and 2 ranks with torchrun)."""
+    from safetensors.torch import load_file
+    from train_helpers import launch, run_config, write_config
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(60_000)))
+    manifest = D.prepare_dataset(
+        [str(docs)],
+        TINY,
+        str(tmp_path / "data"),
+        DataConfig(window_tokens=16, shard_docs=8, validation_fraction=0.1),
+    )
+    over = {"data.loader": "streaming"}
+    straight = write_config(tmp_path / "a.json", run_config(manifest, str(tmp_path / "a"), 1, over))
+    killed = write_config(tmp_path / "b.json", run_config(manifest, str(tmp_path / "b"), 1, over))
+    _train_events(launch(straight, nproc), kill_after_checkpoint=False)
+    assert _train_events(launch(killed, nproc), kill_after_checkpoint=True) < 6
+    assert not (tmp_path / "b" / "final").exists()
+    start = _train_events(launch(killed, nproc), kill_after_checkpoint=False)
+    assert start["info"]["resumed_from"] and start["step"] >= 2  # resumed mid-run, loader position restored
+    a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(str(tmp_path / "b" / "final" / "rank-00000.pt"), weights_only=True)
+    assert state["loader"]["loader"] == "streaming"
