@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -116,6 +118,44 @@ def io_ratio(src, texts: list[str], out: str) -> None:
         )
 
 
+PER_CORE = """
+import os, sys, time
+from bolmo_core import data as D
+from bolmo_core.config import DataConfig
+from bolmo_core.source import SourceConfig, load_tokenizer
+src, path, out = SourceConfig("smollm2-135m"), sys.argv[1], sys.argv[2]
+tok = load_tokenizer(src)
+cfg = DataConfig(shard_docs=2048, validation_fraction=0.01)
+plan = D.plan_dataset([path], D.tokenizer_info(tok, src), out, cfg, unit_bytes=os.path.getsize(path) // 4 + 1)
+cpu, wall = time.process_time(), time.perf_counter()
+D.write_manifest(plan, D.run_local(plan, tok, src))
+print(os.path.getsize(path) / (time.process_time() - cpu) / 1e6, os.path.getsize(path) / (time.perf_counter() - wall) / 1e6)
+"""
+
+
+def per_core_rate(texts: list[str], out: str) -> None:
+    """Input MB per CPU-second of one single-threaded worker preparing a JSONL file end to end
+    (read, parse, split, label, write, markers, manifest): the rate docs/scale.md extrapolates.
+    CPU time, not wall time, so other load on the box does not count against it."""
+    path = os.path.join(out, "core.jsonl")
+    with open(path, "w") as f:
+        for k in range(2):
+            f.writelines(json.dumps({"text": f"{k} {t}"}) + "\n" for t in texts)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", PER_CORE, path, path + "-out"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    cpu_rate, wall_rate = map(float, proc.stdout.split())
+    print(
+        f"one single-threaded worker, {os.path.getsize(path) / 1e6:.1f} MB JSONL end to end: "
+        f"{cpu_rate:.2f} MB per CPU-second ({wall_rate:.2f} MB/s wall on this shared box)"
+    )
+
+
 def main() -> None:
     src = SourceConfig("smollm2-135m")
     tok = load_tokenizer(src)
@@ -173,6 +213,7 @@ def main() -> None:
     print(f"  ratio byteify / raw: {t_base1 / t_ours1:.2f}x")
 
     io_ratio(src, texts, out)
+    per_core_rate(texts, out)
 
     # Whole prepare_dataset (plan, label, write, manifest) with 1 and 2 workers, 5 units.
     cfg = DataConfig(shard_docs=SHARD_DOCS, validation_fraction=0.01)

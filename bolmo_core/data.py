@@ -504,6 +504,18 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def _unit_order(unit: dict, seed: int) -> str:
+    """A unit's place in the plan: a hash of where it reads (not of its content) and the seed.
+
+    Units of all sources are interleaved in this seeded order, so a token budget takes a
+    sample of whole units across every source and file rather than the first files listed
+    (a mix whose files are grouped by origin keeps its proportions), and a new input file
+    only inserts its own units.
+    """
+    where = [{k: v for k, v in p.items() if k != "fp"} for p in unit["parts"]]
+    return _hash([seed, unit["kind"], where])
+
+
 def plan_dataset(
     sources: list[str],
     tok_info: dict,
@@ -523,6 +535,7 @@ def plan_dataset(
     units = [u for i, s in enumerate(sources) for u in resolve_source(s, text_column, i, unit_bytes)]
     if not units:
         raise DataError(f"{', '.join(sources)}: no input files")
+    units.sort(key=lambda u: _unit_order(u, data_cfg.split_seed))
     cfg = {
         "shard_docs": data_cfg.shard_docs,
         "shard_bytes": shard_bytes,
