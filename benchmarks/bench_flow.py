@@ -37,14 +37,15 @@ def _corpus(path: Path, chars: int) -> str:
 def plain(work: Path, corpus: str, steps: int, tracking_uri: str) -> dict:
     """The same steps as the flow, in order, without Prefect."""
     from bolmo_core import checkpoint as ckpt
+    from bolmo_core.config import get_preset
     from bolmo_core.data import prepare_dataset, read_manifest
-    from tasks import plan, tracking
+    from tasks import tracking
     from tasks.evaluation import run_evaluation
     from tasks.export import export_model
     from tasks.training import launch_command
 
-    cfg = plan.resolve("tiny", None, {"stage1_steps": steps, "stage2_steps": steps})
-    manifest = prepare_dataset([corpus], cfg["source_config"], str(work / "data"), cfg["data_config"])
+    preset = get_preset("tiny", {"stage1.steps": steps, "stage2.steps": steps})
+    manifest = prepare_dataset([corpus], preset.model.source, str(work / "data"), preset.data)
     mhash = read_manifest(manifest)["manifest_hash"]
     init = None
     for stage in (1, 2):
@@ -53,7 +54,7 @@ def plain(work: Path, corpus: str, steps: int, tracking_uri: str) -> dict:
         conf.write_text(
             json.dumps(
                 {
-                    "preset": cfg["preset"],
+                    "preset": preset.to_dict(),
                     "stage": stage,
                     "manifest_uri": manifest,
                     "out_uri": out,
@@ -76,15 +77,15 @@ def plain(work: Path, corpus: str, steps: int, tracking_uri: str) -> dict:
 
 
 def flow(work: Path, corpus: str, steps: int, tracking_uri: str) -> dict:
-    from flows.byteify import Budget, Evaluation, Tracking, byteify
+    from flows.byteify import Evaluation, Tracking, byteify
 
     out = byteify(
         preset="tiny",
         data_sources=[corpus],
         storage_root=str(work),
-        budget=Budget(stage1_steps=steps, stage2_steps=steps),
+        overrides={"stage1.steps": steps, "stage2.steps": steps},
         evaluation=Evaluation(max_bytes=3000),
-        tracking_cfg=Tracking(tracking_uri=tracking_uri, experiment="bench", model_name="bench-flow"),
+        tracking=Tracking(tracking_uri=tracking_uri, experiment="bench", model_name="bench-flow"),
     )
     return {"stage2_hash": out["stage2_hash"]}
 

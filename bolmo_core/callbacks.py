@@ -1,8 +1,9 @@
-"""The trainer's callback seam: where progress reporting and experiment tracking plug in.
+"""The trainer's callbacks: everything optional in a stage run.
 
-`bolmo_core` knows neither Prefect nor MLflow. A callback that needs them lives outside
-the package (``tasks/``) and is named in the stage config as ``"module:Class"``; the
-trainer imports it by name on rank 0.
+Built in, on every rank (they take part in collectives): periodic validation, periodic
+checkpoints, time budgets. On rank 0: the progress stream and any ``"module:Class"`` named in
+the run config. `bolmo_core` knows neither Prefect nor MLflow: a callback that needs them lives
+outside the package (``tasks/``) and the trainer imports it by name.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ class Callback:
     """Hooks the trainer calls on rank 0. Every method is optional."""
 
     def on_train_start(self, step: int, total_steps: int, info: dict[str, Any]) -> None: ...
+
+    def on_step_start(self, step: int) -> None: ...
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -43,6 +46,9 @@ class CallbackList(Callback):
     def on_train_start(self, step, total_steps, info):
         self._call("on_train_start", step, total_steps, info)
 
+    def on_step_start(self, step):
+        self._call("on_step_start", step)
+
     def on_step_end(self, step, metrics):
         self._call("on_step_end", step, metrics)
 
@@ -57,6 +63,49 @@ class CallbackList(Callback):
 
     def on_train_end(self, step, metrics):
         self._call("on_train_end", step, metrics)
+
+
+class PeriodicValidation(Callback):
+    """Validate every `every` steps (the last step validates anyway, before `final`)."""
+
+    def __init__(self, trainer, every: int):
+        self.trainer, self.every = trainer, every
+
+    def on_step_end(self, step, metrics):
+        if self.every and step % self.every == 0 and step < self.trainer.stage_cfg.steps:
+            self.trainer.evaluate()
+
+
+class PeriodicCheckpoint(Callback):
+    """Save ``step-NNNNNN`` every `every` steps (the last step is saved as ``final`` anyway)."""
+
+    def __init__(self, trainer, every: int):
+        self.trainer, self.every = trainer, every
+
+    def on_step_end(self, step, metrics):
+        if self.every and step % self.every == 0 and step < self.trainer.stage_cfg.steps:
+            from .checkpoint import step_name
+
+            self.trainer.save(step_name(step), metrics=metrics)
+
+
+class TimeBudget(Callback):
+    """End the stage early, as finished, once its wall-clock or rank-0 CPU budget is spent.
+
+    Budgets add up over restarts (the checkpoint keeps what was spent). The CPU budget lets
+    arms of an experiment that share a busy machine get the same compute.
+    """
+
+    def __init__(self, trainer, max_minutes: float | None, max_cpu_minutes: float | None):
+        self.trainer = trainer
+        self.limits = {"elapsed_s": max_minutes, "cpu_s": max_cpu_minutes}
+
+    def on_step_start(self, step):
+        spent = self.trainer.spent()
+        hit = [k for k, m in self.limits.items() if m and spent[k] >= 60 * m]
+        # Every rank must stop at the same step: one rank's verdict is everyone's.
+        if self.trainer.any_rank(bool(hit)):
+            self.trainer.stop_reason = "max_cpu_minutes" if hit == ["cpu_s"] else "max_minutes"
 
 
 PROGRESS_PREFIX = "BYTEIFY_PROGRESS "

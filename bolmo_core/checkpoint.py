@@ -46,6 +46,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with a one-line reason."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A committed checkpoint whose files cannot be read back (truncated, corrupted)."""
+
+
 class CheckpointMismatch(CheckpointError):
     """A checkpoint made with another config, data manifest, world size or source."""
 
@@ -140,7 +144,16 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 
 
 def load_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
-    return state_from_bytes(storage.read_bytes(storage.join(ckpt_uri, MODEL_FILE)))
+    uri = storage.join(ckpt_uri, MODEL_FILE)
+    try:
+        return state_from_bytes(storage.read_bytes(uri))
+    except storage.StorageError:
+        raise
+    except Exception as e:  # truncated or damaged: safetensors' own error, or a bad header
+        raise DamagedCheckpoint(
+            f"{uri}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:160]}); delete {ckpt_uri} "
+            "and resume from the previous committed checkpoint"
+        ) from None
 
 
 # ---------------------------------------------------------------- RNG and torch-saved state
@@ -199,8 +212,9 @@ def _torch_load(uri: str) -> Any:
     except storage.StorageError:
         raise
     except Exception as e:  # a truncated or foreign file: one line, not a pickle traceback
-        raise CheckpointError(
-            f"{uri}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        raise DamagedCheckpoint(
+            f"{uri}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete its "
+            "checkpoint folder and resume from the previous committed one"
         ) from None
 
 

@@ -1,7 +1,12 @@
-"""Typed configuration and the Python presets (spec: ../shared/reference/bolmo_spec.md).
+"""One config tree: typed dataclasses, the Python presets and the one validator.
 
-One preset = the model, the data windows and both training stages. Presets are plain
-dataclasses; overrides are dotted keys (``stage1.steps=50``), never environment variables.
+A `Preset` is the model, the data windows and both training stages; a `TrainConfig` is one
+stage run of a preset. Every entry point (a preset, `--set key=value`, `--config FILE`, the
+flow's overrides, a checkpoint's saved config) goes through `Preset.from_dict` or
+`Preset.with_overrides`, which check each value's type and range and the cross-field rules and
+raise `ConfigError`: one line naming the key, the value and the rule. Overrides are dotted keys
+(``stage1.steps=50``), never environment variables. Numbers come from the Bolmo recipe
+(docs/architecture.md §3, §8.6, §9.2).
 """
 
 from __future__ import annotations
@@ -9,48 +14,75 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from .source import SourceConfig
 
 
+class ConfigError(ValueError):
+    """A config value that breaks a rule: one line naming the key, the value and the rule."""
+
+
+def knob(
+    default: Any = dataclasses.MISSING, *, factory=None, ge=None, gt=None, le=None, lt=None, choices=None
+):
+    """A dataclass field with its range rule, checked wherever a config enters."""
+    rule = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, choices=choices).items() if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
 @dataclass
 class LocalConfig:
-    """The local encoder/decoder (spec §3, §7)."""
+    """The local encoder/decoder (docs/architecture.md §3, §7)."""
 
-    d_local: int | None = None  # None: equal to the global width (the released recipe)
-    n_heads: int = 16
-    ffn_hidden: int = 2816
-    n_encoder_layers: int = 1
-    n_decoder_layers: int = 4
-    qk_dim_factor: float = 0.5  # q/k width = d_local * 0.5, v width = d_local
-    gate_soft_cap: float = 15.0
+    d_local: int | None = knob(None, ge=1)  # None: equal to the global width (the released recipe)
+    n_heads: int = knob(16, ge=1)
+    ffn_hidden: int = knob(2816, ge=1)
+    n_encoder_layers: int = knob(1, ge=1)
+    n_decoder_layers: int = knob(4, ge=1)
+    qk_dim_factor: float = knob(0.5, gt=0.0, le=1.0)  # q/k width = d_local * 0.5, v width = d_local
+    gate_soft_cap: float = knob(15.0, gt=0.0)
     igate_bias_init: float = -10.0
-    chunk_size: int = 128  # chunkwise mLSTM; must divide the byte length in training
-    block_norm_eps: float = 1e-6  # pre-norms inside blocks and the LM-head norm
-    norm_eps: float = 1e-5  # post-encoder norm and decoder initial norm
-    kernel: str = "auto"  # auto | torch | triton (CUDA only)
+    chunk_size: int = knob(128, ge=1)  # chunkwise mLSTM block length
+    block_norm_eps: float = knob(1e-6, gt=0.0)  # pre-norms inside blocks and the LM-head norm
+    norm_eps: float = knob(1e-5, gt=0.0)  # post-encoder norm and decoder initial norm
+    kernel: str = knob("auto", choices=("auto", "torch", "triton"))  # triton: CUDA only
+
+    def check(self, key: str) -> None:
+        if self.d_local is not None:
+            if self.d_local % self.n_heads:
+                _fail(f"{key}.d_local", self.d_local, f"must be a multiple of n_heads={self.n_heads}")
+            if int(self.d_local * self.qk_dim_factor) % self.n_heads:
+                _fail(
+                    f"{key}.qk_dim_factor",
+                    self.qk_dim_factor,
+                    "d_local x qk_dim_factor must divide by n_heads",
+                )
 
 
 @dataclass
 class ModelConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
-    retained_embeddings: bool = True  # byte + longest-suffix subword embedding (spec §2)
-    boundary_lookahead: int = 1  # 1: the released non-causal predictor; 0: causal ablation
-    boundary_threshold: float = 0.5  # boundary where p_t > threshold (spec §4.2)
-    encoder_loss_layer: int = 4  # Stage-1 L2 match after this many global blocks (spec §8.4)
+    retained_embeddings: bool = True  # byte + longest-suffix subword embedding (§2)
+    boundary_lookahead: int = knob(1, choices=(0, 1))  # 1: the released non-causal predictor; 0: causal
+    boundary_threshold: float = knob(0.5, gt=0.0, lt=1.0)  # boundary where p_t > threshold (§4.2)
+    encoder_loss_layer: int = knob(4, ge=1)  # Stage-1 L2 match after this many global blocks (§8.4)
 
 
 @dataclass
 class DataConfig:
-    window_tokens: int = 4096  # P: subword tokens per training window = patch slots
-    byte_expansion: int = 6  # byte slots L = byte_expansion * window_tokens (spec §10.2)
-    shard_docs: int = 2048  # documents per Parquet shard
-    validation_fraction: float = 0.01
+    window_tokens: int = knob(4096, ge=2)  # P: subword tokens per training window = patch slots
+    byte_expansion: int = knob(6, ge=1)  # byte slots L = byte_expansion * window_tokens (§10.2)
+    shard_docs: int = knob(2048, ge=1)  # documents per Parquet shard
+    validation_fraction: float = knob(0.01, ge=0.0, lt=1.0)
     split_seed: int = 0
-    loader: str = "auto"  # training windows: auto | memory | streaming (bolmo_core/loader.py)
+    loader: str = knob("auto", choices=("auto", "memory", "streaming"))  # training windows (loader.py)
 
     @property
     def byte_slots(self) -> int:
@@ -59,46 +91,58 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 7e-4  # local modules and the byte head
-    global_lr_ratio: float = 0.5  # global blocks' LR = lr * ratio (Stage 2 only; frozen in Stage 1)
+    lr: float = knob(7e-4, gt=0.0)  # local modules and the byte head
+    global_lr_ratio: float = knob(0.5, ge=0.0)  # global blocks' LR = lr * ratio (Stage 2; frozen in Stage 1)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # not applied to embeddings, norms or biases
-    grad_clip: float = 0.5
-    warmup_fraction: float = 0.1  # linear warm-up, then linear decay to 0
+    eps: float = knob(1e-8, gt=0.0)
+    weight_decay: float = knob(0.1, ge=0.0)  # not applied to embeddings, norms or biases
+    grad_clip: float = knob(0.5, gt=0.0)
+    warmup_fraction: float = knob(0.1, ge=0.0, lt=1.0)  # linear warm-up, then linear decay to 0
+
+    def check(self, key: str) -> None:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail(f"{key}.betas", list(self.betas), "each beta must be in [0, 1)")
 
 
 @dataclass
 class LossConfig:
-    """Outer loss weights (spec §8.4, §9.1). Every term is a per-valid-element mean."""
+    """Outer loss weights (§8.4, §9.1). Every term is a per-valid-element mean."""
 
-    encoder: float = 4.0  # L2 after global layer `encoder_loss_layer` (1 x [0,0,0,4])
-    ce: float = 1.0
-    distill: float = 1.0
-    boundary: float = 4.0
-    distill_tau: float = 5.0
+    encoder: float = knob(4.0, ge=0.0)  # L2 after global layer `encoder_loss_layer` (1 x [0,0,0,4])
+    ce: float = knob(1.0, ge=0.0)
+    distill: float = knob(1.0, ge=0.0)
+    boundary: float = knob(4.0, ge=0.0)
+    distill_tau: float = knob(5.0, gt=0.0)
     whitespace_debias: bool = True
 
 
 @dataclass
 class StageConfig:
-    stage: int = 1
-    steps: int = 75_000
-    global_batch: int = 32  # windows per optimizer step, all ranks together
-    micro_batch: int = 2  # windows per forward pass per rank
+    stage: int = knob(1, choices=(1, 2))
+    steps: int = knob(75_000, ge=1)
+    global_batch: int = knob(32, ge=1)  # windows per optimizer step, all ranks together
+    micro_batch: int = knob(2, ge=1)  # windows per forward pass per rank
     optim: OptimConfig = field(default_factory=OptimConfig)
     losses: LossConfig = field(default_factory=LossConfig)
-    precision: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
-    checkpoint_every: int = 1000
-    keep_last: int = 2
-    eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 8
+    precision: str = knob("fp32", choices=("fp32", "bf16"))  # bf16: autocast; master weights stay fp32
+    checkpoint_every: int = knob(1000, ge=0)  # 0: only the final checkpoint
+    keep_last: int = knob(2, ge=1)
+    eval_every: int = knob(0, ge=0)  # 0: only at the end
+    eval_batches: int = knob(8, ge=1)
     seed: int = 0
-    target_bytes_per_patch: float | None = None  # Stage 2: raise compression above the source's
+    target_bytes_per_patch: float | None = knob(None, ge=1.0)  # Stage 2: raise compression (§9.3)
     freeze_boundary_predictor: bool = False
     train_global: bool = False  # Stage 1: frozen global model; Stage 2: trained
     teacher_forced_boundaries: bool = True  # Stage 1: subword boundaries; Stage 2: predicted
     callbacks: list[str] = field(default_factory=list)  # "module:Class" on rank 0
+
+    def check(self, key: str) -> None:
+        if self.global_batch % self.micro_batch:
+            _fail(
+                f"{key}.global_batch",
+                self.global_batch,
+                f"must be a multiple of micro_batch={self.micro_batch}",
+            )
 
 
 @dataclass
@@ -109,6 +153,11 @@ class Preset:
     stage1: StageConfig
     stage2: StageConfig
 
+    def check(self, key: str) -> None:
+        for n in (1, 2):
+            if getattr(self, f"stage{n}").stage != n:
+                _fail(f"stage{n}.stage", getattr(self, f"stage{n}").stage, f"must be {n}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -117,22 +166,66 @@ class Preset:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preset:
-        return _from_dict(cls, d)
+        """A checked preset from plain data (missing sub-fields take their defaults)."""
+        return from_dict(cls, d)
 
     def with_overrides(self, overrides: dict[str, Any] | list[str] | None) -> Preset:
-        """A copy with dotted-key overrides applied, e.g. {"stage1.steps": 50}."""
-        out = copy.deepcopy(self)
-        if not overrides:
-            return out
-        items = overrides.items() if isinstance(overrides, dict) else (_split_kv(s) for s in overrides)
+        """A checked copy with dotted-key overrides applied, e.g. {"stage1.steps": 50} or ["stage1.steps=50"]."""
+        d = self.to_dict()
+        items = (overrides or {}).items() if not isinstance(overrides, list) else map(_split_kv, overrides)
         for key, value in items:
-            _set_dotted(out, key, value)
-        return out
+            _set_dotted(d, key, value)
+        return from_dict(Preset, d)
+
+
+@dataclass
+class TrainConfig:
+    """One stage run: the JSON given to ``python -m bolmo_core.train --config FILE``."""
+
+    preset: Preset  # the resolved preset (overrides applied); saved in every checkpoint
+    stage: int = knob(choices=(1, 2))
+    manifest_uri: str  # data manifest (bolmo_core.data.prepare_dataset)
+    out_uri: str  # this stage's output folder: checkpoints step-*/ and final/
+    init_from: str | None = (
+        None  # Stage 2: Stage-1 checkpoint (or its folder); None: "Stage 2 without Stage 1"
+    )
+    allow_mismatch: bool = False  # resume from a checkpoint made with another config/data/world size
+    deterministic: bool = False  # torch.use_deterministic_algorithms + fixed seeds (bit-exact resume on CPU)
+    max_minutes: float | None = knob(None, gt=0.0)  # wall-clock training budget, all restarts together
+    max_cpu_minutes: float | None = knob(
+        None, gt=0.0
+    )  # CPU-time budget of rank 0 (fair arms on a shared box)
+    callbacks: list[str] = field(default_factory=list)  # extra "module:Class" callbacks on rank 0
+    callback_kwargs: dict[str, dict] = field(default_factory=dict)  # constructor kwargs per callback spec
+    ddp_find_unused: bool = False
+
+    def check(self, key: str) -> None:
+        for name in ("manifest_uri", "out_uri"):
+            if not getattr(self, name):
+                _fail(name, getattr(self, name), "required (a URI)")
+
+    @property
+    def stage_cfg(self) -> StageConfig:
+        return self.preset.stage1 if self.stage == 1 else self.preset.stage2
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return from_dict(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- the validator
+
+
+def _fail(key: str, value: Any, rule: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}={json.dumps(value, default=str)}: {rule}")
 
 
 def _split_kv(s: str) -> tuple[str, Any]:
     if "=" not in s:
-        raise ValueError(f"override '{s}': expected key=value")
+        raise ConfigError(f"override '{s}': expected key=value")
     k, v = s.split("=", 1)
     try:
         return k.strip(), json.loads(v)
@@ -140,41 +233,105 @@ def _split_kv(s: str) -> tuple[str, Any]:
         return k.strip(), v
 
 
-def _set_dotted(obj: Any, key: str, value: Any) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
-        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
-            raise ValueError(f"override '{key}': no field '{p}'")
-        obj = getattr(obj, p)
-    last = parts[-1]
-    if not dataclasses.is_dataclass(obj) or last not in {f.name for f in dataclasses.fields(obj)}:
-        raise ValueError(f"override '{key}': no field '{last}'")
-    current = getattr(obj, last)
-    if dataclasses.is_dataclass(current) and isinstance(value, dict):
-        value = _from_dict(type(current), value)
-    elif isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    setattr(obj, last, value)
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    *path, last = key.split(".")
+    for i, p in enumerate(path):
+        if not isinstance(d.get(p), dict):
+            raise ConfigError(f"override '{key}': no section '{'.'.join(path[: i + 1])}'")
+        d = d[p]
+    if last not in d:
+        raise ConfigError(f"override '{key}': no field '{last}'")
+    d[last] = value
 
 
-def _from_dict(cls, d: dict[str, Any]):
+def _type_name(t) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(key: str, t, value: Any) -> Any:
+    """`value` as type `t` (JSON shapes in: lists for tuples, ints for floats, dicts for sections)."""
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (t,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(t)
+    if dataclasses.is_dataclass(t):
+        if isinstance(value, t):
+            value = dataclasses.asdict(value)
+        if not isinstance(value, dict):
+            _fail(key, value, f"expected a section ({_type_name(t)}) as a mapping")
+        return from_dict(t, value, key)
+    origin = typing.get_origin(t)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple) or (origin is tuple and len(value) != len(args)):
+            _fail(
+                key, value, f"expected a list of {len(args) if origin is tuple else 'any number of'} values"
+            )
+        inner = args if origin is tuple else [args[0]] * len(value)
+        out = [_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(inner, value))]
+        return tuple(out) if origin is tuple else out
+    if t is bool:
+        if not isinstance(value, bool):
+            _fail(key, value, "expected true or false")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, value, "expected an integer")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            _fail(key, value, "expected a number")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            _fail(key, value, "expected a string")
+        return value
+    return value
+
+
+def _check_rule(key: str, value: Any, rule: dict) -> None:
+    if value is None:
+        return
+    if "choices" in rule and value not in rule["choices"]:
+        _fail(key, value, f"must be one of {', '.join(map(str, rule['choices']))}")
+    for op, ok, word in (
+        ("ge", lambda a, b: a >= b, ">="),
+        ("gt", lambda a, b: a > b, ">"),
+        ("le", lambda a, b: a <= b, "<="),
+        ("lt", lambda a, b: a < b, "<"),
+    ):
+        if op in rule and not ok(value, rule[op]):
+            _fail(key, value, f"must be {word} {rule[op]}")
+
+
+def from_dict(cls, d: dict[str, Any], prefix: str = ""):
+    """A checked `cls` dataclass from plain data: types, ranges, then the class's cross-field `check`."""
+    if not isinstance(d, dict):
+        _fail(prefix or cls.__name__, d, f"expected a mapping for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix or cls.__name__}: unknown field '{unknown[0]}' (fields: {', '.join(fields)})"
+        )
     kwargs = {}
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    import typing
-
-    types = typing.get_type_hints(cls)
-    for name, value in d.items():
-        if name not in hints:
-            raise ValueError(f"config for {cls.__name__}: unknown field '{name}'")
-        t = types[name]
-        if dataclasses.is_dataclass(t) and isinstance(value, dict):
-            value = _from_dict(t, value)
-        elif isinstance(value, list) and getattr(t, "__origin__", None) is tuple:
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing (a {cls.__name__} needs every field without a default)")
+            continue
+        kwargs[name] = _coerce(key, hints[name], d[name])
+        _check_rule(key, kwargs[name], f.metadata.get("rule", {}))
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as e:  # e.g. a frozen dataclass's own __post_init__ check
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+    if hasattr(obj, "check"):
+        obj.check(prefix)
+    return obj
 
 
 # ---------------------------------------------------------------- presets
@@ -299,5 +456,5 @@ PRESETS = {"tiny": tiny, "smollm2-135m": smollm2_135m, "olmo2-1b": olmo2_1b, "ol
 
 def get_preset(name: str, overrides: dict[str, Any] | list[str] | None = None) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"preset '{name}': unknown (choose from {', '.join(PRESETS)})")
+        raise ConfigError(f"preset={json.dumps(name)}: unknown (choose from {', '.join(PRESETS)})")
     return PRESETS[name]().with_overrides(overrides)

@@ -1,4 +1,4 @@
-"""The Stage 1 / Stage 2 trainer (spec §8-9): one code path from one CPU process to many GPUs.
+"""The Stage 1 / Stage 2 trainer (docs/architecture.md §8-§9): one code path from one CPU process to many GPUs.
 
 Run it as ``python -m bolmo_core.train --config FILE`` (one process), under ``torchrun`` or
 under ``accelerate launch -m bolmo_core.train --config FILE`` (several processes, DDP;
@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,58 +33,26 @@ import torch
 
 from . import checkpoint as ckpt
 from . import storage
-from .callbacks import Callback, CallbackList, ProgressStreamCallback, load_callback
+from .callbacks import (
+    Callback,
+    CallbackList,
+    PeriodicCheckpoint,
+    PeriodicValidation,
+    ProgressStreamCallback,
+    TimeBudget,
+    load_callback,
+)
 from .coarsen import coarsen_batch
-from .config import Preset, StageConfig
+from .config import ConfigError, StageConfig, TrainConfig
 from .evaluate import EvalError, Validator
+from .load import load_weights
 from .loader import WindowLoader
+
+__all__ = ["Trainer", "TrainConfig", "TrainError", "train", "main"]
 
 
 class TrainError(ValueError):
     """A training run that cannot start, with a one-line reason."""
-
-
-@dataclass
-class TrainConfig:
-    """One stage run (the JSON given to ``--config``)."""
-
-    preset: dict  # Preset.to_dict() of the resolved preset (overrides already applied)
-    stage: int  # 1 or 2
-    manifest_uri: str  # data manifest (bolmo_core.data.prepare_dataset)
-    out_uri: str  # this stage's output folder: checkpoints step-*/ and final/
-    init_from: str | None = (
-        None  # Stage 2: Stage-1 checkpoint (or its folder); None = "Stage 2 without Stage 1"
-    )
-    allow_mismatch: bool = False  # resume from a checkpoint made with another config/data/world size
-    deterministic: bool = False  # torch.use_deterministic_algorithms + fixed seeds (bit-exact resume on CPU)
-    max_minutes: float | None = None  # training-time budget (all restarts together); then stop as finished
-    callbacks: list[str] = field(default_factory=list)  # extra "module:Class" callbacks on rank 0
-    callback_kwargs: dict[str, dict] = field(default_factory=dict)  # constructor kwargs per callback spec
-    ddp_find_unused: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise TrainError(f"train config: unknown field '{unknown[0]}'")
-        missing = [n for n in ("preset", "stage", "manifest_uri", "out_uri") if n not in d]
-        if missing:
-            raise TrainError(f"train config: missing field '{missing[0]}'")
-        cfg = cls(**d)
-        if cfg.stage not in (1, 2):
-            raise TrainError(f"train config: stage must be 1 or 2, got {cfg.stage!r}")
-        return cfg
-
-    @classmethod
-    def load(cls, uri: str) -> TrainConfig:
-        try:
-            return cls.from_dict(storage.read_json(uri))
-        except storage.StorageError as e:
-            raise TrainError(f"train config {e}") from None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------- schedule, optimizer, determinism
@@ -141,24 +107,18 @@ class StageObjective(torch.nn.Module):
         return fn(batch, self.losses)
 
 
-def build_model(cfg: TrainConfig, preset: Preset, vocab):
+def build_model(cfg: TrainConfig, vocab):
     """Stage 1: from the source (initialised per spec §2.3). Stage 2: the Stage-1 weights on top."""
     from .model import BolmoModel
 
     from_stage1 = cfg.stage == 2 and bool(cfg.init_from)
-    model = BolmoModel.from_source(preset.model, init=not from_stage1, vocab=vocab)
+    model = BolmoModel.from_source(cfg.preset.model, init=not from_stage1, vocab=vocab)
     info: dict[str, Any] = {}
     if from_stage1:
         src = ckpt.resolve_checkpoint(cfg.init_from)
-        state = ckpt.load_model_state(src)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing:
-            raise TrainError(f"init_from {src}: {len(missing)} model weights missing (e.g. '{missing[0]}')")
-        info = {
-            "init_from": src,
-            "init_from_hash": ckpt.checkpoint_hash(src),
-            "ignored_keys": len(unexpected),
-        }
+        # A Stage-1 checkpoint holds the whole model (teacher included); nothing may be missing.
+        skipped = load_weights(model, ckpt.load_model_state(src), f"init_from {src}", may_add=True)
+        info = {"init_from": src, "init_from_hash": ckpt.checkpoint_hash(src), "ignored_keys": skipped}
     return model, info
 
 
@@ -229,43 +189,43 @@ def _reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _any_rank(accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
-
-
-def build_callbacks(cfg: TrainConfig, stage_cfg: StageConfig, rank: int) -> CallbackList:
-    """Rank 0: the progress stream plus every named callback; other ranks: none."""
-    if rank != 0:
-        return CallbackList([])
-    cbs: list[Callback] = [ProgressStreamCallback()]
-    for spec in list(cfg.callbacks) + [s for s in stage_cfg.callbacks if s not in cfg.callbacks]:
-        cbs.append(load_callback(spec, **cfg.callback_kwargs.get(spec, {})))
+def build_callbacks(trainer: Trainer) -> CallbackList:
+    """Every rank: validation, checkpoints and time budgets (they take part in collectives).
+    Rank 0 only, before them: the progress stream and every named callback."""
+    cfg, stage_cfg = trainer.cfg, trainer.stage_cfg
+    cbs: list[Callback] = []
+    if trainer.rank == 0:
+        cbs.append(ProgressStreamCallback())
+        for spec in list(cfg.callbacks) + [s for s in stage_cfg.callbacks if s not in cfg.callbacks]:
+            try:
+                cbs.append(load_callback(spec, **cfg.callback_kwargs.get(spec, {})))
+            except ValueError as e:
+                raise TrainError(str(e)) from None
+    cbs.append(PeriodicValidation(trainer, stage_cfg.eval_every))
+    cbs.append(PeriodicCheckpoint(trainer, stage_cfg.checkpoint_every))
+    if cfg.max_minutes or cfg.max_cpu_minutes:
+        cbs.append(TimeBudget(trainer, cfg.max_minutes, cfg.max_cpu_minutes))
     return CallbackList(cbs)
 
 
-# ---------------------------------------------------------------- the run
-
-
-def run_identity(cfg: TrainConfig, preset: Preset, world_size: int) -> dict:
+def run_identity(cfg: TrainConfig, world_size: int) -> dict:
     """What a checkpoint of this run records and a resume must match (checkpoint.check_compatible)."""
     from .data import read_manifest
     from .source import source_identity
 
     return {
-        "preset": preset.to_dict(),
+        "preset": cfg.preset.to_dict(),
         "stage": cfg.stage,
         "world_size": world_size,
         "manifest_uri": cfg.manifest_uri,
         "manifest_hash": read_manifest(cfg.manifest_uri)["manifest_hash"],
-        "source": source_identity(preset.model.source),
+        "source": source_identity(cfg.preset.model.source),
         "init_from": cfg.init_from,
     }
 
 
-def _check_batch(stage_cfg: StageConfig, world_size: int) -> int:
+def accumulation_steps(stage_cfg: StageConfig, world_size: int) -> int:
+    """Micro-batches per rank and step; the global batch must split evenly over the ranks."""
     per_step = stage_cfg.micro_batch * world_size
     if stage_cfg.global_batch % per_step:
         raise TrainError(
@@ -275,213 +235,280 @@ def _check_batch(stage_cfg: StageConfig, world_size: int) -> int:
     return stage_cfg.global_batch // per_step
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume, or skip) one stage; returns a summary with the final checkpoint URI."""
+def build_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    preset = Preset.from_dict(cfg.preset)
-    stage_cfg = preset.stage1 if cfg.stage == 1 else preset.stage2
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused)],
     )
-    callbacks = build_callbacks(cfg, stage_cfg, accelerator.process_index)
-    progress = {"step": 0}
-    try:
-        return _train(cfg, preset, stage_cfg, accelerator, callbacks, progress)
-    except BaseException as e:  # tell the callbacks (MLflow run -> FAILED), then fail loudly
-        callbacks.on_error(progress["step"], e)
-        raise
 
 
-def _train(cfg, preset, stage_cfg, accelerator, callbacks, progress: dict) -> dict:
-    from .source import load_tokenizer
-    from .subword import SubwordVocab
+# ---------------------------------------------------------------- the trainer
 
-    rank, world = accelerator.process_index, accelerator.num_processes
-    barrier = accelerator.wait_for_everyone
-    accum = _check_batch(stage_cfg, world)
-    ident = run_identity(cfg, preset, world)
-    out = cfg.out_uri
-    if rank == 0:
-        ckpt.clean_uncommitted(out)
-    barrier()
 
-    fin = ckpt.final_checkpoint(out)
-    if fin:  # a finished stage: check it is this stage, then skip
-        ckpt.check_compatible(ckpt.read_config(fin), ident, fin, cfg.allow_mismatch)
+class Trainer:
+    """One stage (docs/training.md): `fit()` resumes or starts, steps to the end, validates, saves `final`.
+
+    `train_step()` is one optimizer step, `evaluate()` the validation, `save()` one checkpoint,
+    `resume()` loads the newest committed one. What is optional is a callback (`build_callbacks`):
+    periodic validation and checkpoints and the time budgets on every rank, progress and
+    tracking on rank 0.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator=None):
+        self.cfg, self.preset, self.stage_cfg = cfg, cfg.preset, cfg.stage_cfg
+        self.accelerator = accelerator or build_accelerator(cfg)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.out = cfg.out_uri
+        self.step = 0  # optimizer steps done
+        self.stop_reason: str | None = None  # set by a callback (a time budget) to end the stage early
+        self.last_eval: dict[str, float] = {}
+        self.spent_before = {"elapsed_s": 0.0, "cpu_s": 0.0}  # budget used by earlier runs of this stage
+        self.callbacks = build_callbacks(self)
+
+    # ------------------------------------------------------------ the stage
+
+    def fit(self) -> dict:
+        """Run (or resume, or skip) the stage; a summary with the final checkpoint URI."""
+        try:
+            return self._fit()
+        except BaseException as e:  # tell the callbacks (MLflow run -> FAILED), then fail loudly
+            self.callbacks.on_error(self.step, e)
+            raise
+
+    def _fit(self) -> dict:
+        self.accum = accumulation_steps(self.stage_cfg, self.world)
+        self.identity = run_identity(self.cfg, self.world)
+        if self.rank == 0:
+            ckpt.clean_uncommitted(self.out)
+        self.accelerator.wait_for_everyone()
+        fin = ckpt.final_checkpoint(self.out)
+        if fin:
+            return self._skip(fin)
+        self.setup()
+        resumed = self.resume()
+        self.callbacks.on_train_start(self.step, self.stage_cfg.steps, self.info(resumed))
+        self._t0, self._c0 = time.time(), time.process_time()
+        self._batches = iter(self.loader)
+        while self.step < self.stage_cfg.steps:
+            self.callbacks.on_step_start(self.step)
+            if self.stop_reason:
+                break
+            metrics = self.train_step()
+            self.callbacks.on_step_end(self.step, metrics)
+        self.last_eval = self.evaluate() or self.last_eval
+        final = self.save(ckpt.FINAL, finished=True, metrics=self.last_eval)
+        self.callbacks.on_train_end(self.step, self.last_eval)
+        reason = self.stop_reason or "steps"
+        return {
+            "final": final,
+            "skipped": False,
+            "step": self.step,
+            "reason": reason,
+            "metrics": self.last_eval,
+        }
+
+    def _skip(self, fin: str) -> dict:
+        """A finished stage: check it is this stage, report it, do nothing else."""
+        ckpt.check_compatible(ckpt.read_config(fin), self.identity, fin, self.cfg.allow_mismatch)
         state = storage.read_json(storage.join(fin, "trainer_state.json"))
-        callbacks.on_train_start(state.get("step", 0), stage_cfg.steps, {"skipped": True, "final": fin})
-        callbacks.on_train_end(state.get("step", 0), state.get("metrics", {}))
+        self.callbacks.on_train_start(
+            state.get("step", 0), self.stage_cfg.steps, {"skipped": True, "final": fin}
+        )
+        self.callbacks.on_train_end(state.get("step", 0), state.get("metrics", {}))
         return {"final": fin, "skipped": True, **state}
 
-    set_determinism(stage_cfg.seed, cfg.deterministic)  # same seed on every rank: identical init
-    vocab = SubwordVocab.from_tokenizer(load_tokenizer(preset.model.source))
-    model, init_info = build_model(cfg, preset, vocab)
-    model.configure_stage(stage_cfg)  # requires_grad per stage, before DDP registers its hooks
-    model.to(accelerator.device)
-    loader = WindowLoader.from_config(
-        preset.data,
-        cfg.manifest_uri,
-        vocab,
-        stage_cfg.micro_batch,
-        seed=stage_cfg.seed,
-        rank=rank,
-        world_size=world,
-    )
-    objective = accelerator.prepare_model(StageObjective(model, cfg.stage, stage_cfg.losses))
-    optimizer = build_optimizer(model, stage_cfg)
-    scheduler = build_scheduler(optimizer, stage_cfg)
-    evaluator = (
-        Validator(preset, cfg.stage, cfg.manifest_uri, vocab, accelerator.device)
-        if rank == 0 and not _is_fsdp(accelerator)
-        else None
-    )
-    # Per-rank randomness from here on (the model itself is already identical everywhere).
-    set_determinism(stage_cfg.seed + 1 + rank, cfg.deterministic)
+    def setup(self) -> None:
+        """Model, loader, optimizer, scheduler, validator; the order fixes every random draw."""
+        from .source import load_tokenizer
+        from .subword import SubwordVocab
 
-    step, elapsed_before, resumed, diffs = 0, 0.0, None, []
-    latest = ckpt.latest_checkpoint(out)
-    if latest:
-        saved = ckpt.read_config(latest)
-        diffs = ckpt.check_compatible(saved, ident, latest, cfg.allow_mismatch)
-        # Per-rank RNG/loader positions only mean something for the same world size and data.
-        same_layout = (
-            saved.get("world_size") == world and saved.get("manifest_hash") == ident["manifest_hash"]
+        cfg, stage_cfg, acc = self.cfg, self.stage_cfg, self.accelerator
+        set_determinism(stage_cfg.seed, cfg.deterministic)  # same seed on every rank: identical init
+        self.vocab = SubwordVocab.from_tokenizer(load_tokenizer(self.preset.model.source))
+        self.model, self.init_info = build_model(cfg, self.vocab)
+        self.model.configure_stage(stage_cfg)  # requires_grad per stage, before DDP registers its hooks
+        self.model.to(acc.device)
+        self.loader = WindowLoader.from_config(
+            self.preset.data,
+            cfg.manifest_uri,
+            self.vocab,
+            stage_cfg.micro_batch,
+            seed=stage_cfg.seed,
+            rank=self.rank,
+            world_size=self.world,
         )
-        st = ckpt.load_checkpoint(latest, rank if same_layout else None)
-        _load_full_states(accelerator, objective, optimizer, st["model"], st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
-        if same_layout:
-            ckpt.restore_rng(st["rank"]["rng"])
-            loader.load_state_dict(st["rank"]["loader"])
-        step = int(st["trainer_state"]["step"])
-        elapsed_before = float(st["trainer_state"].get("elapsed_s", 0.0))
-        resumed = latest
+        self.objective = acc.prepare_model(StageObjective(self.model, cfg.stage, stage_cfg.losses))
+        self.optimizer = build_optimizer(self.model, stage_cfg)
+        self.scheduler = build_scheduler(self.optimizer, stage_cfg)
+        on_rank0 = self.rank == 0 and not _is_fsdp(acc)
+        self.validator = (
+            Validator(self.preset, cfg.stage, cfg.manifest_uri, self.vocab, acc.device) if on_rank0 else None
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.autocast = _autocast(stage_cfg.precision, acc.device)
+        # Per-rank randomness from here on (the model itself is already identical everywhere).
+        set_determinism(stage_cfg.seed + 1 + self.rank, cfg.deterministic)
 
-    progress["step"] = step
-    info = {
-        "stage": cfg.stage,
-        "world_size": world,
-        "accum": accum,
-        "resumed_from": resumed,
-        "mismatches_allowed": diffs if resumed else [],
-        "out_uri": out,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        **init_info,
-    }
-    callbacks.on_train_start(step, stage_cfg.steps, info)
-
-    autocast = (
-        (lambda: torch.autocast(accelerator.device.type, dtype=torch.bfloat16))
-        if stage_cfg.precision == "bf16"
-        else contextlib.nullcontext
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    t_start = time.time()
-    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-    it = iter(loader)
-    reason = "steps"
-    last_eval: dict[str, float] = {}
-
-    def save(name: str, finished: bool, metrics: dict) -> str:
-        msd, osd = _full_states(accelerator, objective, optimizer)
-        trainer_state = {
-            "step": step,
-            "elapsed_s": elapsed_before + time.time() - t_start,
-            "finished": finished,
-            "reason": reason if finished else None,
-            "metrics": metrics,
-            "samples": step * stage_cfg.global_batch,
+    def info(self, resumed: str | None) -> dict:
+        return {
+            "stage": self.cfg.stage,
+            "world_size": self.world,
+            "accum": self.accum,
+            "resumed_from": resumed,
+            "mismatches_allowed": self._diffs if resumed else [],
+            "out_uri": self.out,
+            "n_params": sum(p.numel() for p in self.model.parameters()),
+            "n_trainable": sum(p.numel() for p in self.params),
+            **self.init_info,
         }
-        rank_state = {"rng": ckpt.capture_rng(), "loader": loader.state_dict()}
-        uri = ckpt.save_checkpoint(
-            out,
-            name,
-            rank=rank,
-            world_size=world,
-            barrier=barrier,
-            rank_state=rank_state,
-            model_state=msd,
-            optimizer_state=osd,
-            scheduler_state=scheduler.state_dict() if rank == 0 else None,
-            trainer_state=trainer_state,
-            config=ident,
-            keep_last=stage_cfg.keep_last,
-        )
-        callbacks.on_checkpoint(step, uri)
-        return uri
 
-    while step < stage_cfg.steps:
-        if budget_s is not None and _any_rank(
-            accelerator, elapsed_before + time.time() - t_start >= budget_s
-        ):
-            reason = "max_minutes"
-            break
+    # ------------------------------------------------------------ one step
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `accum` micro-batches per rank; the metrics, averaged over ranks."""
+        acc, stage_cfg = self.accelerator, self.stage_cfg
         t0 = time.time()
-        objective.train()
+        self.objective.train()
         sums: dict[str, float] = {}
         n_bytes = 0
-        for micro in range(accum):
-            batch = next(it)
-            if cfg.stage == 2:
+        for micro in range(self.accum):
+            batch = next(self._batches)
+            if self.cfg.stage == 2:
                 batch = coarsen_batch(batch, stage_cfg.target_bytes_per_patch)
             n_bytes += int(batch["byte_mask"].sum())
-            batch = _batch_to(batch, accelerator.device)
-            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(objective)
+            batch = _batch_to(batch, acc.device)
+            # Gradients are reduced across ranks only on the last micro-batch.
+            sync = contextlib.nullcontext() if micro == self.accum - 1 else acc.no_sync(self.objective)
             with sync:
-                with autocast():
-                    loss, metrics = objective(batch)
-                accelerator.backward(loss / accum)
-            sums["loss"] = sums.get("loss", 0.0) + _scalar(loss) / accum
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + _scalar(v) / accum
-        grad_norm = accelerator.clip_grad_norm_(params, stage_cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress["step"] = step
+                with self.autocast():
+                    loss, metrics = self.objective(batch)
+                acc.backward(loss / self.accum)
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + _scalar(v) / self.accum
+        grad_norm = acc.clip_grad_norm_(self.params, stage_cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
         dt = time.time() - t0
         sums["grad_norm"] = _scalar(grad_norm)
-        metrics = _reduce_mean(accelerator, sums)
-        metrics["bytes_per_s"] = n_bytes * world / dt
+        metrics = _reduce_mean(acc, sums)
+        metrics["bytes_per_s"] = n_bytes * self.world / dt
         metrics["step_time_s"] = dt
-        for i, g in enumerate(optimizer.param_groups):
+        for i, g in enumerate(self.optimizer.param_groups):
             metrics[f"lr/{g.get('name', i)}"] = g["lr"]
-        callbacks.on_step_end(step, metrics)
-        if stage_cfg.eval_every and step % stage_cfg.eval_every == 0 and step < stage_cfg.steps:
-            last_eval = _run_eval(evaluator, model, accelerator, callbacks, step, stage_cfg)
-        if stage_cfg.checkpoint_every and step % stage_cfg.checkpoint_every == 0 and step < stage_cfg.steps:
-            save(ckpt.step_name(step), False, metrics)
+        return metrics
 
-    last_eval = _run_eval(evaluator, model, accelerator, callbacks, step, stage_cfg) or last_eval
-    fin = save(ckpt.FINAL, True, last_eval)
-    summary = {"final": fin, "skipped": False, "step": step, "reason": reason, "metrics": last_eval}
-    callbacks.on_train_end(step, last_eval)
-    return summary
+    # ------------------------------------------------------------ validation, checkpoints
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation on rank 0 with its RNG forked (evaluation never changes the training stream)."""
+        metrics: dict[str, float] = {}
+        if self.validator is not None:
+            with torch.random.fork_rng(devices=[]):
+                metrics = self.validator(self.model)
+            self.callbacks.on_eval(self.step, metrics)
+        self.accelerator.wait_for_everyone()
+        if metrics:
+            self.last_eval = metrics
+        return metrics
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is True on one (a collective: call it on every rank)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def spent(self) -> dict[str, float]:
+        """Wall-clock and rank-0 CPU seconds used by this stage so far, all restarts together."""
+        return {
+            "elapsed_s": self.spent_before["elapsed_s"] + time.time() - self._t0,
+            "cpu_s": self.spent_before["cpu_s"] + time.process_time() - self._c0,
+        }
+
+    def save(self, name: str, finished: bool = False, metrics: dict | None = None) -> str:
+        """Checkpoint `name` from every rank (collective); its URI."""
+        msd, osd = _full_states(self.accelerator, self.objective, self.optimizer)
+        trainer_state = {
+            "step": self.step,
+            **self.spent(),
+            "finished": finished,
+            "reason": (self.stop_reason or "steps") if finished else None,
+            "metrics": metrics or {},
+            "samples": self.step * self.stage_cfg.global_batch,
+        }
+        uri = ckpt.save_checkpoint(
+            self.out,
+            name,
+            rank=self.rank,
+            world_size=self.world,
+            barrier=self.accelerator.wait_for_everyone,
+            rank_state={"rng": ckpt.capture_rng(), "loader": self.loader.state_dict()},
+            model_state=msd,
+            optimizer_state=osd,
+            scheduler_state=self.scheduler.state_dict() if self.rank == 0 else None,
+            trainer_state=trainer_state,
+            config=self.identity,
+            keep_last=self.stage_cfg.keep_last,
+        )
+        self.callbacks.on_checkpoint(self.step, uri)
+        return uri
+
+    def resume(self) -> str | None:
+        """Load the newest committed checkpoint of this stage, if any; its URI."""
+        self._diffs: list[str] = []
+        latest = ckpt.latest_checkpoint(self.out)
+        if not latest:
+            return None
+        saved = ckpt.read_config(latest)
+        self._diffs = ckpt.check_compatible(saved, self.identity, latest, self.cfg.allow_mismatch)
+        # Per-rank RNG/loader positions only mean something for the same world size and data.
+        same_layout = (
+            saved.get("world_size") == self.world
+            and saved.get("manifest_hash") == self.identity["manifest_hash"]
+        )
+        st = ckpt.load_checkpoint(latest, self.rank if same_layout else None)
+        _load_full_states(self.accelerator, self.objective, self.optimizer, st["model"], st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        if same_layout:
+            ckpt.restore_rng(st["rank"]["rng"])
+            self.loader.load_state_dict(st["rank"]["loader"])
+        ts = st["trainer_state"]
+        self.step = int(ts["step"])
+        self.spent_before = {
+            "elapsed_s": float(ts.get("elapsed_s", 0.0)),
+            "cpu_s": float(ts.get("cpu_s", 0.0)),
+        }
+        return latest
 
 
-def _run_eval(evaluator, model, accelerator, callbacks, step, stage_cfg) -> dict:
-    """Validation on rank 0 with its RNG forked (evaluation never changes the training stream)."""
-    metrics: dict[str, float] = {}
-    if evaluator is not None:
-        with torch.random.fork_rng(devices=[]):
-            metrics = evaluator(model)
-        callbacks.on_eval(step, metrics)
-    accelerator.wait_for_everyone()
-    return metrics
+def _autocast(precision: str, device):
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume, or skip) one stage; returns a summary with the final checkpoint URI."""
+    return Trainer(cfg).fit()
 
 
 # ---------------------------------------------------------------- command line
 
 
 def config_from_args(args) -> TrainConfig:
-    """A TrainConfig from ``--config FILE`` or from ``--preset/--stage/--manifest/--out [--set k=v ...]``."""
+    """A checked TrainConfig from ``--config FILE`` or ``--preset/--stage/--manifest/--out [--set k=v ...]``."""
     if args.config:
-        cfg = TrainConfig.load(args.config)
+        try:
+            d = storage.read_json(args.config)
+        except storage.StorageError as e:
+            raise TrainError(f"train config {e}") from None
+        if not isinstance(d, dict):
+            raise TrainError(f"train config {args.config}: expected a JSON object")
     else:
         missing = [f"--{n}" for n in ("preset", "stage", "manifest", "out") if getattr(args, n) is None]
         if missing:
@@ -490,23 +517,24 @@ def config_from_args(args) -> TrainConfig:
             )
         from .config import get_preset
 
-        try:
-            preset = get_preset(args.preset, args.set or None)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
-        cfg = TrainConfig(
-            preset=preset.to_dict(),
-            stage=args.stage,
-            manifest_uri=args.manifest,
-            out_uri=args.out,
-            init_from=args.init_from,
-            deterministic=args.deterministic,
-        )
+        d = {
+            "preset": get_preset(args.preset, args.set or None).to_dict(),
+            "stage": args.stage,
+            "manifest_uri": args.manifest,
+            "out_uri": args.out,
+            "init_from": args.init_from,
+            "deterministic": args.deterministic,
+        }
     if args.allow_mismatch:
-        cfg.allow_mismatch = True
-    if args.max_minutes is not None:
-        cfg.max_minutes = args.max_minutes
-    return cfg
+        d["allow_mismatch"] = True
+    for name in ("max_minutes", "max_cpu_minutes"):
+        if getattr(args, name) is not None:
+            d[name] = getattr(args, name)
+    where = f" {args.config}" if args.config else ""
+    try:
+        return TrainConfig.from_dict(d)
+    except ConfigError as e:
+        raise TrainError(f"train config{where}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -527,13 +555,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--max-minutes", type=float, default=None, help="training-time budget (all restarts together)"
     )
+    ap.add_argument(
+        "--max-cpu-minutes",
+        type=float,
+        default=None,
+        help="CPU-time budget of rank 0 (all restarts together)",
+    )
     args = ap.parse_args(argv)
     from .data import DataError
     from .source import SourceError
 
     try:
         summary = train(config_from_args(args))
-    except (TrainError, EvalError, ckpt.CheckpointError, DataError, SourceError, storage.StorageError) as e:
+    except (
+        TrainError,
+        ConfigError,
+        EvalError,
+        ckpt.CheckpointError,
+        DataError,
+        SourceError,
+        storage.StorageError,
+    ) as e:
         print(f"bolmo_core.train: error: {e}", file=sys.stderr, flush=True)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

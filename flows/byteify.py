@@ -15,37 +15,13 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from tasks import artifacts, plan, tracking
-from tasks.data import prepare_data, token_budget
+from bolmo_core.config import get_preset
+from tasks import PROJECT_ROOT, artifacts
+from tasks import tracking as mlflow_tasks
+from tasks.data import data_out_uri, prepare_data, token_budget
 from tasks.evaluation import evaluate_model
 from tasks.export import export_model
 from tasks.training import curve_uri, stage_done, stage_out_uri, train_stage
-
-
-class SourceModel(BaseModel):
-    """The pretrained subword model to byteify."""
-
-    name_or_path: str | None = Field(
-        None,
-        description="hub id (org/name), local HF folder, .gguf file, or a built-in "
-        "(smollm2-135m, tiny-olmo2); empty: the preset's source",
-    )
-    revision: str | None = Field(None, description="hub revision (commit or tag), recorded in lineage")
-    gguf_file: str | None = Field(None, description="GGUF file inside the folder, if the weights are a GGUF")
-
-
-class Budget(BaseModel):
-    """How much training: the preset's numbers unless set here."""
-
-    stage1_steps: int | None = Field(None, ge=1)
-    stage2_steps: int | None = Field(None, ge=1)
-    max_minutes: float | None = Field(None, gt=0, description="per stage, wall-clock training budget")
-    max_tokens: int | None = Field(
-        None, ge=1, description="training tokens to prepare; empty: what both stages consume"
-    )
-    overrides: dict[str, Any] = Field(
-        default_factory=dict, description='dotted preset keys, e.g. {"stage1.micro_batch": 2}'
-    )
 
 
 class Compute(BaseModel):
@@ -60,6 +36,7 @@ class Compute(BaseModel):
     dask_address: str | None = Field(
         None, description="Dask scheduler (tcp://host:8786) for data preparation; empty: a thread pool"
     )
+    max_minutes: float | None = Field(None, gt=0, description="per stage, wall-clock training budget")
 
 
 class Evaluation(BaseModel):
@@ -83,75 +60,80 @@ class Tracking(BaseModel):
 
 
 def _default_root() -> str:
-    return os.environ.get("BYTEIFY_STORAGE_ROOT") or os.path.join(plan.PROJECT_ROOT, "var", "runs")
+    return os.environ.get("BYTEIFY_STORAGE_ROOT") or os.path.join(PROJECT_ROOT, "var", "runs")
 
 
 @flow(name="byteify", log_prints=True)
 def byteify(
     preset: str = "smollm2-135m",
-    source: SourceModel = SourceModel(),
-    data_sources: list[str] = ["builtin:wiki"],  # noqa: B006 - pydantic copies defaults
+    overrides: dict[str, Any] = {},  # noqa: B006 - pydantic copies defaults
+    data_sources: list[str] = ["builtin:wiki"],  # noqa: B006
     storage_root: str | None = None,
-    budget: Budget = Budget(),
     compute: Compute = Compute(),
     evaluation: Evaluation = Evaluation(),
-    tracking_cfg: Tracking = Tracking(),
+    tracking: Tracking = Tracking(),
 ) -> dict[str, Any]:
-    """Byteify a subword LM (Bolmo recipe) and register the result in MLflow; returns a summary."""
+    """Byteify a subword LM (Bolmo recipe) and register the result in MLflow; returns a summary.
+
+    `preset` names a preset of bolmo_core.config; `overrides` are dotted keys into it, checked by
+    the same validator as every other entry point, e.g. {"stage1.steps": 200,
+    "model.source.name_or_path": "allenai/OLMo-2-0425-1B"}.
+    """
     log = get_run_logger()
     root = storage_root or _default_root()
-    cfg = plan.resolve(preset, source.model_dump(), budget.model_dump())
-    uri = tracking_cfg.tracking_uri or tracking.default_tracking_uri()
+    p = get_preset(preset, overrides)  # one line naming the key, the value and the rule, if bad
+    cfg = p.to_dict()
+    uri = tracking.tracking_uri or mlflow_tasks.default_tracking_uri()
     fr_id = str(flow_run.id or "local")
-    run_id = tracking.mlflow_start_run(
+    run_id = mlflow_tasks.mlflow_start_run(
         uri,
-        tracking_cfg.experiment,
+        tracking.experiment,
         fr_id,
         {
             "preset": preset,
-            "source": cfg["source"]["name_or_path"],
+            "source": p.model.source.name_or_path,
             "data_sources": ",".join(data_sources),
             "storage_root": root,
             "processes": compute.processes,
-            "preset_config": cfg["preset"],
+            "preset_config": cfg,
         },
         run_name=flow_run.name or None,
-        artifact_location=tracking_cfg.artifact_location,
+        artifact_location=tracking.artifact_location,
     )
 
     # Data
     manifest_uri, manifest_hash = prepare_data(
         data_sources,
-        cfg["source_config"],
-        plan.data_out_uri(root, data_sources, cfg),
-        cfg["data_config"],
+        p.model.source,
+        data_out_uri(root, data_sources, p),
+        p.data,
         workers=compute.data_workers,
-        budget=token_budget(cfg["preset"], budget.max_tokens, evaluation.max_bytes),
+        budget=token_budget(cfg, validation_bytes=evaluation.max_bytes),  # what the stages consume
         dask_address=compute.dask_address,
     )
     artifacts.manifest_summary(manifest_uri)
 
     # Stage 1 and 2 (the cache is refreshed when a stage's final checkpoint is gone)
     common = dict(
-        preset=cfg["preset"],
+        preset=cfg,
         manifest_uri=manifest_uri,
         manifest_hash=manifest_hash,
         storage_root=root,
         processes=compute.processes,
         accelerate_config=compute.accelerate_config,
         deterministic=compute.deterministic,
-        max_minutes=budget.max_minutes,
+        max_minutes=compute.max_minutes,
         tracking_uri=uri,
         parent_run_id=run_id,
     )
-    out1 = stage_out_uri(root, 1, cfg["preset"], manifest_hash, None, compute.processes)
+    out1 = stage_out_uri(root, 1, cfg, manifest_hash, None, compute.processes)
     ckpt1, hash1 = train_stage.with_options(refresh_cache=not stage_done(out1))(stage=1, **common)
-    out2 = stage_out_uri(root, 2, cfg["preset"], manifest_hash, hash1, compute.processes)
+    out2 = stage_out_uri(root, 2, cfg, manifest_hash, hash1, compute.processes)
     ckpt2, hash2 = train_stage.with_options(refresh_cache=not stage_done(out2))(
         stage=2, init_from=ckpt1, init_hash=hash1, **common
     )
     curves_png = artifacts.training_curves(
-        {"stage 1": curve_uri(ckpt1), "stage 2": curve_uri(ckpt2)}, plan.plots_uri(root, hash2)
+        {"stage 1": curve_uri(ckpt1), "stage 2": curve_uri(ckpt2)}, artifacts.plots_uri(root, hash2)
     )
 
     # Evaluate, export (parity-checked), register
@@ -161,14 +143,14 @@ def byteify(
     table_md, summary_metrics = artifacts.evaluation_table(report_uri)
     artifacts.boundary_view(samples_uri)
     export_uri, export_hash = export_model(ckpt2, hash2, root)
-    tracking.mlflow_log(
+    mlflow_tasks.mlflow_log(
         uri,
         run_id,
         metrics=summary_metrics,
         artifacts={"data": manifest_uri, "evaluation": report_uri, "plots": curves_png},
     )
     lineage = {
-        **tracking.source_lineage(cfg["source_config"]),
+        **mlflow_tasks.source_lineage(p.model.source),
         "manifest_hash": manifest_hash,
         "stage1_checkpoint_hash": hash1,
         "stage2_checkpoint_hash": hash2,
@@ -176,11 +158,11 @@ def byteify(
         "flow_run_id": fr_id,
         "eval_summary": summary_metrics,
     }
-    reg = tracking.mlflow_register(
-        uri, tracking_cfg.model_name, export_uri, lineage, run_id=run_id, alias=tracking_cfg.alias
+    reg = mlflow_tasks.mlflow_register(
+        uri, tracking.model_name, export_uri, lineage, run_id=run_id, alias=tracking.alias
     )
     run_url = artifacts.mlflow_links(uri, run_id, reg["url"], reg["uri"])
-    tracking.mlflow_end_run(uri, run_id)
+    mlflow_tasks.mlflow_end_run(uri, run_id)
     log.info(f"registered {reg['uri']} (alias {reg['alias_uri']}); export at {export_uri}")
     return {
         "model_name": reg["name"],

@@ -52,19 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     _embedded_env()
     t0 = time.time()
 
-    from flows.byteify import Budget, Evaluation, Tracking, byteify
+    from flows.byteify import Compute, Evaluation, Tracking, byteify
 
     out = byteify(
         preset=args.preset,
-        budget=Budget(
-            stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, max_minutes=args.max_minutes
-        ),
+        overrides={"stage1.steps": args.stage1_steps, "stage2.steps": args.stage2_steps},
+        compute=Compute(max_minutes=args.max_minutes),
         evaluation=Evaluation(
             max_bytes=args.eval_bytes,
             cute_items=args.cute_items,
             precision="fp32",  # bf16 is far slower than fp32 on CPUs without native bf16
         ),
-        tracking_cfg=Tracking(experiment="byteify-demo", model_name=f"byteify-{args.preset}"),
+        tracking=Tracking(experiment="byteify-demo", model_name=f"byteify-{args.preset}"),
     )
     wall = time.time() - t0
     summary = {

@@ -19,6 +19,11 @@ from bolmo_core import storage
 _RETRY = dict(retries=2, retry_delay_seconds=2, cache_policy=None)
 
 
+def plots_uri(root: str, checkpoint_hash: str) -> str:
+    """Where the training-curve PNG of a Stage-2 checkpoint goes (pure)."""
+    return storage.join(root, "plots", f"curves-{checkpoint_hash[:16]}.png")
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"

@@ -19,6 +19,9 @@ inputs, fingerprints and budget with every shard intact; a missing shard is rebu
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from functools import lru_cache
 from typing import Any
 
@@ -27,8 +30,20 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from bolmo_core import data as D
+from bolmo_core import storage
 from bolmo_core.config import DataConfig, Preset
 from bolmo_core.source import SourceConfig, SourceError, load_tokenizer
+
+
+def data_out_uri(root: str, sources: list[str], preset) -> str:
+    """One data folder per (sources, tokenizer source, data config) (pure: the flow may call it).
+
+    A changed input or token budget prepares again in the same folder (the old manifest is kept
+    beside the new one, ``bolmo_core.data.write_manifest``).
+    """
+    ident = [sorted(sources), dataclasses.asdict(preset.model.source), dataclasses.asdict(preset.data)]
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return storage.join(root, "data", key)
 
 
 @lru_cache(maxsize=4)
@@ -51,9 +66,9 @@ def token_budget(
     preset: dict[str, Any], max_tokens: int | None = None, validation_bytes: int = 0
 ) -> dict[str, int]:
     """The budget the stages of a resolved preset (``plan.resolve(...)["preset"]``) consume, as plain data."""
-    from dataclasses import asdict
-
-    return asdict(D.TokenBudget.for_preset(Preset.from_dict(preset), max_tokens, validation_bytes))
+    return dataclasses.asdict(
+        D.TokenBudget.for_preset(Preset.from_dict(preset), max_tokens, validation_bytes)
+    )
 
 
 # Not cached: the plan reads the inputs' listings and fingerprints, which change under the same URIs.

@@ -22,6 +22,7 @@ from prefect.tasks import exponential_backoff
 
 from bolmo_core import storage
 
+from . import PROJECT_ROOT
 from .mlflow_callback import MlflowCallback, _is_number, _metric_key  # noqa: F401 - re-exported
 
 # MLflow's own HTTP retry ladder (7 tries, factor 2) takes minutes before it raises; keep
@@ -31,7 +32,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in task logs
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RUN_ID_ENV = "MLFLOW_RUN_ID"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 ALIAS = "candidate"

@@ -38,9 +38,8 @@ from bolmo_core import checkpoint as ckpt
 from bolmo_core import storage
 from bolmo_core.callbacks import parse_progress_line
 
-from . import tracking
+from . import PROJECT_ROOT, tracking
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CURVE_FILE = "curve.jsonl"
 MLFLOW_CALLBACK = "tasks.mlflow_callback:MlflowCallback"  # light: no Prefect import in the trainer
 ERROR_PREFIX = "bolmo_core.train: error:"  # what the trainer prints before exiting on bad input

@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from bolmo_core.byte_tokenizer import FUSED_OFFSET
 from bolmo_core.config import get_preset
-from bolmo_core.export import ExportError, ParityError, check_parity, export_model, load_exported, load_hf
+from bolmo_core.export import ExportError, ParityError, check_parity, export_model, load_hf
 from bolmo_core.generate import generate_ids
+from bolmo_core.load import load_exported
 from bolmo_core.model import BolmoModel
 
 
@@ -149,7 +150,7 @@ def test_smollm2_export_keeps_rope_theta_and_reloads_offline(tmp_path):
     assert got["new"] == [v % FUSED_OFFSET for v in ours.fused_ids[0]]
 
 
-def test_cli_export_then_generate(tiny_export, tmp_path, capsys):
+def test_cli_export_then_generate(tiny_export, tmp_path, capsysbinary):
     from bolmo_core import checkpoint
     from bolmo_core.cli import main
     from bolmo_core.generate import generate
@@ -171,12 +172,61 @@ def test_cli_export_then_generate(tiny_export, tmp_path, capsys):
     )
     out = tmp_path / "hf"
     assert main(["export", uri, str(out)]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(capsysbinary.readouterr().out)
     assert report["passed"] and report["max_abs_diff"] < 1e-4
     assert main(["generate", str(out), "--prompt", "Hello", "--max-new-bytes", "12"]) == 0
-    want = generate(m, ["Hello"], max_new_bytes=12)[0].decode("utf-8", errors="replace")
-    assert capsys.readouterr().out == want + "\n"
+    # not a terminal: the exact bytes, even where they are not valid UTF-8
+    assert capsysbinary.readouterr().out == generate(m, ["Hello"], max_new_bytes=12)[0]
     assert main(["export", uri, str(out)]) == 2  # refuses to overwrite a finished export
-    assert "not empty" in capsys.readouterr().err
+    assert b"not empty" in capsysbinary.readouterr().err
     assert main(["generate", str(out), "--prompt", "x", "--temperature", "-1"]) == 2
-    assert "temperature" in capsys.readouterr().err
+    assert b"temperature" in capsysbinary.readouterr().err
+
+
+def test_sliding_window_export_generates_batched_like_bolmo_core(tmp_path):
+    """A tiny Olmo 3 source (sliding-window layers): the exported generate() runs rows together and
+    gives the same bytes as bolmo_core's batch, which equals each row alone (test_generate)."""
+    from tiny_olmo3 import tiny_olmo3_bolmo
+    from transformers import AutoTokenizer
+
+    m = tiny_olmo3_bolmo()
+    out = export_model(m, tmp_path / "olmo3", preset=get_preset("tiny"))
+    assert (
+        json.loads((out / "config.json").read_text())["global_config"]["layer_types"][0]
+        == "sliding_attention"
+    )
+    assert check_parity(out, m)["passed"]
+    hf, tok = load_hf(out), AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    prompts = ["Hello world, this is", "ab", "", "Caf\u00e9 au lait, un peu plus long encore"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    seqs = hf.generate(**enc, max_new_tokens=32, eos_token_id=None)[:, enc["input_ids"].shape[1] :]
+    ours = generate_ids(m, prompts, max_new_bytes=32, stop_on_eos=False)
+    assert min(ours.n_patches) > 8  # past the window of 4 patches
+    assert seqs.tolist() == [[v % FUSED_OFFSET for v in row] for row in ours.fused_ids]
+
+
+def test_overwrite_replaces_only_an_earlier_byteify_export(tiny_export, tmp_path):
+    m, _ = tiny_export
+    out = export_model(m, tmp_path / "exp")
+    (out / "byteify_parity.json").write_text("{}")  # the flow's marker beside it is known too
+    export_model(m, out, overwrite=True)  # an earlier export: replaced
+    assert json.loads((out / "byteify_export.json").read_text())["files"][-1] == "byteify_export.json"
+
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="'notes.txt' was not written by byteify"):
+        export_model(m, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.bin").write_bytes(b"x")
+    with pytest.raises(ExportError, match="'data.bin' was not written by byteify"):
+        export_model(m, foreign, overwrite=True)
+    assert (foreign / "data.bin").read_bytes() == b"x"
+
+    ck = tmp_path / "stage1" / "final"
+    ck.mkdir(parents=True)
+    (ck / "COMMIT").write_text("{}")
+    with pytest.raises(ExportError, match="holds a checkpoint"):
+        export_model(m, tmp_path / "stage1", overwrite=True)
+    assert (ck / "COMMIT").exists()

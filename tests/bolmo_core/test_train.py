@@ -21,6 +21,7 @@ from train_helpers import launch, make_manifest, run_config, write_config
 
 from bolmo_core import checkpoint as ckpt
 from bolmo_core.callbacks import parse_progress_line
+from bolmo_core.config import get_preset
 from bolmo_core.train import TrainConfig, lr_factor, main, train
 
 
@@ -42,10 +43,15 @@ def test_lr_schedule_warmup_then_linear_decay():
 
 
 def test_train_config_rejects_bad_fields():
+    preset = get_preset("tiny").to_dict()
     with pytest.raises(ValueError, match="unknown field 'stages'"):
-        TrainConfig.from_dict({"preset": {}, "stages": 1, "stage": 1, "manifest_uri": "m", "out_uri": "o"})
-    with pytest.raises(ValueError, match="stage must be 1 or 2"):
-        TrainConfig.from_dict({"preset": {}, "stage": 3, "manifest_uri": "m", "out_uri": "o"})
+        TrainConfig.from_dict(
+            {"preset": preset, "stages": 1, "stage": 1, "manifest_uri": "m", "out_uri": "o"}
+        )
+    with pytest.raises(ValueError, match="stage=3: must be one of 1, 2"):
+        TrainConfig.from_dict({"preset": preset, "stage": 3, "manifest_uri": "m", "out_uri": "o"})
+    with pytest.raises(ValueError, match="preset.name: missing"):
+        TrainConfig.from_dict({"preset": {}, "stage": 1, "manifest_uri": "m", "out_uri": "o"})
 
 
 RECORDER = """

@@ -18,11 +18,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-BUDGET = {
-    "stage1_steps": 6,
-    "stage2_steps": 4,
-    "overrides": {"stage1.checkpoint_every": 3, "stage2.checkpoint_every": 2},
-}
+OVERRIDES = {"stage1.steps": 6, "stage2.steps": 4, "stage1.checkpoint_every": 3, "stage2.checkpoint_every": 2}
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +52,15 @@ def env(tmp_path_factory, s3_server, prefect_api_patient):
 
 
 def _run(env, storage_root: str, return_state: bool = False):
-    from flows.byteify import Budget, Compute, Evaluation, Tracking, byteify
+    from flows.byteify import Compute, Evaluation, Tracking, byteify
 
     return byteify(
         preset="tiny",
         storage_root=storage_root,
-        budget=Budget(**BUDGET),
+        overrides=OVERRIDES,
         compute=Compute(deterministic=True),
         evaluation=Evaluation(max_bytes=3000, cute_items=0),
-        tracking_cfg=Tracking(
+        tracking=Tracking(
             tracking_uri=env["tracking_uri"],
             experiment="e2e",
             model_name="byteify-e2e",
