@@ -231,8 +231,8 @@ def cmd_prepare(args) -> int:
 
     try:
         preset = get_preset(args.preset)
-    except ValueError as e:
-        raise CLIError(f"--preset: {e}") from None
+    except ValueError as e:  # config.ConfigError: one line naming the preset
+        raise CLIError(str(e)) from None
     if args.max_tokens is not None and args.max_tokens < 1:
         raise CLIError(f"--max-tokens {args.max_tokens}: must be at least 1")
     if args.workers < 1:

@@ -80,7 +80,7 @@ __all__ = ["UNIT_BYTES", "DataError", "code_files", "iter_documents", "wiki_docs
 MAX_DOC_BYTES = 1 << 20  # documents above this are split at token boundaries before labeling
 SPLIT_CONTEXT = 4096  # bytes of context tokenized on each side of a candidate cut
 SPLIT_MARGIN = 512  # cuts closer than this to the context's left edge are not trusted
-SHARD_BYTES = 32 << 20  # text bytes per shard at most (with DataConfig.shard_docs rows); its file is ~1.2-2x that
+SHARD_BYTES = 32 << 20  # text bytes per shard at most (and shard_docs rows); its file: ~1.2-2x
 LABEL_BATCH_BYTES = 512 << 10  # text per tokenizer call: the encoder holds ~30x this while it runs
 VERIFY_HASH_MAX_BYTES = 256 << 20  # a re-run re-hashes local shards up to this total
 MANIFEST_NAME = "manifest.json"
@@ -546,6 +546,8 @@ def plan_dataset(
         "text_column": text_column,
     }
     job_key = _hash({"format": FORMAT, "sources": list(sources), "tokenizer": tok_info, "config": cfg})
+    if budget and not data_cfg.validation_fraction:  # no validation split: nothing to wait for there
+        budget = TokenBudget(budget.train_tokens)
     b = asdict(budget) if budget else None
     key = _hash({"job_key": job_key, "units": units, "budget": b})
     return {

@@ -56,7 +56,7 @@ def test_prepare_all_then_again_is_a_no_op(docs, tmp_path, capsys):
             ["hf:?split=train"],
             r"hf:\?split=train: malformed hf: source \(no dataset path\); expected hf:PATH",
         ),
-        (["{docs}", "--preset", "nope"], r"--preset: preset 'nope': unknown \(choose from "),
+        (["{docs}", "--preset", "nope"], r'preset="nope": unknown \(choose from tiny, '),
         (["{docs}", "--max-tokens", "0"], r"--max-tokens 0: must be at least 1"),
         (["{bad}"], r"{bad}: line 2: not valid JSON"),
     ],

@@ -617,7 +617,9 @@ def _peak_growth(tmp_path, src: str, shard_bytes: int) -> int:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.splitlines()[-1])
-    print(f"{src}: peak RSS {(r['peak'] - r['base']) / 1e6:.0f} MB above the {r['base'] / 1e6:.0f} MB baseline")
+    print(
+        f"{src}: peak RSS {(r['peak'] - r['base']) / 1e6:.0f} MB above the {r['base'] / 1e6:.0f} MB baseline"
+    )
     return r["peak"] - r["base"]
 
 
@@ -659,3 +661,12 @@ def test_a_50mb_jsonl_line_stays_within_its_memory_bound(tmp_path):
     # docs/scale.md, "Memory": a line is parsed whole (its bytes, the decoded JSON, the text as
     # a str of 2 bytes per character here, then as bytes), then streamed: under 10x the line.
     assert growth < 10 * 50e6, f"peak grew {growth / 1e6:.0f} MB for one 50 MB line"
+
+
+def test_budget_without_a_validation_split_stops_on_training_tokens(tmp_path):
+    src = write_jsonl(tmp_path / "docs.jsonl", tiny_corpus(400_000))
+    cfg = DataConfig(shard_docs=40, validation_fraction=0.0)
+    budget = D.TokenBudget(train_tokens=5_000, validation_tokens=1_000, validation_bytes=1_000)
+    m = D.read_manifest(D.prepare_dataset([src], TINY, str(tmp_path / "o"), cfg, budget=budget))
+    assert m["budget"] == {"train_tokens": 5_000, "validation_tokens": 0, "validation_bytes": 0}
+    assert m["budget_met"] and m["splits"]["train"]["shards"] == 1
