@@ -595,12 +595,13 @@ class _Now:
         return self.fn(*self.args)
 
 
-def run_units(plan: dict, submit, in_flight: int = 1) -> list[dict]:
+def run_units(plan: dict, submit, in_flight: int = 1, on_result=None) -> list[dict]:
     """Results of the plan's units in order: `submit(i)` returns a future (anything with `.result()`).
 
     At most `in_flight` units run at once; once the results so far hold the budget nothing
     more is submitted. Units still running then finish (their shards stay unreferenced)
     and their errors are ignored: what the manifest holds never depends on timing.
+    `on_result(results)` is called after each unit's result (progress display).
     """
     budget, totals = _budget(plan), _zero_totals()
     n, results, pending, nxt = len(plan["units"]), [], deque(), 0
@@ -610,6 +611,8 @@ def run_units(plan: dict, submit, in_flight: int = 1) -> list[dict]:
                 pending.append(submit(nxt))
                 nxt += 1
             results.append(pending.popleft().result())
+            if on_result:
+                on_result(results)
             if budget and _reaches(budget, totals, results[-1]):
                 break
     finally:
