@@ -114,3 +114,18 @@ def test_bad_input_fails_without_retrying(prefect_api, tmp_path):
                 pass
             time.sleep(0.5)
         assert run.run_count == 1 and run.state.is_failed()
+
+
+def test_progress_text_counts_units_shards_and_tokens():
+    from tasks.data import _done_of, units_text
+
+    pair = lambda rows, tokens: {
+        "entries": [
+            {"split": "train", "rows": rows, "bytes": 2_000_000, "tokens": tokens},
+            {"split": "validation", "rows": 1, "bytes": 10, "tokens": 3},
+        ]
+    }
+    results = [{"pairs": [pair(900, 500_000), pair(300, 810_000)]}, {"pairs": []}]
+    assert units_text(results, 8) == "2/8 units · 4 shards · 1,202 documents · 4.0 MB · 1.31 M tokens"
+    assert _done_of(results, 8, None) == (2, 8)
+    assert _done_of(results, 8, {"train_tokens": 2_000_000}) == (1_310_000, 2_000_000)
