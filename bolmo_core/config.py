@@ -83,6 +83,7 @@ class DataConfig:
     shard_docs: int = knob(2048, ge=1)  # documents per Parquet shard
     validation_fraction: float = knob(0.01, ge=0.0, lt=1.0)
     split_seed: int = 0
+    loader: str = knob("auto", choices=("auto", "memory", "streaming"))  # training windows (loader.py)
 
     @property
     def byte_slots(self) -> int:
