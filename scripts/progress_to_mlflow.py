@@ -43,8 +43,8 @@ def read_stages(path: str) -> list[dict]:
     return stages
 
 
-def log_stages(stages: list[dict], tracking_uri: str, experiment: str) -> list[str]:
-    """One MLflow run per stage; returns the run ids."""
+def log_stages(stages: list[dict], tracking_uri: str, experiment: str, run_prefix: str = "") -> list[str]:
+    """One MLflow run per stage, named `<run_prefix>stage<N>`; returns the run ids."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -54,7 +54,7 @@ def log_stages(stages: list[dict], tracking_uri: str, experiment: str) -> list[s
     run_ids = []
     for st in stages:
         info = st["info"]
-        run = client.create_run(exp_id, run_name=f"stage{info.get('stage', '?')}")
+        run = client.create_run(exp_id, run_name=f"{run_prefix}stage{info.get('stage', '?')}")
         params = [Param(k, str(v)[:500]) for k, v in info.items() if not isinstance(v, dict | list)]
         metrics = [
             Metric(k, float(v), int(t * 1000), step)
