@@ -34,7 +34,7 @@ ARMS = {  # what scripts/arms13.sh sets on top of the smollm2-135m preset, in wo
     "b": "+ byte-level targets (byte_kl=1)",
     "c": "byte-level targets instead of the binarised KL (byte_kl=1, distill=0)",
     "d": "c + wider predictor input (boundary_context=4)",
-    "e": "d with a 25 / 35 CPU-minute Stage 1 / Stage 2 split",
+    "e": "d recipe, the 60 CPU-minute budget (Stage 1 40 + Stage 2 20)",
 }
 KEYS = (  # whole-split metrics logged to MLflow and tabled
     "val_bpb",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13's experiment (docs/results.md "Stage-1 losses side by side"): one arm, one stage.
 #   scripts/arms13.sh ARM STAGE [EXTRA --set ...]
-# Every arm: smollm2-135m preset, the same data (var/x13/data, validation_fraction 0.004),
+# Every arm: smollm2-135m preset, the same data (var/x13/data, validation_fraction 0.002: 23 KB,
+# small enough to score every checkpoint causally on the whole split),
 # seed, one thread, no in-loop validation (eval_every=0; checkpoints are scored offline on
 # the whole validation split), a CPU-time budget per stage (rank-0 process CPU minutes).
 set -euo pipefail
@@ -13,13 +14,14 @@ declare -A ARMS=(
   [b]="stage1.losses.byte_kl=1.0"                                     # + byte-level targets
   [c]="stage1.losses.byte_kl=1.0 stage1.losses.distill=0"             # targets replace binarised KL
   [d]="stage1.losses.byte_kl=1.0 stage1.losses.distill=0 model.boundary_context=4"
-  [e]="stage1.losses.byte_kl=1.0 stage1.losses.distill=0 model.boundary_context=4"
+  [e]="stage1.losses.byte_kl=1.0 stage1.losses.distill=0 model.boundary_context=4"  # d, 60 min
 )
-# Stage boxes (CPU minutes) and step counts sized to them (~2.4 CPU-s per Stage-1 step, ~4.5
-# per Stage-2 step on this box), so the LR schedule ends where the box does.
-declare -A S1=([a]="1000 250 40" [b]="1000 250 40" [c]="1000 250 40" [d]="1000 250 40" [e]="600 200 25")
-declare -A S2=([a]="260 130 20" [b]="260 130 20" [c]="260 130 20" [d]="260 130 20" [e]="460 115 35")
-sets=(--set data.validation_fraction=0.004)
+# Stage boxes ("steps checkpoint_every CPU-minutes") and step counts sized to them (measured
+# ~3.0 CPU-s per Stage-1 step, ~4.5 per Stage-2 step on this box), so the LR schedule ends about
+# where the box does. a-d: the same short box (8 + 4 min); e: the 60-minute budget (40 + 20).
+declare -A S1=([a]="160 80 8" [b]="160 80 8" [c]="160 80 8" [d]="160 80 8" [e]="800 200 40")
+declare -A S2=([a]="52 26 4" [b]="52 26 4" [c]="52 26 4" [d]="52 26 4" [e]="260 65 20")
+sets=(--set data.validation_fraction=0.002)
 for kv in ${ARMS[$ARM]}; do sets+=(--set "$kv"); done
 if [ "$STAGE" = 1 ]; then read -r steps every mins <<<"${S1[$ARM]}"; init=()
 else read -r steps every mins <<<"${S2[$ARM]}"; init=(--init-from "$ROOT/$ARM/stage1"); fi
