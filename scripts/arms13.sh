@@ -18,9 +18,9 @@ declare -A ARMS=(
 )
 # Stage boxes ("steps checkpoint_every CPU-minutes") and step counts sized to them (measured
 # ~3.0 CPU-s per Stage-1 step, ~4.5 per Stage-2 step on this box), so the LR schedule ends about
-# where the box does. a-d: the same short box (8 + 4 min); e: the 60-minute budget (40 + 20).
-declare -A S1=([a]="160 80 8" [b]="160 80 8" [c]="160 80 8" [d]="160 80 8" [e]="800 200 40")
-declare -A S2=([a]="52 26 4" [b]="52 26 4" [c]="52 26 4" [d]="52 26 4" [e]="260 65 20")
+# where the box does. a-d: the same short box (5 + 2.5 min); e: the 60-minute budget (40 + 20).
+declare -A S1=([a]="100 50 5" [b]="100 50 5" [c]="100 50 5" [d]="100 50 5" [e]="800 200 40")
+declare -A S2=([a]="32 16 2.5" [b]="32 16 2.5" [c]="32 16 2.5" [d]="32 16 2.5" [e]="260 65 20")
 sets=(--set data.validation_fraction=0.002)
 for kv in ${ARMS[$ARM]}; do sets+=(--set "$kv"); done
 if [ "$STAGE" = 1 ]; then read -r steps every mins <<<"${S1[$ARM]}"; init=()
