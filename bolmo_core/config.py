@@ -398,11 +398,16 @@ def smollm2_135m() -> Preset:
         eval_batches=4,
     )
     s2 = _stage2_from(s1, steps=60, seed=1234, optim=OptimConfig(lr=1e-4, betas=(0.9, 0.95)))
+    # Stage 1 learns from the teacher's byte-level targets instead of the binarised KL, and the
+    # boundary predictor also reads 4 previous bytes: issue 13's best arm on a CPU budget
+    # (docs/results.md, "Stage-1 losses side by side"). PAPER_RECIPE restores the paper's.
+    s1.losses = LossConfig(byte_kl=1.0, distill=0.0)
     return Preset(
         name="smollm2-135m",
         model=ModelConfig(
             source=SourceConfig("smollm2-135m"),
             local=LocalConfig(d_local=256, n_heads=4, ffn_hidden=352, chunk_size=64),
+            boundary_context=4,
         ),
         data=DataConfig(window_tokens=64, byte_expansion=6, shard_docs=1024, validation_fraction=0.02),
         stage1=s1,
@@ -453,6 +458,10 @@ def olmo3_7b() -> Preset:
     p.stage2.micro_batch = 2
     return p
 
+
+# Overrides that give a preset the paper's Stage-1 recipe (spec §8.4 losses, §4 predictor input)
+# where it ships another (smollm2-135m: byte-level targets, wider predictor input).
+PAPER_RECIPE = ["stage1.losses.byte_kl=0", "stage1.losses.distill=1", "model.boundary_context=0"]
 
 PRESETS = {"tiny": tiny, "smollm2-135m": smollm2_135m, "olmo2-1b": olmo2_1b, "olmo3-7b": olmo3_7b}
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bolmo_core.config import PRESETS, ConfigError, Preset, TrainConfig, get_preset
+from bolmo_core.config import PAPER_RECIPE, PRESETS, ConfigError, LossConfig, Preset, TrainConfig, get_preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -31,6 +31,20 @@ def test_overrides_as_dict_or_key_value_strings():
         0.999,
     )  # a section: defaults fill in
     assert get_preset("tiny") == get_preset("tiny")  # overrides never leak into the preset
+
+
+def test_smollm2_ships_issue13_winner_and_paper_recipe_stays_one_override_away():
+    """smollm2-135m trains Stage 1 on byte-level targets with a wider predictor input
+    (docs/results.md); PAPER_RECIPE gives back the paper's losses and predictor, nothing else."""
+    p = get_preset("smollm2-135m")
+    assert (p.stage1.losses.byte_kl, p.stage1.losses.distill, p.model.boundary_context) == (1.0, 0.0, 4)
+    paper = get_preset("smollm2-135m", PAPER_RECIPE)
+    assert paper.stage1.losses == LossConfig() and paper.model.boundary_context == 0
+    assert paper.stage2 == p.stage2 and paper.data == p.data
+    assert paper.stage1.optim == p.stage1.optim and paper.stage1.steps == p.stage1.steps
+    # the presets that ship the paper's recipe are unchanged by it
+    for name in ("tiny", "olmo2-1b"):
+        assert get_preset(name, PAPER_RECIPE) == get_preset(name)
 
 
 BAD = [
