@@ -21,7 +21,10 @@ declare -A ARMS=(
 # where the box does. a-d: the same short box (5 + 2.5 min); e: the 60-minute budget (40 + 20).
 declare -A S1=([a]="100 50 5" [b]="100 50 5" [c]="100 50 5" [d]="100 50 5" [e]="800 200 40")
 declare -A S2=([a]="32 16 2.5" [b]="32 16 2.5" [c]="32 16 2.5" [d]="32 16 2.5" [e]="260 65 20")
-sets=(--set data.validation_fraction=0.002)
+# Every arm starts from the paper's recipe (bolmo_core.config.PAPER_RECIPE), whatever the preset
+# ships now, and sets its own changes on top.
+sets=(--set data.validation_fraction=0.002 --set stage1.losses.byte_kl=0 --set stage1.losses.distill=1
+      --set model.boundary_context=0)
 for kv in ${ARMS[$ARM]}; do sets+=(--set "$kv"); done
 if [ "$STAGE" = 1 ]; then read -r steps every mins <<<"${S1[$ARM]}"; init=()
 else read -r steps every mins <<<"${S2[$ARM]}"; init=(--init-from "$ROOT/$ARM/stage1"); fi
