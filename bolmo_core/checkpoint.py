@@ -10,6 +10,15 @@ Layout of ``<stage out>/step-000123/`` (or ``<stage out>/final/`` when the stage
     config.json         the resolved preset, stage, world size, data manifest hash, source identity
     COMMIT              written last; a folder without it is not a checkpoint
 
+A sharded (FSDP) run writes ``dcp/`` instead of ``model.safetensors`` and ``optimizer.pt``: a
+``torch.distributed.checkpoint`` folder (``.metadata`` + ``__<rank>_0.distcp``) holding the
+model (``model.*``) and optimizer (``optim.*``) state, each rank writing only its own shards,
+nothing gathered anywhere. COMMIT then says ``"format": "dcp"`` and holds the sha256 of each
+shard file (hashed by the rank that wrote it). DCP reshards on load: a checkpoint written by N
+ranks loads into M ranks, or into one process (`consolidated_model_state`, what evaluation
+and export use). Its ``.metadata`` is a pickle: it is read with an unpickler that only knows
+DCP's own metadata classes, and non-tensor values load with ``weights_only=True``.
+
 Atomicity: locally every file goes into ``.tmp-<name>/``, COMMIT last, then the folder is
 renamed into place (a rename is atomic on one file system). On S3, where renames are
 copies, the files are uploaded in place and COMMIT is uploaded last; readers ignore a
@@ -21,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -39,7 +49,16 @@ FINAL = "final"
 MODEL_FILE = "model.safetensors"
 _STEP_RE = re.compile(r"^step-(\d{6,})$")
 # Preset fields that do not change the training math: a resume may differ in them.
-IGNORED_FIELDS = ("callbacks", "checkpoint_every", "keep_last", "eval_every", "eval_batches")
+IGNORED_FIELDS = (
+    "callbacks",
+    "checkpoint_every",
+    "keep_last",
+    "eval_every",
+    "eval_batches",
+    "activation_checkpointing",  # recomputes the same activations: same math, less memory
+)
+FORMAT_FILES, FORMAT_DCP = "files", "dcp"
+DCP_DIR = "dcp"
 
 
 class CheckpointError(ValueError):
@@ -140,6 +159,9 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 
 
 def load_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
+    """Every weight of a checkpoint as one state dict, whatever its format (the one entry point)."""
+    if checkpoint_format(ckpt_uri) == FORMAT_DCP:
+        return consolidated_model_state(ckpt_uri)
     return state_from_bytes(storage.read_bytes(storage.join(ckpt_uri, MODEL_FILE)))
 
 
@@ -217,6 +239,7 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict | None = None,
+    sharded_state: dict | None = None,
     scheduler_state: dict | None = None,
     trainer_state: dict | None = None,
     config: dict | None = None,
@@ -224,9 +247,11 @@ def save_checkpoint(
 ) -> str:
     """Write checkpoint ``name`` under ``out_uri`` from every rank; returns its URI.
 
-    Every rank calls this (it contains barriers). Each rank writes its own RNG/loader file;
-    rank 0 writes the shared files (``model_state`` etc. are only needed on rank 0), then
-    COMMIT, then (locally) renames the folder into place and prunes old step folders.
+    Every rank calls this (it contains barriers). Each rank writes its own RNG/loader file.
+    With ``sharded_state`` (``{"model": ..., "optim": ...}`` of DTensors, every rank) the weights
+    and optimizer go through DCP, each rank writing its shards; otherwise rank 0 writes
+    ``model_state``/``optimizer_state`` (only needed there). Rank 0 then writes the shared
+    files and COMMIT, renames the folder into place (locally) and prunes old step folders.
     """
     final_uri = storage.join(out_uri, name)
     local = storage.is_local(out_uri)
@@ -239,16 +264,18 @@ def save_checkpoint(
             os.makedirs(storage.local_path(staging), exist_ok=True)
     barrier()
     storage.write_bytes_atomic(storage.join(staging, rank_file(rank)), _torch_bytes(rank_state))
+    commit: dict[str, Any] = {"format": FORMAT_FILES, "world_size": world_size}
+    if sharded_state is not None:
+        commit.update(format=FORMAT_DCP, sha256=save_sharded(staging, sharded_state, rank))
     barrier()
     if rank == 0:
-        storage.write_bytes_atomic(storage.join(staging, MODEL_FILE), state_to_bytes(model_state))
-        storage.write_bytes_atomic(storage.join(staging, "optimizer.pt"), _torch_bytes(optimizer_state))
+        files = _write_shared(staging, model_state, optimizer_state, sharded_state is not None)
         storage.write_bytes_atomic(storage.join(staging, "scheduler.pt"), _torch_bytes(scheduler_state))
         storage.write_json_atomic(storage.join(staging, "trainer_state.json"), trainer_state or {})
         storage.write_json_atomic(storage.join(staging, "config.json"), config or {})
-        files = [MODEL_FILE, "optimizer.pt", "scheduler.pt", "trainer_state.json", "config.json"]
-        files += [rank_file(r) for r in range(world_size)]
-        storage.write_json_atomic(storage.join(staging, COMMIT), {"files": files, "world_size": world_size})
+        files += ["scheduler.pt", "trainer_state.json", "config.json"]
+        commit["files"] = files + [rank_file(r) for r in range(world_size)]
+        storage.write_json_atomic(storage.join(staging, COMMIT), commit)
         if local:
             dst = storage.local_path(final_uri)
             if os.path.exists(dst):
@@ -259,6 +286,15 @@ def save_checkpoint(
     return final_uri
 
 
+def _write_shared(staging: str, model_state, optimizer_state, sharded: bool) -> list[str]:
+    """Rank 0: the full weights and optimizer files of an unsharded run (a sharded one wrote DCP)."""
+    if sharded:
+        return [DCP_DIR]
+    storage.write_bytes_atomic(storage.join(staging, MODEL_FILE), state_to_bytes(model_state))
+    storage.write_bytes_atomic(storage.join(staging, "optimizer.pt"), _torch_bytes(optimizer_state))
+    return [MODEL_FILE, "optimizer.pt"]
+
+
 def prune(out_uri: str, keep_last: int) -> None:
     """Keep only the newest ``keep_last`` committed step folders (``final`` is never pruned)."""
     steps = committed_steps(out_uri)
@@ -266,16 +302,38 @@ def prune(out_uri: str, keep_last: int) -> None:
         storage.remove(uri, recursive=True)
 
 
-def load_checkpoint(ckpt_uri: str, rank: int | None) -> dict[str, Any]:
-    """Everything a rank needs to resume: model, optimizer, scheduler, its RNG/loader state.
-
-    ``rank=None`` skips the per-rank file (resuming on another world size).
-    """
+def read_commit(ckpt_uri: str) -> dict:
+    """The COMMIT record (older checkpoints wrote ``files``/``world_size`` only: format ``files``)."""
     if not is_committed(ckpt_uri):
         raise CheckpointError(f"{ckpt_uri}: not a committed checkpoint (no {COMMIT} marker)")
+    commit = storage.read_json(storage.join(ckpt_uri, COMMIT))
+    return {"format": FORMAT_FILES, **(commit if isinstance(commit, dict) else {})}
+
+
+def checkpoint_format(ckpt_uri: str) -> str:
+    return read_commit(ckpt_uri)["format"]
+
+
+def load_checkpoint(ckpt_uri: str, rank: int | None, sharded_state: dict | None = None) -> dict[str, Any]:
+    """Everything a rank needs to resume: model, optimizer, scheduler, its RNG/loader state.
+
+    ``rank=None`` skips the per-rank file (resuming on another world size). A DCP checkpoint is
+    read into ``sharded_state`` in place (the caller's ``{"model", "optim"}`` targets, any
+    sharding: each rank reads what its shards need); "model"/"optimizer" are then None.
+    """
+    fmt = checkpoint_format(ckpt_uri)
+    if fmt == FORMAT_DCP:
+        if sharded_state is None:
+            raise CheckpointError(f"{ckpt_uri}: a sharded (DCP) checkpoint needs target state to load into")
+        load_sharded(ckpt_uri, sharded_state)
+        model, optim = None, None
+    else:
+        model = load_model_state(ckpt_uri)
+        optim = _torch_load(storage.join(ckpt_uri, "optimizer.pt"))
     return {
-        "model": load_model_state(ckpt_uri),
-        "optimizer": _torch_load(storage.join(ckpt_uri, "optimizer.pt")),
+        "format": fmt,
+        "model": model,
+        "optimizer": optim,
         "scheduler": _torch_load(storage.join(ckpt_uri, "scheduler.pt")),
         "rank": None if rank is None else _torch_load(storage.join(ckpt_uri, rank_file(rank))),
         "trainer_state": storage.read_json(storage.join(ckpt_uri, "trainer_state.json")),
@@ -288,8 +346,156 @@ def read_config(ckpt_uri: str) -> dict:
 
 
 def checkpoint_hash(ckpt_uri: str) -> str:
-    """The identity of a checkpoint in lineage: sha256 of its weights file."""
+    """The identity of a checkpoint in lineage: sha256 of its weights file.
+
+    A DCP checkpoint: sha256 over its shard files' digests (written into COMMIT by the ranks
+    that wrote them, so nothing is read again here).
+    """
+    commit = read_commit(ckpt_uri)
+    if commit["format"] == FORMAT_DCP:
+        return storage.sha256_bytes(json.dumps(commit["sha256"], sort_keys=True).encode())
     return storage.sha256_uri(storage.join(ckpt_uri, MODEL_FILE))
+
+
+# ---------------------------------------------------------------- sharded (DCP) state
+
+
+def _dcp_uri(ckpt_uri: str) -> str:
+    return storage.join(ckpt_uri, DCP_DIR)
+
+
+def save_sharded(ckpt_uri: str, state: dict, rank: int) -> dict[str, str]:
+    """dcp.save from every rank (a collective); {shard file: sha256} of every rank's files.
+
+    Each rank hashes the files it wrote (read back once, in parallel over the ranks).
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    uri = _dcp_uri(ckpt_uri)
+    # fsync on S3 objects means os.sync() of the whole machine; an S3 PUT is durable when it returns.
+    writer = FsspecWriter(uri, sync_files=storage.is_local(uri), **storage.fsspec_options(uri))
+    meta = dcp.save(state, storage_writer=writer)
+    mine = sorted({i.relative_path for i in meta.storage_data.values() if i.relative_path.startswith(f"__{rank}_")})
+    digests = {f: storage.sha256_uri(storage.join(uri, f)) for f in mine}
+    if dist.is_initialized():
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, digests)
+        digests = {k: v for d in every for k, v in d.items()}
+    return {f"{DCP_DIR}/{k}": v for k, v in sorted(digests.items())}
+
+
+def load_sharded(ckpt_uri: str, state: dict, no_dist: bool = False) -> None:
+    """dcp.load into `state` in place (resharding as needed); a collective unless `no_dist`."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, storage_reader=_SafeReader(_dcp_uri(ckpt_uri)), planner=_SafePlanner(), no_dist=no_dist)
+    except (RuntimeError, KeyError, ValueError) as e:  # DCP wraps per-rank failures in CheckpointException
+        raise CheckpointError(f"{ckpt_uri}: sharded state cannot be loaded ({_first_line(e)})") from None
+
+
+def consolidated_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
+    """The full model state dict of a DCP checkpoint, in this process (evaluation, export, Stage-2 init).
+
+    Reads every model shard, whatever the number of ranks that wrote them; no process group needed.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = _SafeReader(_dcp_uri(ckpt_uri)).read_metadata()
+    target = {
+        k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for k, m in meta.state_dict_metadata.items()
+        if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
+    if not target:
+        raise CheckpointError(f"{ckpt_uri}: the sharded checkpoint holds no model weights")
+    load_sharded(ckpt_uri, {"model": {k[len("model.") :]: v for k, v in target.items()}}, no_dist=True)
+    return {k[len("model.") :]: v for k, v in target.items()}
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+# DCP's .metadata is a pickle of these classes only; anything else is refused, never imported.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n)
+    for n in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in _DCP_METADATA_GLOBALS and not is_dtype:
+            raise CheckpointError(f"DCP metadata refers to {module}.{name}, which is not DCP metadata")
+        return super().find_class(module, name)
+
+
+def _reader_base():
+    # torch 2.13 keeps DCP's fsspec storage in this module (its own HF storage imports it from here).
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader
+
+
+class _SafeReader(_reader_base()):
+    """FsspecReader whose metadata is unpickled with the allowlist above (and our S3 options)."""
+
+    def __init__(self, uri: str):
+        super().__init__(uri, **storage.fsspec_options(uri))
+        self.uri = uri
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self.fs.concat_path(self.path, ".metadata")
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                meta = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.uri}: no .metadata (not a DCP checkpoint)") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError) as e:
+            raise CheckpointError(f"{self.uri}/.metadata: cannot be read ({_first_line(e)})") from None
+        if getattr(meta, "storage_meta", None) is None:
+            meta.storage_meta = StorageMeta()
+        meta.storage_meta.load_id = self.load_id
+        return meta
+
+
+def _planner_base():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    return DefaultLoadPlanner
+
+
+class _SafePlanner(_planner_base()):
+    """DefaultLoadPlanner that loads non-tensor values (optimizer hyperparameters) weights_only."""
+
+    def load_bytes(self, read_item, value) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 # ---------------------------------------------------------------- compatibility

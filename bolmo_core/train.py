@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import storage
+from . import fsdp, storage
 from .callbacks import (
     Callback,
     CallbackList,
@@ -122,6 +122,51 @@ def build_model(cfg: TrainConfig, vocab):
     return model, info
 
 
+def skeleton_model(cfg: TrainConfig, vocab):
+    """The stage's model with its parameters on the meta device (shapes only) and real buffers."""
+    from transformers import AutoModelForCausalLM
+
+    from .global_model import source_config
+    from .model import BolmoModel
+    from .source import ATTN_IMPLEMENTATION
+
+    with fsdp.meta_parameters():
+        lm = AutoModelForCausalLM.from_config(
+            source_config(cfg.preset.model.source), attn_implementation=ATTN_IMPLEMENTATION
+        )
+        return BolmoModel.from_source(cfg.preset.model, source_model=lm, init=False, vocab=vocab)
+
+
+def init_sharded_weights(trainer: Trainer, load: bool) -> dict:
+    """Fill a sharded model's shards with its starting weights (`load`); the init info either way.
+
+    Stage 2 from a DCP Stage-1 checkpoint: each rank reads its own shards (resharded as needed).
+    Otherwise rank 0 builds the whole model (source + spec §2.3 initialisation, or a Stage-1
+    ``model.safetensors``) and the shards are broadcast from it, one tensor at a time.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    cfg, model = trainer.cfg, trainer.model
+    if cfg.stage == 2 and cfg.init_from:
+        src = ckpt.resolve_checkpoint(cfg.init_from)
+        info = {"init_from": src, "init_from_hash": ckpt.checkpoint_hash(src), "ignored_keys": 0}
+        if ckpt.checkpoint_format(src) == ckpt.FORMAT_DCP:
+            if load:
+                state = {"model": get_model_state_dict(model)}
+                ckpt.load_sharded(src, state)
+                set_model_state_dict(model, state["model"])
+            return info
+    else:
+        info = {}
+    if load:
+        full = None
+        if trainer.rank == 0:
+            full_model, info = build_model(cfg, trainer.vocab)
+            full = full_model.state_dict()
+        fsdp.load_full_state(model, full)
+    return info
+
+
 def _batch_to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -133,50 +178,30 @@ def _scalar(v) -> float:
 # ---------------------------------------------------------------- distributed state
 
 
-def _is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
 def _full_states(accelerator, objective, optimizer) -> tuple[dict | None, dict | None]:
-    """(model state, optimizer state) gathered in full on rank 0 (None elsewhere under FSDP)."""
-    if _is_fsdp(accelerator):  # every rank must take part in the gather
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.state_dict_type(
-            objective,
-            StateDictType.FULL_STATE_DICT,
-            FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
-            FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
-        ):
-            msd = objective.state_dict()
-            osd = FSDP.optim_state_dict(objective, optimizer)
-        if accelerator.process_index != 0:
-            return None, None
-        return {k.removeprefix("model."): v for k, v in msd.items()}, osd
+    """(model state, optimizer state) of an unsharded run on rank 0 (None elsewhere)."""
     if accelerator.process_index != 0:
         return None, None
     return accelerator.unwrap_model(objective).model.state_dict(), optimizer.state_dict()
 
 
 def _load_full_states(accelerator, objective, optimizer, model_state: dict, optim_state: dict) -> None:
-    if _is_fsdp(accelerator):
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.state_dict_type(
-            objective,
-            StateDictType.FULL_STATE_DICT,
-            FullStateDictConfig(offload_to_cpu=True, rank0_only=False),
-            FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False),
-        ):
-            objective.load_state_dict({"model." + k: v for k, v in model_state.items()})
-            optimizer.load_state_dict(FSDP.optim_state_dict_to_load(objective, optimizer, optim_state))
-        return
     accelerator.unwrap_model(objective).model.load_state_dict(model_state)
     optimizer.load_state_dict(optim_state)
+
+
+def sharded_state(model, optimizer) -> dict:
+    """{"model", "optim"} state dicts keyed by parameter name (DTensors under FSDP), for DCP."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": osd}
+
+
+def load_sharded_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def _reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
@@ -236,13 +261,27 @@ def accumulation_steps(stage_cfg: StageConfig, world_size: int) -> int:
 
 
 def build_accelerator(cfg: TrainConfig):
+    """accelerate for the process group, device and collectives; never for FSDP (fsdp.py drives it).
+
+    Under an FSDP launch config, accelerate would wrap the model with its own FSDP on a GPU and
+    silently fall back to DDP on a CPU: its FSDP switch is turned off while it is built, so the
+    trainer's FSDP2 is the one path on both.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused)],
-    )
+    saved = os.environ.get(fsdp.LAUNCHER_FSDP)
+    os.environ[fsdp.LAUNCHER_FSDP] = "false"
+    try:
+        return Accelerator(
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused)],
+        )
+    finally:
+        if saved is None:
+            os.environ.pop(fsdp.LAUNCHER_FSDP, None)
+        else:
+            os.environ[fsdp.LAUNCHER_FSDP] = saved
 
 
 # ---------------------------------------------------------------- the trainer
@@ -261,6 +300,7 @@ class Trainer:
         self.cfg, self.preset, self.stage_cfg = cfg, cfg.preset, cfg.stage_cfg
         self.accelerator = accelerator or build_accelerator(cfg)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.sharded = fsdp.resolve_sharding(cfg.sharding, self.world) == "fsdp"
         self.out = cfg.out_uri
         self.step = 0  # optimizer steps done
         self.stop_reason: str | None = None  # set by a callback (a time budget) to end the stage early
@@ -328,9 +368,14 @@ class Trainer:
         cfg, stage_cfg, acc = self.cfg, self.stage_cfg, self.accelerator
         set_determinism(stage_cfg.seed, cfg.deterministic)  # same seed on every rank: identical init
         self.vocab = SubwordVocab.from_tokenizer(load_tokenizer(self.preset.model.source))
-        self.model, self.init_info = build_model(cfg, self.vocab)
-        self.model.configure_stage(stage_cfg)  # requires_grad per stage, before DDP registers its hooks
-        self.model.to(acc.device)
+        if self.sharded:
+            self._setup_sharded_model()
+        else:
+            self.model, self.init_info = build_model(cfg, self.vocab)
+            self.model.configure_stage(stage_cfg)  # requires_grad per stage, before DDP registers its hooks
+            if stage_cfg.activation_checkpointing:
+                fsdp.apply_activation_checkpointing(self.model)
+            self.model.to(acc.device)
         self.loader = WindowLoader.from_config(
             self.preset.data,
             cfg.manifest_uri,
@@ -340,17 +385,36 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
         )
-        self.objective = acc.prepare_model(StageObjective(self.model, cfg.stage, stage_cfg.losses))
+        if not self.sharded:
+            self.objective = acc.prepare_model(StageObjective(self.model, cfg.stage, stage_cfg.losses))
         self.optimizer = build_optimizer(self.model, stage_cfg)
         self.scheduler = build_scheduler(self.optimizer, stage_cfg)
-        on_rank0 = self.rank == 0 and not _is_fsdp(acc)
+        # Sharded: every rank takes part in the forward passes (interim: each validates everything).
+        on_rank = self.rank == 0 or self.sharded
         self.validator = (
-            Validator(self.preset, cfg.stage, cfg.manifest_uri, self.vocab, acc.device) if on_rank0 else None
+            Validator(self.preset, cfg.stage, cfg.manifest_uri, self.vocab, acc.device) if on_rank else None
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.autocast = _autocast(stage_cfg.precision, acc.device)
         # Per-rank randomness from here on (the model itself is already identical everywhere).
         set_determinism(stage_cfg.seed + 1 + self.rank, cfg.deterministic)
+
+    def _setup_sharded_model(self) -> None:
+        """FSDP2: a meta-device model, sharded, materialised, then its starting weights (fsdp.py).
+
+        A stage that will resume skips the starting weights: the checkpoint replaces them all.
+        """
+        cfg, stage_cfg = self.cfg, self.stage_cfg
+        self.model = skeleton_model(cfg, self.vocab)
+        self.model.configure_stage(stage_cfg)
+        if stage_cfg.activation_checkpointing:
+            fsdp.apply_activation_checkpointing(self.model)
+        self.objective = StageObjective(self.model, cfg.stage, stage_cfg.losses)
+        mesh = fsdp.device_mesh(self.accelerator.device, self.world)
+        fsdp.shard(self.objective, self.model, mesh, stage_cfg.precision)
+        fsdp.materialize(self.objective, self.accelerator.device)
+        resuming = ckpt.latest_checkpoint(self.out) is not None
+        self.init_info = init_sharded_weights(self, load=not resuming)
 
     def info(self, resumed: str | None) -> dict:
         return {
@@ -380,15 +444,20 @@ class Trainer:
                 batch = coarsen_batch(batch, stage_cfg.target_bytes_per_patch)
             n_bytes += int(batch["byte_mask"].sum())
             batch = _batch_to(batch, acc.device)
-            # Gradients are reduced across ranks only on the last micro-batch.
-            sync = contextlib.nullcontext() if micro == self.accum - 1 else acc.no_sync(self.objective)
+            # DDP reduces gradients on the last micro-batch only; FSDP reduce-scatters every one (its
+            # gradients stay sharded: unsynced ones would be whole-model sized).
+            last = micro == self.accum - 1
+            sync = contextlib.nullcontext() if last or self.sharded else acc.no_sync(self.objective)
             with sync:
                 with self.autocast():
                     loss, metrics = self.objective(batch)
                 acc.backward(loss / self.accum)
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + _scalar(v) / self.accum
-        grad_norm = acc.clip_grad_norm_(self.params, stage_cfg.optim.grad_clip)
+        if self.sharded:
+            grad_norm = fsdp.clip_grad_norm(self.params, stage_cfg.optim.grad_clip)
+        else:
+            grad_norm = acc.clip_grad_norm_(self.params, stage_cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -408,7 +477,7 @@ class Trainer:
         """Validation on rank 0 with its RNG forked (evaluation never changes the training stream)."""
         metrics: dict[str, float] = {}
         if self.validator is not None:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), fsdp.gathered(self.objective, self.sharded):
                 metrics = self.validator(self.model)
             self.callbacks.on_eval(self.step, metrics)
         self.accelerator.wait_for_everyone()
@@ -432,7 +501,11 @@ class Trainer:
 
     def save(self, name: str, finished: bool = False, metrics: dict | None = None) -> str:
         """Checkpoint `name` from every rank (collective); its URI."""
-        msd, osd = _full_states(self.accelerator, self.objective, self.optimizer)
+        if self.sharded:  # every rank writes its own shards through DCP
+            msd, osd, shards = None, None, sharded_state(self.model, self.optimizer)
+        else:
+            msd, osd = _full_states(self.accelerator, self.objective, self.optimizer)
+            shards = None
         trainer_state = {
             "step": self.step,
             **self.spent(),
@@ -450,6 +523,7 @@ class Trainer:
             rank_state={"rng": ckpt.capture_rng(), "loader": self.loader.state_dict()},
             model_state=msd,
             optimizer_state=osd,
+            sharded_state=shards,
             scheduler_state=self.scheduler.state_dict() if self.rank == 0 else None,
             trainer_state=trainer_state,
             config=self.identity,
@@ -459,24 +533,31 @@ class Trainer:
         return uri
 
     def resume(self) -> str | None:
-        """Load the newest committed checkpoint of this stage, if any; its URI."""
+        """Load the newest committed checkpoint of this stage, if any; its URI.
+
+        Any checkpoint format into any layout: DCP reshards, a full checkpoint loads as is. At
+        another world size (allow_mismatch) the loader continues at the same global position:
+        step s has covered the same windows whatever the world size (WindowLoader deals
+        global micro-batch k to rank k mod world), so only the per-rank RNG is not carried over.
+        """
         self._diffs: list[str] = []
         latest = ckpt.latest_checkpoint(self.out)
         if not latest:
             return None
         saved = ckpt.read_config(latest)
         self._diffs = ckpt.check_compatible(saved, self.identity, latest, self.cfg.allow_mismatch)
-        # Per-rank RNG/loader positions only mean something for the same world size and data.
-        same_layout = (
-            saved.get("world_size") == self.world
-            and saved.get("manifest_hash") == self.identity["manifest_hash"]
-        )
-        st = ckpt.load_checkpoint(latest, self.rank if same_layout else None)
-        _load_full_states(self.accelerator, self.objective, self.optimizer, st["model"], st["optimizer"])
+        same_data = saved.get("manifest_hash") == self.identity["manifest_hash"]
+        same_layout = saved.get("world_size") == self.world and same_data
+        fmt = ckpt.checkpoint_format(latest)
+        target = sharded_state(self.model, self.optimizer) if fmt == ckpt.FORMAT_DCP else None
+        st = ckpt.load_checkpoint(latest, self.rank if same_layout else 0 if same_data else None, target)
+        self._load_weights_and_optimizer(latest, st, target)
         self.scheduler.load_state_dict(st["scheduler"])
         if same_layout:
             ckpt.restore_rng(st["rank"]["rng"])
             self.loader.load_state_dict(st["rank"]["loader"])
+        elif same_data:
+            self.loader.load_state_dict(_regrid_loader(st["rank"]["loader"], self.world))
         ts = st["trainer_state"]
         self.step = int(ts["step"])
         self.spent_before = {
@@ -484,6 +565,27 @@ class Trainer:
             "cpu_s": float(ts.get("cpu_s", 0.0)),
         }
         return latest
+
+    def _load_weights_and_optimizer(self, uri: str, st: dict, target: dict | None) -> None:
+        if target is not None:
+            load_sharded_state(self.model, self.optimizer, target)
+        elif self.sharded:  # optimizer.pt is keyed by parameter index, the sharded optimizer by name
+            raise ckpt.CheckpointError(
+                f"{uri}: written by an unsharded (DDP or single-process) run; a sharded run cannot "
+                "resume its optimizer state: resume it with sharding=ddp, or start a new output folder"
+            )
+        else:
+            _load_full_states(self.accelerator, self.objective, self.optimizer, st["model"], st["optimizer"])
+
+
+def _regrid_loader(state: dict, world: int) -> dict:
+    """A loader position saved at another world size, for `world` ranks (same global position).
+
+    At a step boundary every rank has taken the same number of micro-batches, so the global
+    count is batch x saved world; it divides by any world size the global batch allows.
+    """
+    global_batches = int(state["batch"]) * int(state["world_size"])
+    return {**state, "batch": global_batches // world, "world_size": world, "rank": None}
 
 
 def _autocast(precision: str, device):
