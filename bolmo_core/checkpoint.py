@@ -388,10 +388,15 @@ def save_sharded(ckpt_uri: str, state: dict, rank: int) -> dict[str, str]:
 
 def load_sharded(ckpt_uri: str, state: dict, no_dist: bool = False) -> None:
     """dcp.load into `state` in place (resharding as needed); a collective unless `no_dist`."""
+    import warnings
+
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(state, storage_reader=_SafeReader(_dcp_uri(ckpt_uri)), planner=_SafePlanner(), no_dist=no_dist)
+        with warnings.catch_warnings():  # "torch.distributed is disabled ...": a one-process load is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            reader = _SafeReader(_dcp_uri(ckpt_uri))
+            dcp.load(state, storage_reader=reader, planner=_SafePlanner(), no_dist=no_dist)
     except (RuntimeError, KeyError, ValueError) as e:  # DCP wraps per-rank failures in CheckpointException
         raise CheckpointError(f"{ckpt_uri}: sharded state cannot be loaded ({_first_line(e)})") from None
 

@@ -34,9 +34,11 @@ def launcher_wants_fsdp() -> bool:
 
 
 def resolve_sharding(sharding: str, world_size: int) -> str:
-    """"fsdp" or "ddp" ("ddp" with one process is plain single-process training)."""
+    """"fsdp" or "ddp"; one process is never sharded ("ddp" there is plain single-process training)."""
+    if world_size == 1:
+        return "ddp"
     if sharding == "auto":
-        return "fsdp" if launcher_wants_fsdp() and world_size > 1 else "ddp"
+        return "fsdp" if launcher_wants_fsdp() else "ddp"
     return sharding
 
 

@@ -216,16 +216,17 @@ def _reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
 
 def build_callbacks(trainer: Trainer) -> CallbackList:
     """Every rank: validation, checkpoints and time budgets (they take part in collectives).
-    Rank 0 only, before them: the progress stream and every named callback."""
+    Rank 0 only, before them: every named callback, then the progress stream."""
     cfg, stage_cfg = trainer.cfg, trainer.stage_cfg
     cbs: list[Callback] = []
     if trainer.rank == 0:
-        cbs.append(ProgressStreamCallback())
         for spec in list(cfg.callbacks) + [s for s in stage_cfg.callbacks if s not in cfg.callbacks]:
             try:
                 cbs.append(load_callback(spec, **cfg.callback_kwargs.get(spec, {})))
             except ValueError as e:
                 raise TrainError(str(e)) from None
+        # After the named ones: a callback may add to a step's metrics (MemoryProbe), the stream carries them.
+        cbs.append(ProgressStreamCallback())
     cbs.append(PeriodicValidation(trainer, stage_cfg.eval_every))
     cbs.append(PeriodicCheckpoint(trainer, stage_cfg.checkpoint_every))
     if cfg.max_minutes or cfg.max_cpu_minutes:
