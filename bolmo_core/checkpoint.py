@@ -377,7 +377,9 @@ def save_sharded(ckpt_uri: str, state: dict, rank: int) -> dict[str, str]:
     # fsync on S3 objects means os.sync() of the whole machine; an S3 PUT is durable when it returns.
     writer = FsspecWriter(uri, sync_files=storage.is_local(uri), **storage.fsspec_options(uri))
     meta = dcp.save(state, storage_writer=writer)
-    mine = sorted({i.relative_path for i in meta.storage_data.values() if i.relative_path.startswith(f"__{rank}_")})
+    mine = sorted(
+        {i.relative_path for i in meta.storage_data.values() if i.relative_path.startswith(f"__{rank}_")}
+    )
     digests = {f: storage.sha256_uri(storage.join(uri, f)) for f in mine}
     if dist.is_initialized():
         every: list = [None] * dist.get_world_size()
@@ -393,7 +395,9 @@ def load_sharded(ckpt_uri: str, state: dict, no_dist: bool = False) -> None:
     import torch.distributed.checkpoint as dcp
 
     try:
-        with warnings.catch_warnings():  # "torch.distributed is disabled ...": a one-process load is the intent
+        with (
+            warnings.catch_warnings()
+        ):  # "torch.distributed is disabled ...": a one-process load is the intent
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             reader = _SafeReader(_dcp_uri(ckpt_uri))
             dcp.load(state, storage_reader=reader, planner=_SafePlanner(), no_dist=no_dist)

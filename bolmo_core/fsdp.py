@@ -34,7 +34,7 @@ def launcher_wants_fsdp() -> bool:
 
 
 def resolve_sharding(sharding: str, world_size: int) -> str:
-    """"fsdp" or "ddp"; one process is never sharded ("ddp" there is plain single-process training)."""
+    """ "fsdp" or "ddp"; one process is never sharded ("ddp" there is plain single-process training)."""
     if world_size == 1:
         return "ddp"
     if sharding == "auto":

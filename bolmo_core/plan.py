@@ -33,8 +33,18 @@ from .config import Preset, StageConfig
 GB = 1e9
 GIB = 2**30
 FUSED_VOCAB = 520  # byte head outputs (docs/architecture.md §1.1)
-# H100/H200 SXM bf16 dense tensor-core peak (datasheet), per GPU.
-DEFAULT_PEAK_FLOPS = 989.4e12
+# bf16 dense tensor-core peaks (FLOP/s) from the vendors' datasheets, matched on the device name.
+GPU_PEAKS = {
+    "H200": 989.4e12,
+    "H100": 989.4e12,
+    "GH200": 989.4e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+    "B200": 2250e12,
+}
+DEFAULT_PEAK_FLOPS = GPU_PEAKS["H100"]
 
 
 class PlanError(ValueError):
@@ -55,6 +65,52 @@ class Hardware:
     @property
     def usable(self) -> float:
         return self.gpu_memory * (1 - self.reserved_fraction) - self.reserved_bytes
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    for key in sorted(GPU_PEAKS, key=len, reverse=True):
+        if key in device_name:
+            return GPU_PEAKS[key]
+    return None
+
+
+def detect_hardware(processes: int) -> Hardware:
+    """This machine as `Hardware`: its GPUs (memory, datasheet peak), else its CPU (RAM per process,
+    a measured fp32 matmul peak; the CPU rehearsal's kernels)."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        peak = datasheet_peak(props.name) or DEFAULT_PEAK_FLOPS
+        return Hardware(gpus=processes, gpu_memory=float(props.total_memory), peak_flops=peak)
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Hardware(
+        gpus=processes,
+        gpu_memory=ram / processes,
+        peak_flops=measured_matmul_flops(torch.device("cpu"), torch.float32, n=512),
+        device="cpu",
+        reserved_fraction=0.25,  # the OS, the data loader and the other processes share the RAM
+        reserved_bytes=0.0,
+    )
+
+
+def measured_matmul_flops(dev: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
+    """Best FLOP/s of n x n x n matmuls on `dev` in `dtype`."""
+    import time
+
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(reps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        a @ b
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
 
 
 def parse_bytes(text: str) -> float:
@@ -240,7 +296,9 @@ def activation_terms(
         terms["global blocks (inputs)"] = T * n_glob * s.d_g * (cb if sharded else 4)
         recompute = max(E * blk["enc"] + inter, E * blk["dec"] + inter, T * glob)
     else:
-        terms["local blocks"] = E * (s.n_enc * blk["enc"] + s.n_dec * blk["dec"]) + (s.n_enc + s.n_dec) * inter
+        terms["local blocks"] = (
+            E * (s.n_enc * blk["enc"] + s.n_dec * blk["dec"]) + (s.n_enc + s.n_dec) * inter
+        )
         terms["global blocks"] = T * n_glob * glob
         recompute = 0.0
     d = s.d_l
@@ -337,7 +395,10 @@ def _weights_working(s: Shapes, sharded: bool, cb: int) -> float:
 def stage_memory(s: Shapes, stage_cfg: StageConfig, act: dict, gpus: int, sharded: bool) -> dict[str, float]:
     cb = 2 if stage_cfg.precision == "bf16" else 4
     shard = gpus if sharded else 1
-    grads = 4 * s.n_trainable / shard + (4 * s.largest_unit if sharded else 4 * s.n_trainable)
+    # FSDP: a shard, plus one unit's unsharded gradient while it is reduce-scattered; DDP: the
+    # gradients plus its all-reduce buckets (one process: no DDP, no buckets).
+    extra = 4 * s.largest_unit if sharded else 4 * s.n_trainable if gpus > 1 else 0.0
+    grads = 4 * s.n_trainable / shard + extra
     return {
         "weights": 4 * s.n_all / shard,
         "weights (working copies)": _weights_working(s, sharded, cb),
@@ -451,8 +512,17 @@ def advice(model, preset: Preset, hw: Hardware, p: Plan, st: StagePlan, bpt: flo
 
     def fits(**kw) -> bool:
         opts = dict(sharded=p.sharding == "fsdp", checkpointing=p.checkpointing[key]) | kw
-        return plan_stage(s, stage_cfg, preset, hw, opts["sharded"], p.kernel, bpt,
-                          micro_batch=kw.get("micro_batch"), checkpointing=opts["checkpointing"]).fits
+        return plan_stage(
+            s,
+            stage_cfg,
+            preset,
+            hw,
+            opts["sharded"],
+            p.kernel,
+            bpt,
+            micro_batch=kw.get("micro_batch"),
+            checkpointing=opts["checkpointing"],
+        ).fits
 
     if p.sharding == "ddp" and fits(sharded=True):
         return f"{have}: shard it with FSDP (--sharding fsdp; deployments/accelerate/gpu_fsdp.yaml)"
@@ -474,7 +544,9 @@ def _gpus_needed(s, stage_cfg, preset, hw, p, bpt) -> int | None:
         if n <= hw.gpus or stage_cfg.global_batch % n:
             continue
         more = Hardware(**{**asdict(hw), "gpus": n})
-        if plan_stage(s, stage_cfg, preset, more, True, p.kernel, bpt, micro_batch=1, checkpointing=True).fits:
+        if plan_stage(
+            s, stage_cfg, preset, more, True, p.kernel, bpt, micro_batch=1, checkpointing=True
+        ).fits:
             return n
     return None
 
@@ -483,14 +555,16 @@ def check(p: Plan) -> None:
     """Raise PlanError with the first stage that does not fit (its one-line advice)."""
     for st in p.stages:
         if not st.fits:
-            raise PlanError(f"{p.preset} on {p.hardware.gpus} x {p.hardware.gpu_memory / GB:.0f} GB: {st.advice}")
+            raise PlanError(
+                f"{p.preset} on {p.hardware.gpus} x {p.hardware.gpu_memory / GB:.0f} GB: {st.advice}"
+            )
 
 
 # ---------------------------------------------------------------- the table
 
 
 def _gb(x: float) -> str:
-    return f"{x / GB:.2f}" if x < 10 * GB else f"{x / GB:.1f}"
+    return f"{x / GB:.3g}" if x < 10 * GB else f"{x / GB:.1f}"
 
 
 def _n(x: float) -> str:
@@ -522,25 +596,36 @@ def markdown(p: Plan) -> str:
     for key in p.stages[0].memory:
         lines.append(f"| {key} | " + " | ".join(_gb(st.memory[key]) for st in p.stages) + " |")
     lines.append("| fits | " + " | ".join("yes" if st.fits else "**no**" for st in p.stages) + " |")
-    lines += ["", "| per stage | " + " | ".join(f"Stage {st.stage}" for st in p.stages) + " |",
-              "|---|" + "---:|" * len(p.stages)]
+    lines += [
+        "",
+        "| per stage | " + " | ".join(f"Stage {st.stage}" for st in p.stages) + " |",
+        "|---|" + "---:|" * len(p.stages),
+    ]
     rows = {
-        "precision / activation checkpointing": lambda st: f"{p.precision[f'stage{st.stage}']} / "
-        f"{'on' if p.checkpointing[f'stage{st.stage}'] else 'off'}",
+        "precision / activation checkpointing": lambda st: (
+            f"{p.precision[f'stage{st.stage}']} / {'on' if p.checkpointing[f'stage{st.stage}'] else 'off'}"
+        ),
         "trainable / frozen parameters": lambda st: f"{_n(st.trainable)} / {_n(st.frozen)}",
-        "steps x global batch (micro x GPUs x accum)": lambda st: f"{st.steps:,} x {st.global_batch} "
-        f"({st.micro_batch} x {hw.gpus} x {st.accum or '?'})",
+        "steps x global batch (micro x GPUs x accum)": lambda st: (
+            f"{st.steps:,} x {st.global_batch} ({st.micro_batch} x {hw.gpus} x {st.accum or '?'})"
+        ),
         "subword tokens": lambda st: _n(st.tokens),
         "text bytes": lambda st: _n(st.text_bytes),
         "byte slots": lambda st: _n(st.byte_slots),
-        "FLOPs per step (model / with recompute)": lambda st: f"{st.flops_per_step:.3g} / {st.hw_flops_per_step:.3g}",
+        "FLOPs per step (model / with recompute)": lambda st: (
+            f"{st.flops_per_step:.3g} / {st.hw_flops_per_step:.3g}"
+        ),
         "hours": lambda st: f"{st.hours:,.1f}",
     }
     for name, fn in rows.items():
         lines.append(f"| {name} | " + " | ".join(fn(st) for st in p.stages) + " |")
-    lines += ["", "Activations per micro-batch (GB):", "",
-              "| part | " + " | ".join(f"Stage {st.stage}" for st in p.stages) + " |",
-              "|---|" + "---:|" * len(p.stages)]
+    lines += [
+        "",
+        "Activations per micro-batch (GB):",
+        "",
+        "| part | " + " | ".join(f"Stage {st.stage}" for st in p.stages) + " |",
+        "|---|" + "---:|" * len(p.stages),
+    ]
     keys = list(dict.fromkeys(k for st in p.stages for k in st.activations))
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(_gb(st.activations.get(k, 0.0)) for st in p.stages) + " |")
