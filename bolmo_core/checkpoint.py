@@ -65,6 +65,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with a one-line reason."""
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A committed checkpoint whose files cannot be read back (truncated, corrupted)."""
+
+
 class CheckpointMismatch(CheckpointError):
     """A checkpoint made with another config, data manifest, world size or source."""
 
@@ -162,7 +166,16 @@ def load_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
     """Every weight of a checkpoint as one state dict, whatever its format (the one entry point)."""
     if checkpoint_format(ckpt_uri) == FORMAT_DCP:
         return consolidated_model_state(ckpt_uri)
-    return state_from_bytes(storage.read_bytes(storage.join(ckpt_uri, MODEL_FILE)))
+    uri = storage.join(ckpt_uri, MODEL_FILE)
+    try:
+        return state_from_bytes(storage.read_bytes(uri))
+    except storage.StorageError:
+        raise
+    except Exception as e:  # truncated or damaged: safetensors' own error, or a bad header
+        raise DamagedCheckpoint(
+            f"{uri}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:160]}); delete {ckpt_uri} "
+            "and resume from the previous committed checkpoint"
+        ) from None
 
 
 # ---------------------------------------------------------------- RNG and torch-saved state
@@ -221,8 +234,9 @@ def _torch_load(uri: str) -> Any:
     except storage.StorageError:
         raise
     except Exception as e:  # a truncated or foreign file: one line, not a pickle traceback
-        raise CheckpointError(
-            f"{uri}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        raise DamagedCheckpoint(
+            f"{uri}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete its "
+            "checkpoint folder and resume from the previous committed one"
         ) from None
 
 
@@ -393,6 +407,7 @@ def load_sharded(ckpt_uri: str, state: dict, no_dist: bool = False) -> None:
     import warnings
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         with (
@@ -401,8 +416,22 @@ def load_sharded(ckpt_uri: str, state: dict, no_dist: bool = False) -> None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             reader = _SafeReader(_dcp_uri(ckpt_uri))
             dcp.load(state, storage_reader=reader, planner=_SafePlanner(), no_dist=no_dist)
-    except (RuntimeError, KeyError, ValueError) as e:  # DCP wraps per-rank failures in CheckpointException
-        raise CheckpointError(f"{ckpt_uri}: sharded state cannot be loaded ({_first_line(e)})") from None
+    except CheckpointException as e:  # DCP gathers the ranks' failures: report the first one
+        first = next(iter(e.failures.values()))[0] if e.failures else e
+        if isinstance(first, CheckpointError):
+            raise first from None
+        raise _damaged(ckpt_uri, first) from None
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise _damaged(ckpt_uri, e) from None
+
+
+def _damaged(ckpt_uri: str, e: BaseException) -> DamagedCheckpoint:
+    return DamagedCheckpoint(
+        f"{ckpt_uri}: sharded state cannot be loaded ({_first_line(e)}); "
+        f"delete {ckpt_uri} and resume from the previous committed checkpoint"
+    )
 
 
 def consolidated_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
@@ -424,8 +453,9 @@ def consolidated_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
     return {k[len("model.") :]: v for k, v in target.items()}
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+def _first_line(e: BaseException) -> str:
+    msg = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 # DCP's .metadata is a pickle of these classes only; anything else is refused, never imported.

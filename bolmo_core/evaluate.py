@@ -300,7 +300,13 @@ def byte_generation_available() -> bool:
 
 
 class Validator:
-    """Validation on the manifest's validation split (rank 0, the stage's precision, fixed windows).
+    """Validation on the manifest's validation split (the stage's precision, fixed windows).
+
+    On several ranks each scores its share (batch k of the first `eval_batches` goes to rank
+    k mod world) and `reduce` sums the counts over ranks, so every rank returns the metrics of
+    the same windows whatever the world size. Every rank runs the same number of forward passes
+    (a short share repeats its last batch with weight 0): sharded (FSDP) weights are gathered
+    collectively, pass by pass.
 
     * ``val_bpb``: byte bits per byte from folded fused probabilities (p(v) + p(v+260)),
       boundaries predicted by the model (no patch-slot limit);
@@ -311,7 +317,7 @@ class Validator:
       boundaries) to the teacher's input embeddings of the same tokens (spec §8: > 0.97).
     """
 
-    def __init__(self, preset, stage: int, manifest_uri: str, vocab, device):
+    def __init__(self, preset, stage: int, manifest_uri: str, vocab, device, rank=0, world=1, reduce=None):
         self.preset, self.stage, self.manifest_uri, self.vocab, self.device = (
             preset,
             stage,
@@ -319,6 +325,8 @@ class Validator:
             vocab,
             device,
         )
+        self.rank, self.world = rank, world
+        self.reduce = reduce or (lambda xs: xs)  # sums a list of floats over the ranks
         self.stage_cfg = preset.stage1 if stage == 1 else preset.stage2
         stage_cfg = self.stage_cfg
         self.batches: list[dict] | None = None
@@ -346,7 +354,10 @@ class Validator:
                 f"{self.manifest_uri}: the validation split has no window of "
                 f"{self.preset.data.window_tokens} tokens"
             )
-        return out
+        mine = out[self.rank :: self.world]
+        n_mine = -(-len(out) // self.world)
+        self.weights = [1] * len(mine) + [0] * (n_mine - len(mine))
+        return mine + [out[-1]] * (n_mine - len(mine))
 
     @staticmethod
     def _target_mask(batch: dict) -> torch.Tensor:
@@ -361,7 +372,7 @@ class Validator:
 
         src = load_source_model(self.preset.model.source).to(self.device)
         nll, n_bytes = 0.0, 0
-        for b in self.batches:
+        for b, w in zip(self.batches, self.weights):
             ids = b["teacher_ids"].to(self.device)
             with self.autocast():
                 logits = src(input_ids=ids).logits
@@ -369,9 +380,10 @@ class Validator:
             tok = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             lens = b.get("token_patch_lens", b["patch_lens"])[:, 1:].to(self.device)  # one patch per token
             m = lens > 0  # the loader zeroes the lengths of patches cut by truncation
-            nll -= float(tok[m].sum())
-            n_bytes += int(lens[m].sum())
+            nll -= w * float(tok[m].sum())
+            n_bytes += w * int(lens[m].sum())
         del src
+        nll, n_bytes = self.reduce([nll, float(n_bytes)])
         return nll / max(1, n_bytes) / math.log(2)
 
     @torch.no_grad()
@@ -396,7 +408,7 @@ class Validator:
             0,
             0.0,
         )
-        for b in self.batches:
+        for b, w in zip(self.batches, self.weights):
             d = {k: v.to(self.device) for k, v in b.items()}
             ids, byte_mask = d["input_ids"], d["byte_mask"].bool()
             with self.autocast():
@@ -409,25 +421,27 @@ class Validator:
             nxt = torch.nn.functional.pad(ids[:, 1:], (0, 1))
             tgt = self._target_mask(b).to(self.device)
             lp = folded.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-            nll -= float(lp[tgt].sum())
-            n_bytes += int(tgt.sum())
-            over += float(out.overflow.float().mean())
+            nll -= w * float(lp[tgt].sum())
+            n_bytes += w * int(tgt.sum())
+            over += w * float(out.overflow.float().mean())
             lab, mask = model.boundary_targets(ids, b_true, byte_mask)
             pred = model.boundary_predictor.decide(out.boundary_logp) & mask
             lab = lab & mask
-            acc_n += int(((pred == lab) & mask).sum())
-            acc_d += int(mask.sum())
-            tp += int((pred & lab).sum())
-            n_pred += int(pred.sum())
-            n_lab += int(lab.sum())
+            acc_n += w * int(((pred == lab) & mask).sum())
+            acc_d += w * int(mask.sum())
+            tp += w * int((pred & lab).sum())
+            n_pred += w * int(pred.sum())
+            n_lab += w * int(lab.sum())
             if self.stage == 1 or not self.stage_cfg.target_bytes_per_patch:
                 emb = model.teacher.embed(d["teacher_ids"]).float()
                 cos = torch.nn.functional.cosine_similarity(reps.float(), emb, dim=-1)
                 valid = pmask & d["patch_mask"].bool()
-                cos_sum += float(cos[valid].sum())
-                cos_n += int(valid.sum())
+                cos_sum += w * float(cos[valid].sum())
+                cos_n += w * int(valid.sum())
         if was_training:
             model.train()
+        sums = [nll, n_bytes, acc_n, acc_d, tp, n_pred, n_lab, cos_sum, cos_n, over, sum(self.weights)]
+        nll, n_bytes, acc_n, acc_d, tp, n_pred, n_lab, cos_sum, cos_n, over, n_batches = self.reduce(sums)
         bpb = nll / max(1, n_bytes) / math.log(2)
         metrics = {
             "val_bpb": bpb,
@@ -437,7 +451,7 @@ class Validator:
             "val_boundary_precision": tp / max(1, n_pred),
             "val_boundary_recall": tp / max(1, n_lab),
             "val_bytes_per_patch_pred": n_bytes / max(1, n_pred),
-            "val_overflow_frac": over / len(self.batches),
+            "val_overflow_frac": over / n_batches,
             "val_bytes": float(n_bytes),
         }
         if cos_n:

@@ -95,49 +95,109 @@ def _resolve(model_or_dir):
     return model_or_dir, None
 
 
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "BolmoTokenizer",
+    "auto_map": {"AutoTokenizer": AUTO_MAP["AutoTokenizer"]},
+    "pad_token": "<pad>",
+    "bos_token": "<bos>",
+    "eos_token": "<bos>",
+    "add_bos_token": True,
+    "padding_side": "left",
+    "model_max_length": 1_000_000_000,
+}
+PARITY_FILE = "byteify_parity.json"  # written next to an export by the flow's export task, after parity
+
+
 def export_model(
     model_or_dir, out_dir: str | os.PathLike, preset=None, vocab=None, overwrite: bool = False
 ) -> Path:
-    """Write the HF folder for a BolmoModel (or a checkpoint folder) to `out_dir`, atomically."""
-    from safetensors.torch import save_file
+    """Write the HF folder for a BolmoModel (or a checkpoint folder) to `out_dir`, atomically.
 
-    from .hf.configuration_bolmo import BolmoConfig
-
+    `overwrite` replaces an earlier byteify export only: a folder holding files byteify did not
+    write there, or a checkpoint, is refused and left as it is.
+    """
     if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
         raise ExportError(
             f"export folder '{out_dir}': must be a local path (copy the finished folder to object storage)"
         )
     out = Path(str(out_dir).removeprefix("file://"))
+    _check_out(out, overwrite)
     model, ckpt_preset = _resolve(model_or_dir)
     preset = preset or ckpt_preset
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"export folder '{out}': exists and is not empty (pass overwrite=True)")
-    cfg = model.cfg
     state = {
         k: v.detach().to("cpu").clone().contiguous()
         for k, v in model.state_dict().items()
         if not k.startswith("teacher.")
     }
-    extra = dict(retained_vocab_size=0, retained_entries=0, retained_bytes=0)
+    extra = {}
     if model.local_encoder.retained_embedding is not None:
-        if vocab is None:
-            from .source import load_tokenizer
-            from .subword import get_vocab
+        extra = _add_retained(model, state, vocab)
+    meta = {
+        "format": "byteify-bolmo-hf/1",
+        "source": model.cfg.source.name_or_path,
+        "source_revision": model.cfg.source.revision,
+        "preset": preset.to_dict() if preset is not None else None,
+    }
+    with storage.atomic_local_dir(out) as tmp:
+        _write_folder(tmp, _hf_config(model, extra), state, meta)
+    return out
 
-            vocab = get_vocab(load_tokenizer(cfg.source))
-        ids, offsets, blob = retained_table(vocab)
-        state["retained_ids"] = torch.from_numpy(ids)
-        state["retained_offsets"] = torch.from_numpy(offsets)
-        state["retained_bytes"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-        extra = dict(
-            retained_vocab_size=model.local_encoder.retained_embedding.weight.shape[0],
-            retained_entries=len(ids),
-            retained_bytes=len(blob),
-            retained_sep_id=vocab.doc_separator_id,
-            retained_pad_id=vocab.pad_id,
-            retained_fallback_id=vocab.byte_fallback_id,
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that holds anything but an earlier byteify export."""
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not out.is_dir():
+        raise ExportError(f"export folder '{out}': is a file")
+    if not overwrite:
+        raise ExportError(f"export folder '{out}': exists and is not empty (pass overwrite=True)")
+    from .checkpoint import COMMIT
+
+    for root, _, files in os.walk(out):
+        if COMMIT in files:
+            raise ExportError(f"export folder '{out}': holds a checkpoint ({root}); choose another folder")
+    meta = out / EXPORT_META
+    written = set(json.loads(meta.read_text()).get("files", [])) if meta.exists() else set()
+    written.add(PARITY_FILE)
+    unknown = sorted(
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file() and str(p.relative_to(out)) not in written
+    )
+    if unknown or not meta.exists():
+        what = f"'{unknown[0]}' was not written by byteify" if unknown else f"no {EXPORT_META}"
+        raise ExportError(
+            f"export folder '{out}': {what}; --overwrite replaces only an earlier byteify export"
         )
-    hf_cfg = BolmoConfig(
+
+
+def _add_retained(model, state: dict, vocab) -> dict:
+    """The retained-subword table as buffers (the HF code matches byte suffixes against it); config fields."""
+    if vocab is None:
+        from .source import load_tokenizer
+        from .subword import get_vocab
+
+        vocab = get_vocab(load_tokenizer(model.cfg.source))
+    ids, offsets, blob = retained_table(vocab)
+    state["retained_ids"] = torch.from_numpy(ids)
+    state["retained_offsets"] = torch.from_numpy(offsets)
+    state["retained_bytes"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    return dict(
+        retained_vocab_size=model.local_encoder.retained_embedding.weight.shape[0],
+        retained_entries=len(ids),
+        retained_bytes=len(blob),
+        retained_sep_id=vocab.doc_separator_id,
+        retained_pad_id=vocab.pad_id,
+        retained_fallback_id=vocab.byte_fallback_id,
+    )
+
+
+def _hf_config(model, extra: dict):
+    from .hf.configuration_bolmo import BolmoConfig
+
+    cfg = model.cfg
+    extra = {"retained_vocab_size": 0, "retained_entries": 0, "retained_bytes": 0, **extra}
+    return BolmoConfig(
         global_config=_global_config(model),
         d_local=model.d_local,
         local_heads=cfg.local.n_heads,
@@ -154,35 +214,19 @@ def export_model(
         auto_map=AUTO_MAP,
         **extra,
     )
-    with storage.atomic_local_dir(out) as tmp:
-        hf_cfg.save_pretrained(tmp)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for name in REMOTE_FILES:
-            shutil.copyfile(HF_DIR / name, tmp / name)
-        (tmp / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": "BolmoTokenizer",
-                    "auto_map": {"AutoTokenizer": AUTO_MAP["AutoTokenizer"]},
-                    "pad_token": "<pad>",
-                    "bos_token": "<bos>",
-                    "eos_token": "<bos>",
-                    "add_bos_token": True,
-                    "padding_side": "left",
-                    "model_max_length": 1_000_000_000,
-                },
-                indent=1,
-            )
-            + "\n"
-        )
-        meta = {
-            "format": "byteify-bolmo-hf/1",
-            "source": cfg.source.name_or_path,
-            "source_revision": cfg.source.revision,
-            "preset": preset.to_dict() if preset is not None else None,
-        }
-        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1) + "\n")
-    return out
+
+
+def _write_folder(tmp: Path, hf_cfg, state: dict, meta: dict) -> None:
+    """Config, weights, remote code, tokenizer config; the byteify marker (listing every file) last."""
+    from safetensors.torch import save_file
+
+    hf_cfg.save_pretrained(tmp)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for name in REMOTE_FILES:
+        shutil.copyfile(HF_DIR / name, tmp / name)
+    (tmp / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=1) + "\n")
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    (tmp / EXPORT_META).write_text(json.dumps({**meta, "files": [*files, EXPORT_META]}, indent=1) + "\n")
 
 
 def load_hf(export_dir, device: str | torch.device = "cpu"):

@@ -124,8 +124,14 @@ def load_byte_model(path: str, device: str | torch.device = "cpu") -> tuple[torc
     """(BolmoModel, preset) from a checkpoint folder or an exported HF folder."""
     if is_checkpoint_dir(path):
         return load_checkpoint_model(path, device)
-    if storage.is_local(path) and Path(storage.local_path(path), "config.json").exists():
-        return load_exported(storage.local_path(path), device=device)
+    local = Path(storage.local_path(path)) if storage.is_local(path) else None
+    if local is not None and (local / "trainer_state.json").exists():
+        raise LoadError(
+            f"checkpoint '{path}': no {checkpoint.COMMIT} marker, its save did not finish; "
+            "use the stage folder (its newest committed checkpoint) or an earlier step"
+        )
+    if local is not None and (local / "config.json").exists():
+        return load_exported(str(local), device=device)
     raise LoadError(
         f"model folder '{path}': neither a committed checkpoint (no COMMIT marker) nor an exported model"
     )

@@ -260,7 +260,22 @@ def load_source_model(
         raise SourceError(
             f"source model '{src.name_or_path}': cannot be loaded ({str(e).splitlines()[0]})"
         ) from None
+    except Exception as e:  # safetensors' own error for a truncated or damaged weights file
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise SourceError(
+            f"source model '{src.name_or_path}': {path}: weights file damaged ({e}); {_fix(src, path)}"
+        ) from None
     return model.to(device).eval()
+
+
+def _fix(src: SourceConfig, path: str) -> str:
+    """What to do about a damaged source: rebuild a cached built-in, fetch a hub model again."""
+    if src.name_or_path in BUILTIN_SOURCES:
+        return f"delete the cache entry {path} and run again (it is rebuilt)"
+    if Path(path).exists():
+        return "replace the folder's model.safetensors with an intact copy"
+    return "delete its Hugging Face cache entry (huggingface-cli delete-cache) and download it again"
 
 
 def load_source_config(src: SourceConfig):

@@ -11,7 +11,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -167,3 +170,158 @@ def atomic_local_dir(dest: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- folder locks
+
+LOCK_NAME = ".byteify.lock"
+
+
+class LockHeld(StorageError):
+    """Another live process holds the folder's lock."""
+
+
+class FolderLock:
+    """An exclusive lease on a folder (local or ``s3://``), kept alive by a heartbeat thread.
+
+    The lock is a small JSON file ``.byteify.lock`` in the folder, created only if absent
+    (``O_EXCL`` locally, ``If-None-Match`` on S3). A holder that dies leaves it behind, so it is
+    taken over when its holder is gone: at once when the holder ran on this host and its PID no
+    longer exists, else when its heartbeat is older than `lease_s`. `lost` turns True if
+    another process took the lease over (e.g. this one was frozen for longer than the lease).
+    """
+
+    def __init__(self, folder: str, what: str, lease_s: float = 120.0):
+        self.uri, self.what, self.lease_s = join(folder, LOCK_NAME), what, lease_s
+        self.token = uuid.uuid4().hex
+        self.lost = False
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> bytes:
+        info = {"what": self.what, "host": socket.gethostname(), "pid": os.getpid(), "token": self.token}
+        return json.dumps({**info, "heartbeat": time.time()}).encode()
+
+    def acquire(self) -> FolderLock:
+        for _ in range(3):  # a takeover can race another taker: look again
+            if self._create():
+                break
+            held = self._read()
+            if held is None:
+                continue
+            if held.get("token") == self.token:  # our takeover landed
+                break
+            if not self._stale(held):
+                age = time.time() - held.get("heartbeat", 0)
+                raise LockHeld(
+                    f"{dirname(self.uri)}: in use by {held.get('what', '?')} (pid {held.get('pid')} on "
+                    f"{held.get('host')}, heartbeat {age:.0f} s ago); wait for it to end or stop it "
+                    f"(a dead holder's lock is taken over after {self.lease_s:.0f} s)"
+                )
+            self._take_over(held)
+        else:
+            raise LockHeld(f"{dirname(self.uri)}: lock contended, try again")
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="byteify-lock")
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        held = self._read()
+        if held is not None and held.get("token") == self.token:
+            remove(self.uri)
+
+    def __enter__(self) -> FolderLock:
+        return self if self._thread is not None else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _stale(self, held: dict) -> bool:
+        if time.time() - held.get("heartbeat", 0) > self.lease_s:
+            return True
+        if held.get("host") == socket.gethostname():
+            try:
+                os.kill(int(held.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, OverflowError):
+                return False
+        return False
+
+    # Local files and S3 objects differ only in how "create if absent" and "replace if still X" work.
+
+    def _create(self) -> bool:
+        if is_local(self.uri):
+            path = local_path(self.uri)
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._record())
+            return True
+        return self._s3_put(IfNoneMatch="*")
+
+    def _take_over(self, held: dict) -> None:
+        if is_local(self.uri):
+            path = local_path(self.uri)
+            try:  # only one taker can move the stale file aside; the others see it gone
+                os.rename(path, f"{path}.stale-{self.token}")
+                os.remove(f"{path}.stale-{self.token}")
+            except FileNotFoundError:
+                pass
+        elif held.get("_etag"):
+            self._s3_put(IfMatch=held["_etag"])
+
+    def _read(self) -> dict | None:
+        try:
+            if is_local(self.uri):
+                with open(local_path(self.uri), "rb") as f:
+                    return json.loads(f.read() or b"{}")
+            fs, path = get_fs(self.uri)
+            info = fs.info(path, refresh=True)
+            return {**json.loads(fs.cat_file(path) or b"{}"), "_etag": info.get("ETag")}
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _s3_put(self, **cond) -> bool:
+        import botocore.exceptions
+
+        fs, path = get_fs(self.uri)
+        bucket, key, _ = fs.split_path(path)
+        try:
+            out = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._record(), **cond)
+        except (botocore.exceptions.ClientError, OSError) as e:
+            cause = e if isinstance(e, botocore.exceptions.ClientError) else e.__cause__
+            if getattr(cause, "response", {}).get("Error", {}).get("Code") == "PreconditionFailed":
+                return False  # someone else's lock now: created or replaced in between
+            raise StorageError(_describe(self.uri, e)) from None
+        fs.invalidate_cache(path)
+        self._etag = out.get("ETag")
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            held = self._read()
+            if held is None or held.get("token") != self.token:
+                self.lost = True
+                return
+            if is_local(self.uri):
+                write_bytes_atomic(self.uri, self._record())
+            elif not self._s3_put(IfMatch=held["_etag"]):
+                self.lost = True
+                return
+
+
+def dirname(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0]
+
+
+def lock_folder(folder: str, what: str, lease_s: float = 120.0) -> FolderLock:
+    """Take the folder's lock (a context manager); LockHeld with one line when a live process has it."""
+    return FolderLock(folder, what, lease_s).acquire()

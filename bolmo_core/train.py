@@ -339,7 +339,7 @@ class Trainer:
                 break
             metrics = self.train_step()
             self.callbacks.on_step_end(self.step, metrics)
-        self.last_eval = self.evaluate() or self.last_eval
+        self.last_eval = self.evaluate()
         final = self.save(ckpt.FINAL, finished=True, metrics=self.last_eval)
         self.callbacks.on_train_end(self.step, self.last_eval)
         reason = self.stop_reason or "steps"
@@ -390,10 +390,16 @@ class Trainer:
             self.objective = acc.prepare_model(StageObjective(self.model, cfg.stage, stage_cfg.losses))
         self.optimizer = build_optimizer(self.model, stage_cfg)
         self.scheduler = build_scheduler(self.optimizer, stage_cfg)
-        # Sharded: every rank takes part in the forward passes (interim: each validates everything).
-        on_rank = self.rank == 0 or self.sharded
-        self.validator = (
-            Validator(self.preset, cfg.stage, cfg.manifest_uri, self.vocab, acc.device) if on_rank else None
+        # Every rank scores its share of the validation windows; the counts are summed over ranks.
+        self.validator = Validator(
+            self.preset,
+            cfg.stage,
+            cfg.manifest_uri,
+            self.vocab,
+            acc.device,
+            self.rank,
+            self.world,
+            self.sum_over_ranks,
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.autocast = _autocast(stage_cfg.precision, acc.device)
@@ -475,16 +481,19 @@ class Trainer:
     # ------------------------------------------------------------ validation, checkpoints
 
     def evaluate(self) -> dict[str, float]:
-        """Validation on rank 0 with its RNG forked (evaluation never changes the training stream)."""
-        metrics: dict[str, float] = {}
-        if self.validator is not None:
-            with torch.random.fork_rng(devices=[]), fsdp.gathered(self.objective, self.sharded):
-                metrics = self.validator(self.model)
-            self.callbacks.on_eval(self.step, metrics)
-        self.accelerator.wait_for_everyone()
-        if metrics:
-            self.last_eval = metrics
+        """Validation on every rank (a collective) with the RNG forked: it never changes the training stream."""
+        with torch.random.fork_rng(devices=[]), fsdp.gathered(self.objective, self.sharded):
+            metrics = self.validator(self.model)
+        self.callbacks.on_eval(self.step, metrics)
+        self.last_eval = metrics
         return metrics
+
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks (a collective); float64 so byte counts stay exact."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(t, reduction="sum").tolist()
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when it is True on one (a collective: call it on every rank)."""

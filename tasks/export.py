@@ -17,8 +17,9 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from bolmo_core import storage
+from bolmo_core.export import PARITY_FILE
 
-PARITY = "byteify_parity.json"
+PARITY = PARITY_FILE  # the parity report, written last: this folder's commit marker
 
 
 class ExportParityError(RuntimeError):

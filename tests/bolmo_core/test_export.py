@@ -181,3 +181,30 @@ def test_cli_export_then_generate(tiny_export, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt", "x", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_an_earlier_byteify_export(tiny_export, tmp_path):
+    m, _ = tiny_export
+    out = export_model(m, tmp_path / "exp")
+    (out / "byteify_parity.json").write_text("{}")  # the flow's marker beside it is known too
+    export_model(m, out, overwrite=True)  # an earlier export: replaced
+    assert json.loads((out / "byteify_export.json").read_text())["files"][-1] == "byteify_export.json"
+
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="'notes.txt' was not written by byteify"):
+        export_model(m, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.bin").write_bytes(b"x")
+    with pytest.raises(ExportError, match="'data.bin' was not written by byteify"):
+        export_model(m, foreign, overwrite=True)
+    assert (foreign / "data.bin").read_bytes() == b"x"
+
+    ck = tmp_path / "stage1" / "final"
+    ck.mkdir(parents=True)
+    (ck / "COMMIT").write_text("{}")
+    with pytest.raises(ExportError, match="holds a checkpoint"):
+        export_model(m, tmp_path / "stage1", overwrite=True)
+    assert (ck / "COMMIT").exists()

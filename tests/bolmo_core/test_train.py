@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import launch, make_manifest, run_config, write_config
+from train_helpers import OVERRIDES, launch, make_manifest, run_config, write_config
 
 from bolmo_core import checkpoint as ckpt
 from bolmo_core.callbacks import parse_progress_line
@@ -217,6 +217,33 @@ def test_activation_checkpointing_changes_memory_not_losses(manifest, tmp_path, 
     a = ckpt.load_model_state(str(tmp_path / "acFalse" / "final"))
     b = ckpt.load_model_state(str(tmp_path / "acTrue" / "final"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same keys: no wrapper prefix
+
+
+def test_validation_shares_sum_to_the_one_rank_metrics(manifest):
+    """Each rank scores batches k = rank mod world (a short share repeats a batch at weight 0); the
+    summed counts give the one-rank metrics. Two ranks simulated in this process: rank 1's partial
+    sums are recorded and added to rank 0's, which is what the all-reduce does."""
+    from bolmo_core.evaluate import Validator
+    from bolmo_core.model import BolmoModel
+    from bolmo_core.source import load_tokenizer
+    from bolmo_core.subword import SubwordVocab
+
+    preset = get_preset("tiny", {**OVERRIDES, "stage1.eval_batches": 3})
+    vocab = SubwordVocab.from_tokenizer(load_tokenizer(preset.model.source))
+    torch.manual_seed(0)
+    model = BolmoModel.from_source(preset.model, vocab=vocab)
+    args = (preset, 1, manifest, vocab, torch.device("cpu"))
+    one = Validator(*args)(model)
+    partial: list[list[float]] = []
+    rank1 = Validator(*args, rank=1, world=2, reduce=lambda xs: partial.append(list(xs)) or xs)
+    rank1(model)
+    assert rank1.weights == [1, 0] and len(rank1.batches) == 2  # batch 1, then batch 1 again at weight 0
+    rank0 = Validator(*args, rank=0, world=2, reduce=lambda xs: [a + b for a, b in zip(xs, partial.pop(0))])
+    two = rank0(model)
+    assert rank0.weights == [1, 1] and not partial
+    assert two.keys() == one.keys()
+    for k in one:
+        assert two[k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), k
 
 
 # ---------------------------------------------------------------- processes, SIGKILL, resume (slow)
