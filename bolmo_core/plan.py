@@ -446,7 +446,7 @@ def plan_stage(
         flops_per_step=model_f * G,
         hw_flops_per_step=hw_f * G,
         hours=stage_cfg.steps * hw_f * G / (hw.gpus * hw.peak_flops * hw.utilisation) / 3600,
-        fits=mem["total"] <= hw.usable,
+        fits=mem["total"] <= hw.usable and G % per_rank == 0,
     )
 
 
@@ -508,6 +508,10 @@ def advice(model, preset: Preset, hw: Hardware, p: Plan, st: StagePlan, bpt: flo
     stage_cfg = preset.stage1 if st.stage == 1 else preset.stage2
     s = shapes(model, stage_cfg)
     key = f"stage{st.stage}"
+    if not st.accum:  # the trainer refuses a global batch that does not split over the ranks
+        mb = next((m for m in range(st.micro_batch, 0, -1) if st.global_batch % (m * hw.gpus) == 0), None)
+        fix = f"set {key}.micro_batch={mb}" if mb else f"set {key}.global_batch to a multiple of {hw.gpus}"
+        return f"{key}.global_batch {st.global_batch} is not a multiple of micro_batch {st.micro_batch} x {hw.gpus} GPUs: {fix}"
     have = f"{key} needs {st.memory['total'] / GB:.1f} GB per GPU, {hw.usable / GB:.1f} GB usable of {hw.gpu_memory / GB:.0f} GB"
 
     def fits(**kw) -> bool:

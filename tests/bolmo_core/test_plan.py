@@ -71,6 +71,10 @@ def test_plan_numbers_olmo3_7b(capsys):
             "stage2 needs 43.6 GB per GPU, 33.9 GB usable of 40 GB: lower the micro-batch (stage2.micro_batch=1)",
         ),
         (["--gpu-memory", "24GB"], "use 16 GPUs or more"),
+        (
+            ["--gpus", "32"],
+            "stage1.global_batch 32 is not a multiple of micro_batch 2 x 32 GPUs: set stage1.micro_batch=1",
+        ),
         (["--gpu-memory", "80 parsecs"], "memory '80 parsecs': expected a number with a unit"),
         (["--set", "stage2.micro_batch=0"], "stage2.micro_batch=0: must be >= 1"),
     ],
