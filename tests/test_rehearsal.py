@@ -195,11 +195,15 @@ def _tiny_olmo3_manifest(folder: Path) -> str:
 # ---------------------------------------------------------------- fast: Stage 1 under FSDP, kill, reshard
 
 
-def test_fsdp_rank_killed_resumes_bit_exact_then_reshards_to_one_process(s3_server, tmp_path, capsys):
+def test_fsdp_rank_killed_then_resumed_in_one_process(s3_server, tmp_path, capsys):
+    """Two FSDP ranks on S3, rank 1 SIGKILLed after the step-2 checkpoint; the 2-rank sharded
+    checkpoint then resumes in ONE process (resharded, the loader at the same global position):
+    the repeated step 3 has the loss the 2 ranks computed. (The bit-exact 2-rank resume and the
+    whole flow: the slow test below.)"""
     from conftest import S3_BUCKET
 
     from bolmo_core import checkpoint as ckpt
-    from bolmo_core import storage
+    from bolmo_core.callbacks import parse_progress_line
     from bolmo_core.config import get_preset
     from bolmo_core.train import TrainConfig, train
 
@@ -213,7 +217,6 @@ def test_fsdp_rank_killed_resumes_bit_exact_then_reshards_to_one_process(s3_serv
     cfg_file = tmp_path / "stage1.json"
     cfg_file.write_text(json.dumps(cfg))
 
-    # 1. two FSDP ranks; rank 1 is SIGKILLed once step 3 is reported (the step-2 checkpoint is committed)
     proc = _launch(str(cfg_file))
     seen = ""
     for line in proc.stdout:
@@ -222,38 +225,24 @@ def test_fsdp_rank_killed_resumes_bit_exact_then_reshards_to_one_process(s3_serv
             os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
             break
     rest, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and ckpt.final_checkpoint(out) is None
-    first = _losses(seen + rest)
-    assert (
-        ckpt.latest_checkpoint(out).endswith("step-000002")
-        and ckpt.checkpoint_format(ckpt.latest_checkpoint(out)) == "dcp"
-    )
-    fs, _ = storage.get_fs(out)  # keep the step-2 checkpoint for the 1-process resume below
-    fs.copy(
-        out.removeprefix("s3://") + "/step-000002",
-        f"{S3_BUCKET}/rehearsal-fast/one/step-000002",
-        recursive=True,
-    )
+    assert proc.returncode != 0 and ckpt.final_checkpoint(out) is None, err[-2000:]
+    two = _losses(seen + rest)
+    latest = ckpt.latest_checkpoint(out)
+    assert latest.endswith("step-000002") and ckpt.checkpoint_format(latest) == "dcp"
+    assert sorted(ckpt.read_commit(latest)["sha256"]) == ["dcp/__0_0.distcp", "dcp/__1_0.distcp"]
 
-    # 2. the relaunch resumes from step 2; step 3 repeats bit for bit
-    second = _losses(_finish(_launch(str(cfg_file))))
-    assert sorted(second) == [3, 4] and second[3] == first[3]
-    final = ckpt.final_checkpoint(out)
-    commit = ckpt.read_commit(final)
-    assert commit["format"] == "dcp" and sorted(commit["sha256"]) == ["dcp/__0_0.distcp", "dcp/__1_0.distcp"]
-
-    # 3. the 2-rank checkpoint resumes in ONE process (resharded), on the same data position
-    one = {**cfg, "out_uri": f"s3://{S3_BUCKET}/rehearsal-fast/one", "allow_mismatch": True}
     capsys.readouterr()
-    summary = train(TrainConfig.from_dict(one))
-    third = _losses(capsys.readouterr().out)
-    assert summary["step"] == 4 and sorted(third) == [3, 4]
-    for s in (3, 4):
-        assert third[s] == pytest.approx(second[s], rel=1e-5), (s, third[s], second[s])
-    a, b = ckpt.load_model_state(final), ckpt.load_model_state(summary["final"])
-    assert ckpt.checkpoint_format(summary["final"]) == "files"  # one process writes the plain format
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert worst < 1e-4, worst
+    summary = train(TrainConfig.from_dict({**cfg, "allow_mismatch": True}))
+    events = capsys.readouterr().out
+    one = _losses(events)
+    start = next(e for e in map(parse_progress_line, events.splitlines()) if e and e["event"] == "start")
+    assert (
+        start["info"]["resumed_from"] == latest
+        and "world_size: 2 in the checkpoint, 1 now" in start["info"]["mismatches_allowed"][0]
+    )
+    assert summary["step"] == 4 and sorted(one) == [3, 4]
+    assert one[3] == pytest.approx(two[3], rel=1e-5), (one[3], two[3])
+    assert ckpt.checkpoint_format(summary["final"]) == "files"  # one process writes the single-file format
 
 
 # ---------------------------------------------------------------- slow: the whole flow, as deployed
@@ -312,16 +301,29 @@ def _task_runs(flow_run_id):
 @pytest.mark.slow
 def test_rehearsal_of_olmo_7b_deployment(flow_env, s3_server, tmp_path):
     from conftest import S3_BUCKET
-    from mlflow import MlflowClient
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from bolmo_core import checkpoint as ckpt
-    from bolmo_core import storage
-    from flows.byteify import Compute, Evaluation, Tracking, byteify
 
     root = f"s3://{S3_BUCKET}/rehearsal"
     params = rehearsal_parameters(root, flow_env["tracking_uri"])
+    out, flow_run_id, killed = _run_flow_killing_one_rank(params, root)
+    assert killed, "no Stage-1 rank was killed"
+    runs = {r.name: r for r in _task_runs(flow_run_id)}
+    assert runs["stage-1"].run_count == 2 and runs["stage-2"].run_count == 1  # killed, retried, resumed
+    assert (
+        ckpt.checkpoint_format(out["stage1_checkpoint"])
+        == ckpt.checkpoint_format(out["stage2_checkpoint"])
+        == "dcp"
+    )
+    _check_stage1_against_uninterrupted(out, flow_env["tracking_uri"], f"{root}/reference/stage1", tmp_path)
+    _check_registered_and_planned(out, params, flow_env["tracking_uri"], flow_run_id)
+    _check_plan_against_curve(params, out)  # the plan's estimate against the steps' measured memory
+
+
+def _run_flow_killing_one_rank(params: dict, root: str):
+    """The flow with the rehearsal's parameters while a watcher SIGKILLs Stage-1 rank 1 after step 2."""
+    from flows.byteify import Compute, Evaluation, Tracking, byteify
+
     killed: list[int] = []
     stop = threading.Event()
     watcher = threading.Thread(
@@ -340,58 +342,56 @@ def test_rehearsal_of_olmo_7b_deployment(flow_env, s3_server, tmp_path):
     )
     stop.set()
     watcher.join(5)
-    out = state.result()
-    flow_run_id = state.state_details.flow_run_id
-    assert killed, "no Stage-1 rank was killed"
-    runs = {r.name: r for r in _task_runs(flow_run_id)}
-    assert runs["stage-1"].run_count == 2 and runs["stage-2"].run_count == 1  # killed, retried, resumed
+    return state.result(), state.state_details.flow_run_id, killed
 
-    # every step of the killed-and-resumed Stage 1 equals an uninterrupted run of the same config
-    s1 = out["stage1_checkpoint"]
-    assert ckpt.checkpoint_format(s1) == "dcp" and ckpt.checkpoint_format(out["stage2_checkpoint"]) == "dcp"
-    ref_cfg = {**ckpt.read_config(s1), **{"out_uri": f"{root}/reference/stage1"}}
-    ref = {
-        "preset": ref_cfg["preset"],
-        "stage": 1,
-        "manifest_uri": out["manifest_uri"],
-        "out_uri": ref_cfg["out_uri"],
-    }
+
+def _check_stage1_against_uninterrupted(out: dict, tracking_uri: str, ref_out: str, tmp_path: Path) -> None:
+    """Every logged Stage-1 loss (the killed attempt's and the resumed one's) equals an uninterrupted
+    run of the same config, launched the same way; the final shards hash the same."""
+    from mlflow import MlflowClient
+
+    from bolmo_core import checkpoint as ckpt
+
+    saved = ckpt.read_config(out["stage1_checkpoint"])
+    ref = {"preset": saved["preset"], "stage": 1, "manifest_uri": out["manifest_uri"], "out_uri": ref_out}
     (tmp_path / "stage1.json").write_text(json.dumps(ref))
     reference = _losses(_finish(_launch_accelerate(str(tmp_path / "stage1.json")), timeout=1200))
-    client = MlflowClient(flow_env["tracking_uri"])
+    client = MlflowClient(tracking_uri)
     parent = client.get_run(out["mlflow_run_id"])
-    stage_runs = client.search_runs(
+    children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
-    s1_run = next(r for r in stage_runs if r.data.tags["byteify.stage"] == "stage1")
+    s1_run = next(r for r in children if r.data.tags["byteify.stage"] == "stage1")
     history: dict[int, list[float]] = {}
     for m in client.get_metric_history(s1_run.info.run_id, "loss"):
         history.setdefault(m.step, []).append(m.value)
     assert sorted(history) == sorted(reference) == list(range(1, 7))
-    for step, values in history.items():  # a step run twice (before the kill and after) logs twice
+    assert any(len(v) == 2 for v in history.values())  # the steps after the checkpoint ran twice
+    for step, values in history.items():
         assert all(v == reference[step] for v in values), (step, values, reference[step])
-    assert ckpt.checkpoint_hash(ckpt.final_checkpoint(ref["out_uri"])) == out["stage1_hash"]
+    assert ckpt.checkpoint_hash(ckpt.final_checkpoint(ref_out)) == out["stage1_hash"]
 
-    # registered with lineage; evaluated and exported from the sharded checkpoint
-    mv = MlflowClient(
-        flow_env["tracking_uri"], registry_uri=flow_env["tracking_uri"]
-    ).get_model_version_by_alias(params["tracking"]["model_name"], "candidate")
-    assert (
-        mv.tags["byteify.source_id"] == "byteify/tiny-olmo3"
-        and mv.tags["byteify.stage1_checkpoint_hash"] == out["stage1_hash"]
-    )
-    assert out["metrics"]["byte_model.bits_per_byte"] > 0 and storage.exists(
-        storage.join(out["export_uri"], "config.json")
-    )
+
+def _check_registered_and_planned(out: dict, params: dict, tracking_uri: str, flow_run_id) -> None:
+    """Registered with lineage; evaluated and exported from the sharded checkpoint; the plan artifact."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from bolmo_core import storage
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    mv = client.get_model_version_by_alias(params["tracking"]["model_name"], "candidate")
+    assert mv.tags["byteify.source_id"] == "byteify/tiny-olmo3"
+    assert mv.tags["byteify.stage1_checkpoint_hash"] == out["stage1_hash"]
+    assert out["metrics"]["byte_model.bits_per_byte"] > 0
+    assert storage.exists(storage.join(out["export_uri"], "config.json"))
     with get_client(sync_client=True) as pc:
         arts = pc.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
     plan_md = next(a for a in arts if a.key == "plan").data
     assert "FSDP" in plan_md and "| fits | yes | yes |" in plan_md
-
-    # the plan's per-step estimate against the memory the rehearsal's steps allocated (rank 0)
-    _check_plan_against_curve(params, out)
 
 
 def _launch_accelerate(config_file: str) -> subprocess.Popen:
@@ -425,4 +425,5 @@ def _check_plan_against_curve(params: dict, out: dict) -> None:
         ]
         measured = next(r["mem_step_peak_bytes"] for r in curve if "mem_step_peak_bytes" in r)
         step = st.memory["activations"] + st.memory["gradients"] + st.memory["weights (working copies)"]
+        print(f"stage {st.stage}: plan {step / 2**20:.2f} MB per step, measured {measured / 2**20:.2f} MB")
         assert abs(step - measured) <= 0.25 * measured, (st.stage, step, measured)

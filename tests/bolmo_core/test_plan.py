@@ -10,9 +10,9 @@ from bolmo_core.config import get_preset
 from bolmo_core.plan import GB, Hardware, PlanError, check, meta_model, param_parts, parse_bytes, plan
 
 
-@pytest.mark.parametrize("preset", ["tiny", "smollm2-135m", "olmo2-1b", "olmo3-7b"])
-def test_plan_table_for_every_preset(preset, capsys):
-    assert main(["plan", "--preset", preset, "--gpus", "8", "--gpu-memory", "80GB"]) == 0
+@pytest.mark.parametrize("preset,gpus", [("tiny", 1), ("smollm2-135m", 1), ("olmo2-1b", 8), ("olmo3-7b", 8)])
+def test_plan_table_for_every_preset(preset, gpus, capsys):
+    assert main(["plan", "--preset", preset, "--gpus", str(gpus), "--gpu-memory", "80GB"]) == 0
     out = capsys.readouterr().out
     for row in (
         "| global blocks |",

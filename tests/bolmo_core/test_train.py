@@ -333,6 +333,21 @@ def test_two_processes_match_one(straight_runs):
 
 
 @pytest.mark.slow
+def test_fsdp_matches_ddp(manifest, straight_runs, tmp_path):
+    """The same 2-rank Stage 1 sharded with FSDP2 (fp32, sharded DCP checkpoints) ends where DDP does."""
+    cfg = write_config(
+        tmp_path / "fsdp.json", run_config(manifest, str(tmp_path / "out"), 1, sharding="fsdp")
+    )
+    _wait(launch(cfg, 2))
+    final = str(tmp_path / "out" / "final")
+    assert ckpt.checkpoint_format(final) == "dcp"
+    a, b = _weights(straight_runs[2]), ckpt.load_model_state(final)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.slow
 def test_world_size_mismatch_refused(straight_runs, tmp_path):
     cfg_path = os.path.join(os.path.dirname(os.path.dirname(straight_runs[2])), "run2.json")
     proc = launch(cfg_path, 1)
