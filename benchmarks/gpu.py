@@ -1,4 +1,5 @@
-"""Device benchmark in one command (issue 7): training throughput, memory, MFU, generation speed, Triton numerics.
+"""Device benchmark in one command (issues 7, 12): training throughput, memory, MFU, generation speed,
+Triton numerics, and the FSDP2 + sharded-checkpoint path.
 
     python benchmarks/gpu.py            # CUDA: olmo2-1b architecture; CPU: the tiny preset
     python benchmarks/gpu.py --device cpu --preset tiny
@@ -8,11 +9,15 @@ from `KNOWN_ARCHITECTURES` or the local tiny source), a synthetic subword vocabu
 source's size, and synthetic windows in the real batch format (docs/internals.md), then runs
 Stage-1 and Stage-2 optimizer steps (fwd + bwd + clip + AdamW, fp32 master weights, bf16
 autocast on CUDA; fp32 on the CPU, whose bf16 matmuls run ~80x slower than fp32 on the dev box), batch-1 and batch-8 generation, and (on CUDA) the Triton mLSTM against ours.
+Then `fsdp_dcp`: the trainer's FSDP2 path on a one-rank process group (NCCL on CUDA, gloo on the
+CPU): Stage-2 steps with bf16 parameters / fp32 reduction and activation checkpointing, a
+sharded DCP checkpoint written, read back into the shards (bit-exact) and consolidated, with its
+size and seconds, and the plan's per-step memory next to the measured peak (CUDA).
 Prints ONE JSON line. Figures on random weights measure speed only, never quality. On a shared
 CPU set OMP_NUM_THREADS=1: with busy cores, two spinning intra-op threads run ~10x slower.
 
-FLOP model (per optimizer step, B windows of P tokens / L byte slots; N_g = global block
-parameters, N_loc = local non-embedding parameters, attention per PaLM: 12 * layers * d * P^2
+FLOP model (bolmo_core.plan.window_flops; per optimizer step, B windows of P tokens / L byte slots; N_g = global block
+parameters, N_loc = local weight matrices (no embeddings), attention per PaLM: 12 * layers * d * P^2
 per window for fwd+bwd):
   Stage 1: teacher fwd 2*N_g*P + 1/3 attn; student through k frozen blocks fwd + activation grads
            4*N_g*(k/n)*P + 2/3 attn*(k/n); local 6*N_loc*L; teacher logits 2*d*V*P.

@@ -366,7 +366,6 @@ def _check_stage1_against_uninterrupted(out: dict, tracking_uri: str, ref_out: s
     for m in client.get_metric_history(s1_run.info.run_id, "loss"):
         history.setdefault(m.step, []).append(m.value)
     assert sorted(history) == sorted(reference) == list(range(1, 7))
-    assert any(len(v) == 2 for v in history.values())  # the steps after the checkpoint ran twice
     for step, values in history.items():
         assert all(v == reference[step] for v in values), (step, values, reference[step])
     assert ckpt.checkpoint_hash(ckpt.final_checkpoint(ref_out)) == out["stage1_hash"]
