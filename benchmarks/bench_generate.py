@@ -2,7 +2,7 @@
 
 Byte model: the smollm2-135m preset (real SmolLM2-135M blocks as the global model, init-only local
 modules). An untrained model's boundary flags are arbitrary, so, like the reference benchmark
-("random generation steps marked as boundaries", spec §11.5), a hook on the byte head sets each
+("random generation steps marked as boundaries", docs/architecture.md §11.5), a hook on the byte head sets each
 row's flag at random with p = 1 / (the source's bytes per token in this very run): the byte model
 runs its global model as often per byte as a trained Bolmo, which mimics the source's
 segmentation, would. The actual bytes/patch is printed. Source:
@@ -12,6 +12,16 @@ own batch-8 speed-up is printed too: on a CPU it shows how much batching a same-
 can gain at all on this machine (small-batch matmuls turn compute-bound), next to the byte model's.
 
     .venv/bin/python benchmarks/bench_generate.py [--threads 1] [--new-bytes 96] [--repeats 2] [--precision fp32|bf16]
+
+`--olmo3`: the sliding-window path instead (issue 12). The global model is an Olmo 3 architecture
+of SmolLM2-135M's shape (30 blocks, d=576, random weights, every 4th block full attention, the
+others a sliding window of 16 patches, which every row crosses); batch 8 with its rows
+generated together (per-row window masks) vs the same 8 rows one at a time (what generation did
+for sliding-window sources before), and batch 1, side by side, same random boundary flags.
+
+`--against REV`: this tree's generation vs `bolmo_core/generate.py` as of git revision REV (loaded
+from `git show`, next to this tree's other modules), batch 1 and 8, interleaved in one process:
+wall and CPU-time bytes/s and the median of the paired ratios (CPU time is steadier on a shared box).
 """
 
 from __future__ import annotations
@@ -75,14 +85,125 @@ def byte_run(model, batch: int, new_bytes: int, precision: str):
     return n_bytes / dt, n_bytes / max(patches, 1)
 
 
+def olmo3_of_smollm2_shape(preset, window: int = 16) -> BolmoModel:
+    """SmolLM2-135M's shape as an Olmo 3 source (random weights): 3 sliding-window blocks to 1 full."""
+    from transformers import AutoModelForCausalLM, Olmo3Config
+
+    tok = load_tokenizer(preset.model.source)
+    cfg = Olmo3Config(
+        vocab_size=len(tok),
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        sliding_window=window,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    src = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    return BolmoModel.from_source(preset.model, source_model=src).eval()
+
+
+def sliding(args) -> None:
+    model = olmo3_of_smollm2_shape(get_preset("smollm2-135m"))
+    random_flags(model, 1.0 / 5.71)  # SmolLM2's bytes per token on this prompt (the default run prints it)
+    prompts = [PROMPT[: len(PROMPT) - 7 * r] for r in range(8)]
+    patches = generate_ids(
+        model, prompts, max_new_bytes=args.new_bytes, stop_on_eos=False
+    ).n_patches  # warm-up
+    best = {"b1": 0.0, "b8": 0.0, "alone": 0.0}
+    for _ in range(args.repeats):  # interleaved, best of each
+        best["b1"] = max(best["b1"], byte_run(model, 1, args.new_bytes, args.precision)[0])
+        best["b8"] = max(best["b8"], byte_run(model, 8, args.new_bytes, args.precision)[0])
+        t = time.perf_counter()
+        kw = dict(max_new_bytes=args.new_bytes, stop_on_eos=False, precision=args.precision)
+        n = sum(len(generate_ids(model, [p], **kw).sequences[0]) for p in prompts)
+        best["alone"] = max(best["alone"], n / (time.perf_counter() - t))
+    print(f"Olmo 3 of SmolLM2-135M's shape (window 16 patches), threads={args.threads} {args.precision}")
+    print(f"new_bytes={args.new_bytes} per row, best of {args.repeats}")
+    print("| run | bytes/s | ratio |")
+    print("|---|---|---|")
+    print(f"| byte model, batch 1 | {best['b1']:.1f} | 1.00x |")
+    print(f"| byte model, 8 rows one at a time | {best['alone']:.1f} | {best['alone'] / best['b1']:.2f}x |")
+    print(f"| byte model, batch 8 (rows together) | {best['b8']:.1f} | {best['b8'] / best['b1']:.2f}x |")
+    print(f"patches per row (batch 8): {patches}")
+
+
+def generate_at(rev: str):
+    """`bolmo_core/generate.py` as of git revision `rev`, imported beside this tree's modules."""
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(
+        ["git", "show", f"{rev}:bolmo_core/generate.py"], cwd=root, capture_output=True, check=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "generate.py"
+    path.write_bytes(src)
+    name = "bolmo_core._generate_at_rev"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def against(args) -> None:
+    import statistics
+
+    import bolmo_core.generate as now
+
+    then = generate_at(args.against)
+    torch.manual_seed(0)
+    model = BolmoModel.from_source(get_preset("smollm2-135m").model).eval()
+    random_flags(model, 1.0 / 5.71)  # SmolLM2's bytes per token on this prompt (the default run prints it)
+
+    def run(mod, batch: int) -> tuple[float, float]:
+        prompts = [PROMPT[: len(PROMPT) - 7 * r] for r in range(batch)]
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = mod.generate_ids(model, prompts, max_new_bytes=args.new_bytes, stop_on_eos=False)
+        n = sum(len(s) for s in out.sequences)
+        return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
+
+    run(then, 2), run(now, 2)  # warm-up
+    print(
+        f"this tree vs generate.py at {args.against}, new_bytes={args.new_bytes}, {args.repeats} paired runs"
+    )
+    print(
+        "| batch | bytes/s then (wall, cpu) | bytes/s now (wall, cpu) | median ratio now/then (wall, cpu) |"
+    )
+    print("|---|---|---|---|")
+    for batch in (1, 8):
+        pairs = [(run(then, batch), run(now, batch)) for _ in range(args.repeats)]
+        med = [statistics.median(p[k][i] for p in pairs) for k in (0, 1) for i in (0, 1)]
+        ratio = [statistics.median(b[i] / a[i] for a, b in pairs) for i in (0, 1)]
+        print(
+            f"| {batch} | {med[0]:.1f}, {med[1]:.1f} | {med[2]:.1f}, {med[3]:.1f} | {ratio[0]:.3f}, {ratio[1]:.3f} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new-bytes", type=int, default=96)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--olmo3", action="store_true", help="the sliding-window path (see the docstring)")
+    ap.add_argument("--against", metavar="REV", help="this tree's generation vs generate.py at git REV")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.olmo3:
+        return sliding(args)
+    if args.against:
+        return against(args)
     preset = get_preset("smollm2-135m")
     src = load_source_model(preset.model.source)
     tok = load_tokenizer(preset.model.source)

@@ -1,22 +1,31 @@
-"""Cached, batched byte generation (spec §4.4, §11) with exact per-row patch bookkeeping.
+"""Cached, batched byte generation (docs/architecture.md §4.4, §11) with exact per-row patch bookkeeping.
 
-Prefill: the encoder and boundary predictor run once over [BOS] + prompt (right-padded; padded
-positions `hold` the mLSTM state, so each row ends in its own last real state). The last prompt
-byte's boundary is undecidable by the predictor, so the prefill stops one byte short and the
-model decides it: the decoder's logits at the second-to-last byte, restricted to that byte with
-and without the end-of-patch flag (forced decoding). From then on each sampled fused id carries
-its own flag (>= 260: the byte closes its patch).
+The engine (`_Engine`) is a few named steps over one `GenState`:
 
-Loop, one byte per row per step, one batched call per component for the rows that advance
-(gathered by index: finished and waiting rows cost no local work): encoder step on the pending byte -> a row whose byte closes a patch waits for a global step ->
-decoder step on in_proj(h) + the row's latest normalised patch vector -> sample. The global
-model's KV cache and all mLSTM states are carried, never recomputed. Unlike the reference (one
-global step only once *every* row is at a boundary, and no patch padding mask, spec §11.4),
-a global step runs for the rows that are waiting, the others get a masked cache slot; each row
-keeps its own patch count as its RoPE position, and the 2-D attention mask hides filler and
-masked slots. Results therefore do not depend on the batch; `sync` only trades how long waiting
-rows idle against how many global calls are made (speed, never results; the default 1.0, one
-global call once every unfinished row waits, measured fastest at batch 8 on a CPU).
+- `prefill`: the encoder and boundary predictor run once over [BOS] + prompt (right-padded;
+  padded positions `hold` the mLSTM state, so each row ends in its own last real state), the
+  global model over the prompt's patches, the decoder over its bytes. The last prompt byte's
+  boundary is undecidable by the predictor (it needs the next byte), so the prefill stops one
+  byte short and the model decides it:
+- `choose_first`: the decoder's logits at the second-to-last byte, restricted to the last byte
+  with and without the end-of-patch flag (forced decoding). From then on each sampled fused id
+  carries its own flag (>= 260: the byte closes its patch); `choose` samples them.
+- per byte, one batched call per component for the rows that advance (gathered by index:
+  finished and waiting rows cost no local work): `encoder_step` on the pending byte -> a row
+  whose byte closes a patch waits for a `global_step` -> `decoder_step` on in_proj(h) + the
+  row's newest normalised patch vector -> `choose`. The global KV cache and all mLSTM states
+  are carried, never recomputed.
+
+Unlike the reference (one global step only once *every* row is at a boundary, and no patch
+padding mask, §11.4), a global step runs for the rows that are waiting, the others get a masked
+cache slot; each row keeps its own patch count as its RoPE position, and the 2-D attention mask
+hides filler and masked slots. For a source with sliding-window layers (Olmo 3) a window
+counted in cache slots would shrink by the other rows' masked slots, so batched rows get a KV
+cache that keeps every slot and a window counted in each row's own patch positions
+(`_row_window_masks`, built with transformers' own mask functions). Results therefore do not
+depend on the batch; `sync` only trades how long waiting rows idle against how many global
+calls are made (speed, never results; the default 1.0, one global call once every unfinished
+row waits, measured fastest at batch 8 on a CPU).
 """
 
 from __future__ import annotations
@@ -100,13 +109,65 @@ def _as_bytes(p) -> bytes:
     raise GenerationError(f"prompt: expected bytes or str, got {type(p).__name__}")
 
 
-def _has_sliding_window(config) -> bool:
-    if any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or ())):
-        return True
-    return (
-        bool(getattr(config, "sliding_window", None))
-        and getattr(config, "use_sliding_window", True) is not False
+def _sliding_window(config) -> int | None:
+    """The attention window of a source with sliding-window layers (Olmo 3), else None."""
+    types = getattr(config, "layer_types", None) or ()
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if types and "sliding_attention" not in types:
+        return None
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise GenerationError(f"global model: layer types {sorted(unknown)} are not supported in generation")
+    return int(window)
+
+
+def _row_window_cache():
+    """A KV cache that keeps every slot in every layer. transformers' sliding-window cache layers keep
+    the last window-1 SLOTS; in a batch, the masked slots of the other rows' global steps would push
+    a row's own patches out of it. The window is applied by `_row_window_masks` instead (so past the
+    window, the sliding layers' cache grows like a full layer's)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()  # no config: every layer a plain DynamicLayer
+
+
+def _row_window_masks(config, x, attn, cache, position_ids, window: int):
+    """Attention masks for a batch of rows at different patch positions, on a sliding-window source.
+
+    transformers' sliding mask counts cache slots (kv_idx > q_idx - window); here the window is
+    counted in each row's OWN patch positions (slot -> position = running count of the row's real
+    slots) and applied to transformers' own causal + padding mask as a 4-D mask (which the model
+    uses as given), so a row sees exactly the patches it would see alone. A masked slot repeats
+    the row's previous position, so its query still sees the row's newest patch (never an empty
+    row, whose softmax would be NaN). Full-attention layers get the causal + padding mask as is.
+    (transformers' `and_mask_function` would express the same, but is vmapped: ~50x slower per step.)
+    """
+    from transformers.masking_utils import create_causal_mask
+
+    full = create_causal_mask(
+        config=config,
+        inputs_embeds=x,
+        attention_mask=attn,
+        cache=cache,
+        position_ids=position_ids,
+        allow_is_causal_skip=False,
     )
+    if not isinstance(full, torch.Tensor) or full.dim() != 4 or full.shape[-1] != attn.shape[1]:
+        raise GenerationError(
+            f"global model: attention '{config._attn_implementation}' has no 4-D mask for batched sliding windows"
+        )
+    pos = attn.cumsum(1) - 1  # (B, S): every cache slot's position in its own row
+    q_pos = pos[:, -x.shape[1] :]  # the queries are the newest slots
+    in_window = pos[:, None, None, :] > q_pos[:, None, :, None] - window  # (B, 1, q, S)
+    if full.dtype == torch.bool:  # sdpa: True attends
+        sliding = full & in_window
+    else:  # eager: an additive float mask
+        sliding = full.masked_fill(~in_window, torch.finfo(full.dtype).min)
+    if not getattr(config, "layer_types", None):
+        return sliding  # one window for every layer (a Mistral-style config)
+    return {"full_attention": full, "sliding_attention": sliding}
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -198,7 +259,7 @@ class _StepStack:
         return x
 
 
-class _Rows:
+class _History:
     """Per-row byte history for the retained-id lookup: a right-aligned window of the last ids."""
 
     def __init__(self, seqs: list[list[int]], index):
@@ -218,169 +279,263 @@ class _Rows:
         return self.index.expand_last(self.hist if rows is None else self.hist[rows], 1)[:, 0]
 
 
-def _steps(model, prompts: list[bytes], cfg: GenerationConfig, trace: bool) -> Iterator[tuple]:
-    """Yields (row, fused_id) as rows emit bytes, then one final ("done", GenerationOutput)."""
-    dev = next(model.parameters()).device
-    enc, dec, bp = model.local_encoder, model.local_decoder, model.boundary_predictor
-    index = retained_index(model)
+@dataclass
+class GenState:
+    """Everything a generation carries from one step to the next; tensors hold one entry per row.
+
+    A row's *pending* byte is its newest choice, not yet consumed by the encoder. Right after the
+    prefill it is the last prompt byte: already encoded (`need_enc` False) but its end-of-patch
+    flag still undecided (`choose_first` decides it). Row indices below are `idx`: None for every
+    row, else a 1-D index tensor (the steps then compute only those rows).
+    """
+
+    active: torch.Tensor  # (B,) bool: still generating
+    waiting: torch.Tensor  # (B,) bool: its pending byte closed a patch, it waits for a global step
+    pend_x: torch.Tensor  # (B,) pending byte id (flag stripped)
+    pend_b: torch.Tensor  # (B,) bool: the pending byte closes its patch
+    need_enc: torch.Tensor  # (B,) bool: the pending byte still needs an encoder step
+    h_cur: torch.Tensor  # (B, d_l) encoder output at each row's newest encoded byte
+    last_value: torch.Tensor  # (B, d_l) projected global output of each row's newest closed patch
+    n_patches: torch.Tensor  # (B,) patches closed so far = the next patch's global position
+    attn: torch.Tensor  # (B, S) 1 where global cache slot s holds one of the row's patches
+    cache: object  # the global model's KV cache (S slots)
+    row_windows: bool  # sliding-window source, several rows: per-row window masks (see _row_window_masks)
+    enc_state: list  # mLSTM (C, n, m) per encoder block, updated in place
+    dec_state: list  # same for the decoder
+    history: _History  # recent bytes per row (retained-subword lookup)
+    out_ids: list[list[int]]  # generated fused ids per row
+    flags: list[list[bool]]  # boundary per position of [BOS] + prompt + generated
+    reasons: list[str]
+    traces: list[list[torch.Tensor]] | None  # decoder logits per row, in order (trace=True)
+
+
+def _prompt_ids(prompts: list[bytes], dev) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """[BOS] + prompt byte ids per row, right-padded -> (id lists, ids (B, L), lengths (B,))."""
     seqs = [[BOS, *(b + OFFSET for b in p)] for p in prompts]
-    B = len(seqs)
     lens = torch.tensor([len(s) for s in seqs], device=dev)
-    L = int(lens.max())
-    ids = torch.zeros(B, L, dtype=torch.long, device=dev)
+    ids = torch.zeros(len(seqs), int(lens.max()), dtype=torch.long, device=dev)
     for r, s in enumerate(seqs):
         ids[r, : len(s)] = torch.tensor(s)
-    pos = torch.arange(L, device=dev)
-    valid = pos < lens[:, None]
-    exp = index.expand(ids) if index is not None else None
-    ar = torch.arange(B, device=dev)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed) if cfg.seed is not None else None
-    allowed = _allowed_mask(cfg.stop_on_eos, dev)
-    flag_bias = torch.zeros(FUSED_VOCAB, device=dev)
-    flag_bias[FUSED_OFFSET:] = cfg.boundary_bias
+    return seqs, ids, lens
 
-    # ---- prefill: encoder + predictor over the whole prompt; rows end in their own last state
-    x, enc_state = run_blocks(enc.blocks, enc.embed(ids, exp), None, hold=~valid)
-    h = enc.norm(x)
-    pre_len = (lens - 1).clamp(min=1)  # the last prompt byte is re-decoded (an empty prompt: BOS only)
-    in_pre = pos < pre_len[:, None]
-    b = bp.decide(bp(h)) & in_pre
-    b[:, 0] = True  # BOS always closes a patch (spec §4.1)
-    count = b.sum(1)
-    P = int(count.max())
-    reps, patch_mask, _, _ = model.patches(h, b, P)
-    cache = model.global_model.new_cache()
-    attn = patch_mask.long()  # filler slots of rows with fewer patches are masked (spec §11.4)
-    G = model.global_model(
-        reps,
-        cache=cache,
-        use_cache=True,
-        attention_mask=attn,
-        position_ids=torch.arange(P, device=dev).expand(B, P),
-    ).hidden
-    gp = dec.project_global(G)
-    y, dec_state = run_blocks(dec.blocks, dec.in_projection(h) + depool(gp, b), None, hold=~in_pre)
-    last_value = gp[ar, count - 1]
-    n_patches = count.clone()
-    h_cur = h[ar, lens - 1]  # the last prompt byte is already encoded
-    if trace:
-        pre_logits = model.lm_head(y).float()
-        logits = pre_logits[ar, pre_len - 1]
-        traces = [[pre_logits[r, : int(pre_len[r])]] for r in range(B)]
-    else:
-        logits = model.lm_head(y[ar, pre_len - 1]).float()
 
-    # ---- first choice: forced rows decide the last prompt byte's flag; empty prompts sample freely
-    forced = lens >= 2
-    lg = (logits + flag_bias).masked_fill(~allowed, -math.inf)
-    pair = torch.full_like(lg, -math.inf)
-    fid = ids[ar, lens - 1]
-    pair[ar, fid] = lg[ar, fid]
-    pair[ar, fid + FUSED_OFFSET] = lg[ar, fid + FUSED_OFFSET]
-    first = sample(torch.where(forced[:, None], pair, lg), cfg, gen)
-    pend_x = first % FUSED_OFFSET
-    pend_b = first >= FUSED_OFFSET
-    flags = [b[r, : int(pre_len[r])].cpu().tolist() for r in range(B)]
-    for r in range(B):
-        if forced[r]:
-            flags[r].append(bool(pend_b[r]))
-    rows = _Rows(seqs, index)
-    enc_step, dec_step = _StepStack(enc.blocks), _StepStack(dec.blocks)
-    # The steps update states in place: own them (prefill states may be views or expanded).
-    enc_state = [tuple(t.clone() for t in st) for st in enc_state]
-    dec_state = [tuple(t.clone() for t in st) for st in dec_state]
-    out_ids: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    active = torch.ones(B, dtype=torch.bool, device=dev)
-    need_enc = ~forced
-    if cfg.max_new_bytes == 0:
-        active[:] = False
+def _which(mask: torch.Tensor) -> torch.Tensor | None:
+    """Row indices of `mask`, or None when every row is in it (a step then needs no gather)."""
+    return None if bool(mask.all()) else mask.nonzero().squeeze(-1)
 
-    def emit(idx: list[int], vals: list[int]):
-        """Record sampled ids for rows `idx`; stop rows on EOS or the byte budget."""
-        for r, v in zip(idx, vals):
-            out_ids[r].append(v)
-            flags[r].append(v >= FUSED_OFFSET)
-            if v % FUSED_OFFSET == EOS:
-                reasons[r] = "eos"
-                active[r] = False
-            elif len(out_ids[r]) >= cfg.max_new_bytes:
-                active[r] = False
-        rows.push(np.asarray(idx, dtype=np.int64), np.asarray(vals, dtype=np.int64) % FUSED_OFFSET)
-        return idx, vals
 
-    def subset(mask: torch.Tensor, n: int) -> torch.Tensor | None:
-        """Row indices of `mask`, or None when every row is in it (the step then needs no gather)."""
-        return None if n == B else mask.nonzero().squeeze(-1)
+def _none_in(idx: torch.Tensor | None) -> bool:
+    return idx is not None and idx.numel() == 0
 
-    if cfg.max_new_bytes > 0:
-        free = ~forced
-        if bool(free.any()):
-            fr = free.nonzero().squeeze(-1)
-            for r, v in zip(*emit(fr.tolist(), first[fr].tolist())):
-                yield r, v
-    waiting = torch.zeros(B, dtype=torch.bool, device=dev)
 
-    while bool(active.any()):
-        adv = active & ~waiting  # rows that consume their pending byte now
-        enc_rows = adv & need_enc
-        n_enc = int(enc_rows.sum())
-        if n_enc:
-            ei = subset(enc_rows, n_enc)
-            px = pend_x if ei is None else pend_x[ei]
-            ret = None
-            if index is not None:
-                ret = torch.from_numpy(rows.retained_last(None if ei is None else ei.cpu().numpy())).to(dev)
-            he = enc.norm(enc_step(enc.embed(px, ret), enc_state, ei))
-            h_cur = he if ei is None else h_cur.index_copy(0, ei, he)
-        need_enc = torch.ones_like(need_enc)
-        waiting = waiting | (adv & pend_b)
-        ready = adv & ~pend_b
-        n_wait, n_act = int(waiting.sum()), int(active.sum())
-        if n_wait and (n_wait >= math.ceil(cfg.sync * n_act) or not bool(ready.any())):
-            attn = torch.cat([attn, waiting.long()[:, None]], 1)
-            g = model.global_model(
-                model.out_projection(h_cur)[:, None],
-                cache=cache,
-                use_cache=True,
-                attention_mask=attn,
-                position_ids=n_patches[:, None],
-            ).hidden
-            last_value = torch.where(waiting[:, None], dec.project_global(g)[:, 0], last_value)
-            n_patches = n_patches + waiting.long()
-            ready = ready | waiting
-            waiting = torch.zeros_like(waiting)
-        n_ready = int(ready.sum())
-        if not n_ready:
-            continue
-        di = subset(ready, n_ready)
-        hd, lv = (h_cur, last_value) if di is None else (h_cur[di], last_value[di])
-        logits = model.lm_head(dec_step(dec.in_projection(hd) + lv, dec_state, di)).float()
-        ridx = list(range(B)) if di is None else di.tolist()
-        if trace:
+class _Engine:
+    """One generation call as named steps over a GenState: `prefill`, `choose_first`, then per byte
+    `encoder_step` -> (`global_step`) -> `decoder_step` -> `choose` (see `run`). Constants (model
+    parts, fused step stacks, sampling masks, the RNG) live here; everything that changes is in
+    the state."""
+
+    def __init__(self, model, cfg: GenerationConfig, trace: bool):
+        self.model, self.cfg, self.trace = model, cfg, trace
+        self.dev = next(model.parameters()).device
+        self.enc, self.dec, self.bp = model.local_encoder, model.local_decoder, model.boundary_predictor
+        self.index = retained_index(model)
+        self.gen = torch.Generator(device=self.dev).manual_seed(cfg.seed) if cfg.seed is not None else None
+        self.allowed = _allowed_mask(cfg.stop_on_eos, self.dev)
+        self.flag_bias = torch.zeros(FUSED_VOCAB, device=self.dev)
+        self.flag_bias[FUSED_OFFSET:] = cfg.boundary_bias
+        self.enc_step, self.dec_step = _StepStack(self.enc.blocks), _StepStack(self.dec.blocks)
+        self.window = _sliding_window(model.global_model.config)
+
+    # ------------------------------------------------------------------ prefill
+
+    def prefill(self, prompts: list[bytes]) -> tuple[GenState, torch.Tensor]:
+        """Encoder, boundary predictor, global model and decoder over [BOS] + prompt for all rows at
+        once -> (state, fused logits (B, 520) at each row's second-to-last position). Right-padded
+        positions `hold` the mLSTM states, so each row ends in its own last real state. The prefill
+        stops one byte short of a row's end: the last prompt byte's boundary needs its successor,
+        so the model decides it (`choose_first`)."""
+        model, enc, dec, dev = self.model, self.enc, self.dec, self.dev
+        seqs, ids, lens = _prompt_ids(prompts, dev)
+        B, pos, ar = len(seqs), torch.arange(ids.shape[1], device=dev), torch.arange(len(seqs), device=dev)
+        exp = self.index.expand(ids) if self.index is not None else None
+        x, enc_state = run_blocks(enc.blocks, enc.embed(ids, exp), None, hold=pos >= lens[:, None])
+        h = enc.norm(x)
+        pre_len = (lens - 1).clamp(min=1)  # an empty prompt: BOS only
+        in_pre = pos < pre_len[:, None]
+        b = self.bp.decide(self.bp(h)) & in_pre
+        b[:, 0] = True  # BOS always closes a patch (docs/architecture.md §4.1)
+        count = b.sum(1)
+        P = int(count.max())
+        reps, patch_mask, _, _ = model.patches(h, b, P)
+        row_windows = self.window is not None and B > 1  # alone, a row's slots are its positions
+        attn = patch_mask.long()  # filler slots of rows with fewer patches are masked (§11.4)
+        cache = _row_window_cache() if row_windows else model.global_model.new_cache()
+        G = self._global(reps, attn, cache, torch.arange(P, device=dev).expand(B, P), row_windows)
+        gp = dec.project_global(G)
+        y, dec_state = run_blocks(dec.blocks, dec.in_projection(h) + depool(gp, b), None, hold=~in_pre)
+        logits, traces = self._prefill_logits(y, pre_len)
+        st = GenState(
+            active=torch.full((B,), self.cfg.max_new_bytes > 0, device=dev),
+            waiting=torch.zeros(B, dtype=torch.bool, device=dev),
+            pend_x=ids[ar, lens - 1],  # the last prompt byte (BOS for an empty prompt)
+            pend_b=torch.zeros(B, dtype=torch.bool, device=dev),
+            need_enc=lens < 2,  # an empty prompt has no byte to decide: its first choice is new
+            h_cur=h[ar, lens - 1],  # the last prompt byte is already encoded
+            last_value=gp[ar, count - 1],
+            n_patches=count.clone(),
+            attn=attn,
+            cache=cache,
+            row_windows=row_windows,
+            # The steps update states in place: own them (prefill states may be views or expanded).
+            enc_state=[tuple(t.clone() for t in s) for s in enc_state],
+            dec_state=[tuple(t.clone() for t in s) for s in dec_state],
+            history=_History(seqs, self.index),
+            out_ids=[[] for _ in range(B)],
+            flags=[b[r, : int(pre_len[r])].cpu().tolist() for r in range(B)],
+            reasons=["length"] * B,
+            traces=traces,
+        )
+        return st, logits
+
+    def _prefill_logits(self, y: torch.Tensor, pre_len: torch.Tensor) -> tuple[torch.Tensor, list | None]:
+        """Logits at each row's last prefilled byte; with `trace`, every prefilled byte's go to the trace."""
+        ar = torch.arange(y.shape[0], device=y.device)
+        if not self.trace:
+            return self.model.lm_head(y[ar, pre_len - 1]).float(), None
+        pre_logits = self.model.lm_head(y).float()
+        return pre_logits[ar, pre_len - 1], [[pre_logits[r, : int(pre_len[r])]] for r in range(y.shape[0])]
+
+    # ------------------------------------------------------------------ choices
+
+    def masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """Boundary bias added to flagged ids; ids that are never emitted get -inf."""
+        return (logits + self.flag_bias).masked_fill(~self.allowed, -math.inf)
+
+    def choose_first(self, st: GenState, logits: torch.Tensor) -> list[tuple[int, int]]:
+        """Forced decoding of the last prompt byte: a row with a prompt chooses only between that byte
+        with and without the end-of-patch flag; a row with an empty prompt samples a new byte. One
+        `sample` call over all rows. Returns the (row, fused id) events of the rows that emitted."""
+        lg = self.masked(logits)
+        forced = ~st.need_enc
+        ar = torch.arange(lg.shape[0], device=lg.device)
+        pair = torch.full_like(lg, -math.inf)
+        pair[ar, st.pend_x] = lg[ar, st.pend_x]
+        pair[ar, st.pend_x + FUSED_OFFSET] = lg[ar, st.pend_x + FUSED_OFFSET]
+        first = sample(torch.where(forced[:, None], pair, lg), self.cfg, self.gen)
+        st.pend_x, st.pend_b = first % FUSED_OFFSET, first >= FUSED_OFFSET
+        for r in forced.nonzero().flatten().tolist():
+            st.flags[r].append(bool(st.pend_b[r]))
+        if self.cfg.max_new_bytes == 0:
+            return []
+        free = (~forced).nonzero().squeeze(-1)
+        return self.record(st, free.tolist(), first[free].tolist())
+
+    def choose(self, st: GenState, idx: torch.Tensor | None, logits: torch.Tensor) -> list[tuple[int, int]]:
+        """Sample the next fused id of the rows `idx` from their decoder logits; it becomes pending."""
+        ridx = list(range(st.active.shape[0])) if idx is None else idx.tolist()
+        if st.traces is not None:
             for j, r in enumerate(ridx):
-                traces[r].append(logits[j : j + 1])
-        chosen = sample((logits + flag_bias).masked_fill(~allowed, -math.inf), cfg, gen)
-        if di is None:
-            pend_x, pend_b = chosen % FUSED_OFFSET, chosen >= FUSED_OFFSET
+                st.traces[r].append(logits[j : j + 1])
+        chosen = sample(self.masked(logits), self.cfg, self.gen)
+        if idx is None:
+            st.pend_x, st.pend_b = chosen % FUSED_OFFSET, chosen >= FUSED_OFFSET
         else:
-            pend_x = pend_x.index_copy(0, di, chosen % FUSED_OFFSET)
-            pend_b = pend_b.index_copy(0, di, chosen >= FUSED_OFFSET)
-        for r, v in zip(*emit(ridx, chosen.tolist())):
-            yield r, v
+            st.pend_x = st.pend_x.index_copy(0, idx, chosen % FUSED_OFFSET)
+            st.pend_b = st.pend_b.index_copy(0, idx, chosen >= FUSED_OFFSET)
+        return self.record(st, ridx, chosen.tolist())
 
-    seq_bytes = [bytes((v % FUSED_OFFSET) - OFFSET for v in o if v % FUSED_OFFSET >= OFFSET) for o in out_ids]
-    yield (
-        "done",
-        GenerationOutput(
+    def record(self, st: GenState, rows: list[int], vals: list[int]) -> list[tuple[int, int]]:
+        """Append the chosen ids of `rows`; a row stops on EOS or when its byte budget is spent."""
+        for r, v in zip(rows, vals):
+            st.out_ids[r].append(v)
+            st.flags[r].append(v >= FUSED_OFFSET)
+            if v % FUSED_OFFSET == EOS:
+                st.reasons[r] = "eos"
+                st.active[r] = False
+            elif len(st.out_ids[r]) >= self.cfg.max_new_bytes:
+                st.active[r] = False
+        st.history.push(np.asarray(rows, dtype=np.int64), np.asarray(vals, dtype=np.int64) % FUSED_OFFSET)
+        return list(zip(rows, vals))
+
+    # ------------------------------------------------------------------ model steps
+
+    def encoder_step(self, st: GenState, idx: torch.Tensor | None) -> None:
+        """One encoder step on the pending byte of rows `idx` (with its retained-subword id)."""
+        if _none_in(idx):
+            return
+        px = st.pend_x if idx is None else st.pend_x[idx]
+        ret = None
+        if self.index is not None:
+            ret = torch.from_numpy(st.history.retained_last(None if idx is None else idx.cpu().numpy()))
+            ret = ret.to(self.dev)
+        he = self.enc.norm(self.enc_step(self.enc.embed(px, ret), st.enc_state, idx))
+        st.h_cur = he if idx is None else st.h_cur.index_copy(0, idx, he)
+
+    def global_due(self, st: GenState, ready: torch.Tensor) -> bool:
+        """A global step runs once `sync` of the unfinished rows wait for one, or when no row could
+        advance without it (speed only: a step never changes results)."""
+        n_wait = int(st.waiting.sum())
+        return bool(n_wait) and (
+            n_wait >= math.ceil(self.cfg.sync * int(st.active.sum())) or not bool(ready.any())
+        )
+
+    def global_step(self, st: GenState) -> None:
+        """One global position for the waiting rows (their newest patch, at their own patch count);
+        the other rows get a masked cache slot. All rows share the call: the KV cache is one tensor."""
+        st.attn = torch.cat([st.attn, st.waiting.long()[:, None]], 1)
+        x = self.model.out_projection(st.h_cur)[:, None]
+        g = self._global(x, st.attn, st.cache, st.n_patches[:, None], st.row_windows)
+        st.last_value = torch.where(st.waiting[:, None], self.dec.project_global(g)[:, 0], st.last_value)
+        st.n_patches = st.n_patches + st.waiting.long()
+
+    def decoder_step(self, st: GenState, idx: torch.Tensor | None) -> torch.Tensor:
+        """One decoder step for rows `idx`: in_proj(h) + the row's newest patch value -> fused logits."""
+        hd, lv = (st.h_cur, st.last_value) if idx is None else (st.h_cur[idx], st.last_value[idx])
+        return self.model.lm_head(self.dec_step(self.dec.in_projection(hd) + lv, st.dec_state, idx)).float()
+
+    def _global(self, x, attn, cache, position_ids, row_windows: bool) -> torch.Tensor:
+        mask = attn
+        if row_windows:
+            mask = _row_window_masks(
+                self.model.global_model.config, x, attn, cache, position_ids, self.window
+            )
+        return self.model.global_model(
+            x, cache=cache, use_cache=True, attention_mask=mask, position_ids=position_ids
+        ).hidden
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, prompts: list[bytes]) -> Iterator[tuple]:
+        """Yields (row, fused_id) as rows emit bytes, then one final ("done", GenerationOutput)."""
+        st, logits = self.prefill(prompts)
+        yield from self.choose_first(st, logits)
+        while bool(st.active.any()):
+            adv = st.active & ~st.waiting  # rows that consume their pending byte now
+            self.encoder_step(st, _which(adv & st.need_enc))
+            st.need_enc = torch.ones_like(st.need_enc)
+            st.waiting = st.waiting | (adv & st.pend_b)
+            ready = adv & ~st.pend_b
+            if self.global_due(st, ready):
+                self.global_step(st)
+                ready = ready | st.waiting
+                st.waiting = torch.zeros_like(st.waiting)
+            idx = _which(ready)
+            if not _none_in(idx):
+                yield from self.choose(st, idx, self.decoder_step(st, idx))
+        yield "done", self.output(st)
+
+    def output(self, st: GenState) -> GenerationOutput:
+        seq_bytes = [
+            bytes((v % FUSED_OFFSET) - OFFSET for v in o if v % FUSED_OFFSET >= OFFSET) for o in st.out_ids
+        ]
+        return GenerationOutput(
             sequences=seq_bytes,
-            fused_ids=out_ids,
-            stop_reasons=reasons,
-            boundaries=[torch.tensor(f, dtype=torch.bool) for f in flags],
-            logits=[torch.cat(t, 0).cpu() for t in traces] if trace else None,
-            n_patches=n_patches.cpu().tolist(),
-        ),
-    )
+            fused_ids=st.out_ids,
+            stop_reasons=st.reasons,
+            boundaries=[torch.tensor(f, dtype=torch.bool) for f in st.flags],
+            logits=[torch.cat(t, 0).cpu() for t in st.traces] if st.traces is not None else None,
+            n_patches=st.n_patches.cpu().tolist(),
+        )
 
 
 def _run(model, prompts, cfg: GenerationConfig, trace: bool) -> Iterator[tuple]:
@@ -388,15 +543,6 @@ def _run(model, prompts, cfg: GenerationConfig, trace: bool) -> Iterator[tuple]:
     if not isinstance(prompts, list | tuple) or not prompts:
         raise GenerationError("prompts: expected a non-empty list of bytes or str")
     data = [_as_bytes(p) for p in prompts]
-    if len(data) > 1 and _has_sliding_window(model.global_model.config):
-        # Masked cache slots count against a sliding window: run rows alone to stay exact.
-        outs = []
-        for p in data:
-            for ev in _run(model, [p], cfg, trace):
-                if ev[0] == "done":
-                    outs.append(ev[1])
-        yield "done", _merge(outs)
-        return
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -405,20 +551,9 @@ def _run(model, prompts, cfg: GenerationConfig, trace: bool) -> Iterator[tuple]:
             torch.inference_mode(),
             torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"),
         ):
-            yield from _steps(model, data, cfg, trace)
+            yield from _Engine(model, cfg, trace).run(data)
     finally:
         model.train(was_training)
-
-
-def _merge(outs: list[GenerationOutput]) -> GenerationOutput:
-    return GenerationOutput(
-        sequences=[s for o in outs for s in o.sequences],
-        fused_ids=[s for o in outs for s in o.fused_ids],
-        stop_reasons=[s for o in outs for s in o.stop_reasons],
-        boundaries=[s for o in outs for s in o.boundaries],
-        logits=None if outs[0].logits is None else [s for o in outs for s in o.logits],
-        n_patches=[s for o in outs for s in o.n_patches],
-    )
 
 
 def generate_ids(model, prompts: list[bytes | str], trace: bool = False, **kwargs) -> GenerationOutput:
@@ -455,6 +590,35 @@ def generate(
     ).sequences
 
 
+def stream_bytes(
+    model,
+    prompt: bytes | str,
+    max_new_bytes: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_on_eos: bool = True,
+    **kwargs,
+) -> Iterator[bytes]:
+    """One prompt's continuation, exactly, one byte at a time as it is generated (no EOS)."""
+    cfg = GenerationConfig(
+        max_new_bytes=max_new_bytes,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_on_eos=stop_on_eos,
+        **kwargs,
+    )
+    for ev in _run(model, [prompt], cfg, trace=False):
+        if ev[0] == "done":
+            return
+        v = ev[1] % FUSED_OFFSET
+        if v >= OFFSET:
+            yield bytes([v - OFFSET])
+
+
 def stream(
     model,
     prompt: bytes | str,
@@ -468,27 +632,22 @@ def stream(
 ) -> Iterator[str]:
     """Text chunks of one prompt's continuation as they are generated; never a partial UTF-8 character.
 
-    Invalid byte sequences come out as U+FFFD (display only; `generate` returns the exact bytes).
+    Invalid byte sequences come out as U+FFFD (display only; `generate` and `stream_bytes` give the
+    exact bytes).
     """
-    cfg = GenerationConfig(
-        max_new_bytes=max_new_bytes,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_on_eos=stop_on_eos,
-        **kwargs,
+    yield from utf8_chunks(
+        stream_bytes(
+            model,
+            prompt,
+            max_new_bytes=max_new_bytes,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_on_eos=stop_on_eos,
+            **kwargs,
+        )
     )
-
-    def new_bytes():
-        for ev in _run(model, [prompt], cfg, trace=False):
-            if ev[0] == "done":
-                return
-            v = ev[1] % FUSED_OFFSET
-            if v >= OFFSET:
-                yield bytes([v - OFFSET])
-
-    yield from utf8_chunks(new_bytes())
 
 
 def utf8_chunks(chunks) -> Iterator[str]:

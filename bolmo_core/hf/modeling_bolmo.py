@@ -11,10 +11,12 @@ Generation (`generate`): greedy or sampled (temperature, top_k, top_p), batched 
 bookkeeping: the prompt's boundaries come from the predictor, the last prompt byte's boundary is
 decided by the model (forced decoding), later ones from the fused output; the KV cache and the
 mLSTM states are carried; rows get masked cache slots when they did not close a patch, so a row's
-output does not depend on its batch. Not supported: beam search, logits processors, stopping
-strings, and, for sliding-window sources, batches (rows are then generated one at a time).
+output does not depend on its batch. For sliding-window sources (Olmo 3) a batch keeps every
+cache slot and counts each row's window in its own patch positions (transformers' mask
+functions). Not supported: beam search, logits processors, stopping strings.
 """
 
+import functools
 import inspect
 import math
 
@@ -357,103 +359,167 @@ class BolmoForCausalLM(PreTrainedModel):
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )
         prompts = [[v for v, m in zip(r, mr) if m] for r, mr in zip(input_ids.tolist(), mask.tolist())]
-        gc = self.config.global_config
-        sliding = any("sliding" in str(t) for t in gc.get("layer_types") or ()) or bool(
-            gc.get("sliding_window")
+        sample = functools.partial(
+            self._sample, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p
         )
-        if sliding and len(prompts) > 1:  # masked cache slots would count against the window
-            outs = [
-                self._generate_rows([p], max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id)[
-                    0
-                ]
-                for p in prompts
-            ]
-        else:
-            outs = self._generate_rows(
-                prompts, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id
-            )
+        outs = self._generate_rows(prompts, max_new_tokens, sample, eos_token_id)
         n = max([len(o) for o in outs] + [0])
         new = torch.full((len(outs), n), pad_token_id, dtype=input_ids.dtype, device=dev)
         for r, o in enumerate(outs):
             new[r, : len(o)] = torch.tensor(o, dtype=input_ids.dtype)
         return torch.cat([input_ids, new], 1)
 
-    def _generate_rows(self, prompts, max_new, do_sample, temperature, top_k, top_p, eos_id):
+    def _generate_rows(self, prompts, max_new, sample, eos_id):
+        """Byte ids per prompt: forced choice of the last prompt byte's flag, then one byte per active
+        row per step (encoder step -> global step for the rows that closed a patch -> decoder step)."""
         dev = self.lm_head.out.weight.device
-        enc, dec, bp = self.local_encoder, self.local_decoder, self.boundary_predictor
-        seqs = [p if p and p[0] == BOS else [BOS, *p] for p in prompts]
-        B = len(seqs)
-        lens = torch.tensor([len(s) for s in seqs], device=dev)
-        ids = torch.zeros(B, int(lens.max()), dtype=torch.long, device=dev)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s, device=dev)
-        pos = torch.arange(ids.shape[1], device=dev)
-        ar = torch.arange(B, device=dev)
-        h, enc_state = enc(ids, self.expand(ids), hold=pos >= lens[:, None])
-        pre = (lens - 1).clamp(min=1)  # the last prompt byte is re-decoded (forced)
-        in_pre = pos < pre[:, None]
-        b = (bp(h) > bp.log_threshold) & in_pre
-        b[:, 0] = True
-        count = b.sum(1)
-        reps, pmask = _pool(h, b, int(count.max()))
-        attn = pmask.long()
-        G, cache = self.global_model(
-            self.out_projection(reps),
-            attention_mask=attn,
-            use_cache=True,
-            position_ids=torch.arange(reps.shape[1], device=dev).expand(B, -1),
-        )
-        gp = dec.project_global(G)
-        y, dec_state = run_blocks(dec.blocks, dec.in_projection(h) + _depool(gp, b), None, ~in_pre)
-        logits = self.lm_head(y[ar, pre - 1]).float()
-        last, n_patch, h_cur = gp[ar, count - 1], count.clone(), h[ar, lens - 1]
+        st, logits = self._prefill([p if p and p[0] == BOS else [BOS, *p] for p in prompts])
         allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=dev)
         allowed[OFFSET:FLAG] = allowed[FLAG + OFFSET :] = True
         if eos_id is not None:
             allowed[eos_id] = allowed[eos_id + FLAG] = True
         lg = logits.masked_fill(~allowed, -math.inf)
-        forced = lens >= 2
-        fid = ids[ar, lens - 1]
+        ar, fid = torch.arange(lg.shape[0], device=dev), st["last_byte"]
         pair = torch.full_like(lg, -math.inf)
         pair[ar, fid], pair[ar, fid + FLAG] = lg[ar, fid], lg[ar, fid + FLAG]
-        chosen = self._sample(torch.where(forced[:, None], pair, lg), do_sample, temperature, top_k, top_p)
-        outs, hist = [[] for _ in range(B)], [list(s) for s in seqs]
-        active = torch.full((B,), max_new > 0, dtype=torch.bool, device=dev)
-        emit = ~forced
-        need_enc = ~forced
+        chosen = sample(torch.where(st["forced"][:, None], pair, lg))
+        outs, hist = [[] for _ in prompts], st["seqs"]
+        active = torch.full((len(prompts),), max_new > 0, dtype=torch.bool, device=dev)
+        emit, need_enc = ~st["forced"], ~st["forced"]
         while True:
             for r in emit.nonzero().flatten().tolist():  # record freshly sampled bytes
-                v = int(chosen[r])
-                outs[r].append(v % FLAG)
-                hist[r].append(v % FLAG)
-                if v % FLAG == eos_id or len(outs[r]) >= max_new:
+                v = int(chosen[r]) % FLAG
+                outs[r].append(v)
+                hist[r].append(v)
+                if v == eos_id or len(outs[r]) >= max_new:
                     active[r] = False
             if not bool(active.any()):
                 break
-            x, bflag = chosen % FLAG, chosen >= FLAG
-            run = active & need_enc
-            exp = None
-            if enc.retained_embedding is not None:
-                exp = torch.tensor([self._retained_at(hh, len(hh) - 1) for hh in hist], device=dev)[:, None]
-            he, enc_state = enc(x[:, None], exp, enc_state, hold=~run[:, None])
-            h_cur = torch.where(run[:, None], he[:, 0], h_cur)
+            self._encoder_step(st, chosen % FLAG, hist, active & need_enc)
             need_enc = torch.ones_like(need_enc)
-            close = active & bflag
-            if bool(close.any()):  # one global step for the rows that closed a patch; masked slots elsewhere
-                attn = torch.cat([attn, close.long()[:, None]], 1)
-                g, cache = self.global_model(
-                    self.out_projection(h_cur)[:, None],
-                    cache=cache,
-                    attention_mask=attn,
-                    use_cache=True,
-                    position_ids=n_patch[:, None],
-                )
-                last = torch.where(close[:, None], dec.project_global(g)[:, 0], last)
-                n_patch = n_patch + close.long()
-            yd, dec_state = run_blocks(
-                dec.blocks, (dec.in_projection(h_cur) + last)[:, None], dec_state, ~active[:, None]
-            )
-            lg = self.lm_head(yd[:, 0]).float().masked_fill(~allowed, -math.inf)
-            chosen = torch.where(active, self._sample(lg, do_sample, temperature, top_k, top_p), chosen)
+            close = active & (chosen >= FLAG)
+            if bool(close.any()):
+                self._global_step(st, close)
+            lg = self._decoder_step(st, active).masked_fill(~allowed, -math.inf)
+            chosen = torch.where(active, sample(lg), chosen)
             emit = active.clone()
         return [[v for v in o if v != eos_id] for o in outs]
+
+    def _prefill(self, seqs):
+        """Encoder, predictor, global model and decoder over [BOS]+prompt, one byte short of each row's end
+        (the last byte's boundary is the model's first choice) -> (generation state, logits (B, 520))."""
+        dev = self.lm_head.out.weight.device
+        enc, dec, bp = self.local_encoder, self.local_decoder, self.boundary_predictor
+        B = len(seqs)
+        lens = torch.tensor([len(s) for s in seqs], device=dev)
+        ids = torch.zeros(B, int(lens.max()), dtype=torch.long, device=dev)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s, device=dev)
+        pos, ar = torch.arange(ids.shape[1], device=dev), torch.arange(B, device=dev)
+        h, enc_state = enc(ids, self.expand(ids), hold=pos >= lens[:, None])
+        pre = (lens - 1).clamp(min=1)
+        in_pre = pos < pre[:, None]
+        b = (bp(h) > bp.log_threshold) & in_pre
+        b[:, 0] = True
+        count = b.sum(1)
+        reps, pmask = _pool(h, b, int(count.max()))
+        window = _sliding_window(self.global_model.model.config) if B > 1 else None
+        st = dict(window=window, cache=_row_window_cache() if window else None, attn=pmask.long())
+        G = self._global(st, self.out_projection(reps), torch.arange(reps.shape[1], device=dev).expand(B, -1))
+        gp = dec.project_global(G)
+        y, dec_state = run_blocks(dec.blocks, dec.in_projection(h) + _depool(gp, b), None, ~in_pre)
+        st.update(
+            seqs=[list(s) for s in seqs],
+            forced=lens >= 2,
+            last_byte=ids[ar, lens - 1],
+            enc_state=enc_state,
+            dec_state=dec_state,
+            h_cur=h[ar, lens - 1],
+            last=gp[ar, count - 1],
+            n_patch=count.clone(),
+        )
+        return st, self.lm_head(y[ar, pre - 1]).float()
+
+    def _encoder_step(self, st, x, hist, run):
+        exp = None
+        if self.local_encoder.retained_embedding is not None:
+            exp = torch.tensor([self._retained_at(hh, len(hh) - 1) for hh in hist], device=x.device)[:, None]
+        he, st["enc_state"] = self.local_encoder(x[:, None], exp, st["enc_state"], hold=~run[:, None])
+        st["h_cur"] = torch.where(run[:, None], he[:, 0], st["h_cur"])
+
+    def _global_step(self, st, close):
+        """One global position for the rows that closed a patch; masked cache slots elsewhere."""
+        st["attn"] = torch.cat([st["attn"], close.long()[:, None]], 1)
+        g = self._global(st, self.out_projection(st["h_cur"])[:, None], st["n_patch"][:, None])
+        st["last"] = torch.where(close[:, None], self.local_decoder.project_global(g)[:, 0], st["last"])
+        st["n_patch"] = st["n_patch"] + close.long()
+
+    def _decoder_step(self, st, active):
+        dec = self.local_decoder
+        z = (dec.in_projection(st["h_cur"]) + st["last"])[:, None]
+        yd, st["dec_state"] = run_blocks(dec.blocks, z, st["dec_state"], ~active[:, None])
+        return self.lm_head(yd[:, 0]).float()
+
+    def _global(self, st, x, position_ids):
+        mask = st["attn"]
+        if st["window"]:
+            mask = _row_window_masks(
+                self.global_model.model.config, x, mask, st["cache"], position_ids, st["window"]
+            )
+        g, st["cache"] = self.global_model(
+            x, cache=st["cache"], attention_mask=mask, use_cache=True, position_ids=position_ids
+        )
+        return g
+
+
+# ---------------------------------------------------------------------------- sliding windows in a batch
+
+
+def _sliding_window(config):
+    """The attention window of a source with sliding-window layers (Olmo 3), else None."""
+    types = getattr(config, "layer_types", None) or ()
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if types and "sliding_attention" not in types:
+        return None
+    if set(types) - {"sliding_attention", "full_attention"}:
+        raise ValueError(f"global model: layer types {sorted(set(types))}: not supported in generation")
+    return int(window)
+
+
+def _row_window_cache():
+    """A KV cache keeping every slot in every layer: a sliding-window cache layer keeps the last
+    window-1 SLOTS, and a batch's masked slots would push a row's own patches out of it."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _row_window_masks(config, x, attn, cache, position_ids, window):
+    """Sliding-window layers see the last `window` patches of each row's OWN positions (slot -> the
+    running count of the row's real slots), applied to transformers' causal + padding mask as a
+    4-D mask; full layers get that causal + padding mask as is."""
+    from transformers.masking_utils import create_causal_mask
+
+    full = create_causal_mask(
+        config=config,
+        inputs_embeds=x,
+        attention_mask=attn,
+        cache=cache,
+        position_ids=position_ids,
+        allow_is_causal_skip=False,
+    )
+    if not isinstance(full, torch.Tensor) or full.dim() != 4 or full.shape[-1] != attn.shape[1]:
+        raise ValueError(
+            f"attention '{config._attn_implementation}': no 4-D mask for batched sliding windows"
+        )
+    pos = attn.cumsum(1) - 1
+    in_window = pos[:, None, None, :] > pos[:, None, -x.shape[1] :, None] - window
+    if full.dtype == torch.bool:
+        sliding = full & in_window
+    else:
+        sliding = full.masked_fill(~in_window, torch.finfo(full.dtype).min)
+    if not getattr(config, "layer_types", None):
+        return sliding
+    return {"full_attention": full, "sliding_attention": sliding}

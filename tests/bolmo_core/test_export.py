@@ -150,7 +150,7 @@ def test_smollm2_export_keeps_rope_theta_and_reloads_offline(tmp_path):
     assert got["new"] == [v % FUSED_OFFSET for v in ours.fused_ids[0]]
 
 
-def test_cli_export_then_generate(tiny_export, tmp_path, capsys):
+def test_cli_export_then_generate(tiny_export, tmp_path, capsysbinary):
     from bolmo_core import checkpoint
     from bolmo_core.cli import main
     from bolmo_core.generate import generate
@@ -172,15 +172,37 @@ def test_cli_export_then_generate(tiny_export, tmp_path, capsys):
     )
     out = tmp_path / "hf"
     assert main(["export", uri, str(out)]) == 0
-    report = json.loads(capsys.readouterr().out)
+    report = json.loads(capsysbinary.readouterr().out)
     assert report["passed"] and report["max_abs_diff"] < 1e-4
     assert main(["generate", str(out), "--prompt", "Hello", "--max-new-bytes", "12"]) == 0
-    want = generate(m, ["Hello"], max_new_bytes=12)[0].decode("utf-8", errors="replace")
-    assert capsys.readouterr().out == want + "\n"
+    # not a terminal: the exact bytes, even where they are not valid UTF-8
+    assert capsysbinary.readouterr().out == generate(m, ["Hello"], max_new_bytes=12)[0]
     assert main(["export", uri, str(out)]) == 2  # refuses to overwrite a finished export
-    assert "not empty" in capsys.readouterr().err
+    assert b"not empty" in capsysbinary.readouterr().err
     assert main(["generate", str(out), "--prompt", "x", "--temperature", "-1"]) == 2
-    assert "temperature" in capsys.readouterr().err
+    assert b"temperature" in capsysbinary.readouterr().err
+
+
+def test_sliding_window_export_generates_batched_like_bolmo_core(tmp_path):
+    """A tiny Olmo 3 source (sliding-window layers): the exported generate() runs rows together and
+    gives the same bytes as bolmo_core's batch, which equals each row alone (test_generate)."""
+    from tiny_olmo3 import tiny_olmo3_bolmo
+    from transformers import AutoTokenizer
+
+    m = tiny_olmo3_bolmo()
+    out = export_model(m, tmp_path / "olmo3", preset=get_preset("tiny"))
+    assert (
+        json.loads((out / "config.json").read_text())["global_config"]["layer_types"][0]
+        == "sliding_attention"
+    )
+    assert check_parity(out, m)["passed"]
+    hf, tok = load_hf(out), AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    prompts = ["Hello world, this is", "ab", "", "Caf\u00e9 au lait, un peu plus long encore"]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    seqs = hf.generate(**enc, max_new_tokens=32, eos_token_id=None)[:, enc["input_ids"].shape[1] :]
+    ours = generate_ids(m, prompts, max_new_bytes=32, stop_on_eos=False)
+    assert min(ours.n_patches) > 8  # past the window of 4 patches
+    assert seqs.tolist() == [[v % FUSED_OFFSET for v in row] for row in ours.fused_ids]
 
 
 def test_overwrite_replaces_only_an_earlier_byteify_export(tiny_export, tmp_path):
