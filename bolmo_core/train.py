@@ -546,9 +546,8 @@ class Trainer:
         """Load the newest committed checkpoint of this stage, if any; its URI.
 
         Any checkpoint format into any layout: DCP reshards, a full checkpoint loads as is. At
-        another world size (allow_mismatch) the loader continues at the same global position:
-        step s has covered the same windows whatever the world size (WindowLoader deals
-        global micro-batch k to rank k mod world), so only the per-rank RNG is not carried over.
+        another world size (allow_mismatch) the loader continues at the same global position
+        (`_regrid_loader`); the per-rank RNG is not carried over.
         """
         self._diffs: list[str] = []
         latest = ckpt.latest_checkpoint(self.out)
@@ -567,7 +566,7 @@ class Trainer:
             ckpt.restore_rng(st["rank"]["rng"])
             self.loader.load_state_dict(st["rank"]["loader"])
         elif same_data:
-            self.loader.load_state_dict(_regrid_loader(st["rank"]["loader"], self.world))
+            self.loader.load_state_dict(_regrid_loader(st["rank"]["loader"], self.world, self.loader.kind))
         ts = st["trainer_state"]
         self.step = int(ts["step"])
         self.spent_before = {
@@ -588,14 +587,17 @@ class Trainer:
             _load_full_states(self.accelerator, self.objective, self.optimizer, st["model"], st["optimizer"])
 
 
-def _regrid_loader(state: dict, world: int) -> dict:
-    """A loader position saved at another world size, for `world` ranks (same global position).
+def _regrid_loader(state: dict, world: int, kind: str) -> dict:
+    """A loader position saved at another world size, for `world` ranks of a `kind` loader.
 
     At a step boundary every rank has taken the same number of micro-batches, so the global
-    count is batch x saved world; it divides by any world size the global batch allows.
+    count is batch x saved world; it divides by any world size the global batch allows. The
+    in-memory loader deals global micro-batch k to rank k mod world: the same windows follow.
+    The streaming loader deals shards to ranks, so another world size reads other windows:
+    the same number of windows into the same epoch, not the same windows.
     """
     global_batches = int(state["batch"]) * int(state["world_size"])
-    return {**state, "batch": global_batches // world, "world_size": world, "rank": None}
+    return {**state, "batch": global_batches // world, "world_size": world, "rank": None, "loader": kind}
 
 
 def _autocast(precision: str, device):

@@ -220,9 +220,13 @@ def test_activation_checkpointing_changes_memory_not_losses(manifest, tmp_path, 
 
 
 def test_validation_shares_sum_to_the_one_rank_metrics(manifest):
-    """Each rank scores batches k = rank mod world (a short share repeats a batch at weight 0); the
-    summed counts give the one-rank metrics. Two ranks simulated in this process: rank 1's partial
-    sums are recorded and added to rank 0's, which is what the all-reduce does."""
+    """Each rank scores batches k = rank mod world (a short share repeats a batch at weight 0) and
+    every rank runs the same forward passes (the causal-boundary passes included); the summed
+    counts give the one-rank metrics. Two ranks as two threads with an all-reduce built on a
+    barrier: a rank running a pass more or less than the other would time the barrier out."""
+    import copy
+    import threading
+
     from bolmo_core.evaluate import Validator
     from bolmo_core.model import BolmoModel
     from bolmo_core.source import load_tokenizer
@@ -234,16 +238,34 @@ def test_validation_shares_sum_to_the_one_rank_metrics(manifest):
     model = BolmoModel.from_source(preset.model, vocab=vocab)
     args = (preset, 1, manifest, vocab, torch.device("cpu"))
     one = Validator(*args)(model)
-    partial: list[list[float]] = []
-    rank1 = Validator(*args, rank=1, world=2, reduce=lambda xs: partial.append(list(xs)) or xs)
-    rank1(model)
-    assert rank1.weights == [1, 0] and len(rank1.batches) == 2  # batch 1, then batch 1 again at weight 0
-    rank0 = Validator(*args, rank=0, world=2, reduce=lambda xs: [a + b for a, b in zip(xs, partial.pop(0))])
-    two = rank0(model)
-    assert rank0.weights == [1, 1] and not partial
-    assert two.keys() == one.keys()
+
+    barrier, slots = threading.Barrier(2, timeout=120), [None, None]
+
+    def all_reduce(rank: int, xs: list[float]) -> list[float]:
+        slots[rank] = list(xs)
+        barrier.wait()
+        total = [a + b for a, b in zip(*slots)]
+        barrier.wait()
+        return total
+
+    results: dict[int, dict] = {}
+    validators = {
+        r: Validator(*args, rank=r, world=2, reduce=lambda xs, r=r: all_reduce(r, xs)) for r in (0, 1)
+    }
+
+    def run(r: int) -> None:
+        results[r] = validators[r](copy.deepcopy(model))
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert validators[1].weights == [1, 0] and validators[0].weights == [1, 1]  # batch 1, then a repeat
+    assert results[0] == results[1] and results[0].keys() == one.keys()
     for k in one:
-        assert two[k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), k
+        if k != "val_causal_passes":  # the most passes a batch needed: a batch now waits for its partner
+            assert results[0][k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), k
 
 
 # ---------------------------------------------------------------- processes, SIGKILL, resume (slow)
