@@ -383,7 +383,7 @@ def _check_registered_and_planned(out: dict, params: dict, tracking_uri: str, fl
     mv = client.get_model_version_by_alias(params["tracking"]["model_name"], "candidate")
     assert mv.tags["byteify.source_id"] == "byteify/tiny-olmo3"
     assert mv.tags["byteify.stage1_checkpoint_hash"] == out["stage1_hash"]
-    assert out["metrics"]["byte_model.bits_per_byte"] > 0
+    assert out["metrics"]["byte_model/bits_per_byte"] > 0
     assert storage.exists(storage.join(out["export_uri"], "config.json"))
     with get_client(sync_client=True) as pc:
         arts = pc.read_artifacts(
