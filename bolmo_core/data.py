@@ -859,5 +859,6 @@ def prepare_dataset(
     if done:
         return done
     check_output(plan["out_uri"])
-    results = run_local(plan, tok, tokenizer_source, workers, executor)
-    return write_manifest(plan, results)[0]
+    with storage.lock_folder(plan["out_uri"], "data preparation"):  # a second preparer is refused
+        results = run_local(plan, tok, tokenizer_source, workers, executor)
+        return write_manifest(plan, results)[0]

@@ -707,38 +707,62 @@ def _fmt(x, digits=3) -> str:
     return str(x)
 
 
-def report_rows(report: dict) -> list[tuple[str, object, object]]:
-    """(metric, source value, byte-model value) per row of the report's table (None: not measured)."""
+def report_rows(report: dict) -> list[dict]:
+    """The report's table, one row per quantity: {"metric": label, "source": value, "byte_model":
+    value, "keys": {side: snake_case metric name}} (value None: not measured). The CLI, the flow's
+    table artifact and the MLflow metrics are all made from these rows."""
     src, byt = report.get("source") or {}, report.get("byte_model") or {}
     bnd, causal = byt.get("boundary", {}), byt.get("boundary_causal", {})
     rows = [
-        ("bits per byte", src.get("bits_per_byte"), byt.get("bits_per_byte")),
-        ("bits per byte, look-ahead boundaries", None, byt.get("bits_per_byte_lookahead")),
-        ("bytes per token / patch", src.get("bytes_per_token"), byt.get("bytes_per_patch")),
-        ("boundary accuracy (predictor)", None, bnd.get("accuracy")),
-        ("boundary precision (predictor)", None, bnd.get("precision")),
-        ("boundary recall (predictor)", None, bnd.get("recall")),
-        ("boundary accuracy (causal)", None, causal.get("accuracy")),
+        ("bits per byte", "bits_per_byte", src.get("bits_per_byte"), byt.get("bits_per_byte")),
+        (
+            "bits per byte, look-ahead boundaries",
+            "bits_per_byte_lookahead",
+            None,
+            byt.get("bits_per_byte_lookahead"),
+        ),
+        (
+            "bytes per token (source) / patch (byte model)",
+            None,
+            src.get("bytes_per_token"),
+            byt.get("bytes_per_patch"),
+        ),
+        ("boundary accuracy (predictor)", "boundary_accuracy", None, bnd.get("accuracy")),
+        ("boundary precision (predictor)", "boundary_precision", None, bnd.get("precision")),
+        ("boundary recall (predictor)", "boundary_recall", None, bnd.get("recall")),
+        ("boundary accuracy (causal)", "boundary_accuracy_causal", None, causal.get("accuracy")),
     ]
+    cute = report.get("cute") or {}
+    cute_tasks, name = cute.get("tasks", []), cute.get("name", "char task")
     sc, bc = src.get("cute") or {}, byt.get("cute") or {}
-    for task in report["cute"]["tasks"]:
+    for t in cute_tasks:
         rows.append(
             (
-                f"{report['cute']['name']}: {task}",
-                (sc.get(task) or {}).get("accuracy"),
-                (bc.get(task) or {}).get("accuracy"),
+                f"{name}: {t}",
+                f"char_{t}_accuracy",
+                (sc.get(t) or {}).get("accuracy"),
+                (bc.get(t) or {}).get("accuracy"),
             )
         )
-    if report["cute"]["tasks"]:
-        rows.append((f"{report['cute']['name']}: mean", src.get("cute_mean"), byt.get("cute_mean")))
-    return rows
+    if cute_tasks:
+        rows.append((f"{name}: mean", "char_mean_accuracy", src.get("cute_mean"), byt.get("cute_mean")))
+    return [
+        {
+            "metric": label,
+            "source": a,
+            "byte_model": b,
+            "keys": {"source": key or "bytes_per_token", "byte_model": key or "bytes_per_patch"},
+        }
+        for label, key, a, b in rows
+    ]
 
 
 def markdown_table(report: dict) -> str:
     """Source vs byte model, one metric per row (`report_rows`)."""
-    rows = report_rows(report)
     lines = ["| metric | source | byte model |", "|---|---|---|"]
-    lines += [f"| {name} | {_fmt(a)} | {_fmt(b)} |" for name, a, b in rows]
+    lines += [
+        f"| {r['metric']} | {_fmt(r['source'])} | {_fmt(r['byte_model'])} |" for r in report_rows(report)
+    ]
     t = report["text"]
     lines.append("")
     lines.append(

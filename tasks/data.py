@@ -153,7 +153,7 @@ def prepare_data(
     job = D.job_of(plan)
     runner = task_runner or _runner(workers, dask_address)
     n, bar = len(plan["units"]), Progress("data-progress", "Data preparation")
-    with runner:
+    with storage.lock_folder(plan["out_uri"], "data preparation"), runner:
         params = lambda i: {
             "job": job,
             "index": i,
@@ -166,6 +166,6 @@ def prepare_data(
             _in_flight(runner, workers),
             on_result=lambda rs: bar.update(*_done_of(rs, n, plan["budget"]), units_text(rs, n)),
         )
-    out = write_manifest(plan, results)
+        out = write_manifest(plan, results)
     bar.finish(units_text(results, n))
     return out
