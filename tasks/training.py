@@ -292,22 +292,7 @@ def train_stage(
     mlflow_env: dict[str, str] = {}
     run_id = None
     if tracking_uri and parent_run_id:
-        stage_cfg = preset[f"stage{stage}"]
-        run_id = tracking.start_stage_run(
-            tracking_uri,
-            parent_run_id,
-            f"stage{stage}",
-            {
-                "stage": stage,
-                "out_uri": out_uri,
-                "manifest_hash": manifest_hash,
-                "init_hash": init_hash or "",
-                "processes": processes,
-                "deterministic": deterministic,
-                "max_minutes": max_minutes or "",
-                **{f"stage{stage}.{k}": v for k, v in tracking.flatten(stage_cfg).items()},
-            },
-        )
+        run_id = _start_stage_run(tracking_uri, parent_run_id, config, manifest_hash, init_hash, processes)
         mlflow_env = {TRACKING_URI_ENV: tracking_uri, RUN_ID_ENV: run_id}
         config["callbacks"] = [MLFLOW_CALLBACK]
     curve = read_curve(storage.join(out_uri, CURVE_FILE))
@@ -334,6 +319,35 @@ def train_stage(
         tracking.end_run(tracking_uri, run_id, "FINISHED")
     logger.info(f"stage {stage}: {final} (sha256 {digest[:12]})")
     return final, digest
+
+
+def _start_stage_run(
+    tracking_uri: str,
+    parent_run_id: str,
+    config: dict,
+    manifest_hash: str,
+    init_hash: str | None,
+    processes: int,
+) -> str:
+    """The stage's MLflow run, nested under the flow's, with the stage's inputs and config as params."""
+    stage = config["stage"]
+    return tracking.start_stage_run(
+        tracking_uri,
+        parent_run_id,
+        f"stage{stage}",
+        {
+            "stage": stage,
+            "out_uri": config["out_uri"],
+            "manifest_hash": manifest_hash,
+            "init_hash": init_hash or "",
+            "processes": processes,
+            "deterministic": config["deterministic"],
+            "max_minutes": config["max_minutes"] or "",
+            **{
+                f"stage{stage}.{k}": v for k, v in tracking.flatten(config["preset"][f"stage{stage}"]).items()
+            },
+        },
+    )
 
 
 def _end_quietly(tracking_uri: str, run_id: str, status: str, logger) -> None:
