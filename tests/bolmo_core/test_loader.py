@@ -397,8 +397,9 @@ def _train_events(proc, kill_after_checkpoint: bool) -> int | dict:
 def test_trainer_resume_on_the_streaming_loader_is_bit_exact(tmp_path, nproc):
     """Stage 1 on the streaming loader, SIGKILLed after a checkpoint and resumed, ends with the
     same weights as the same run straight through (1 process, and 2 ranks with torchrun)."""
+    from procs import launch
     from safetensors.torch import load_file
-    from train_helpers import launch, run_config, write_config
+    from train_helpers import run_config, write_config
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(60_000)))
