@@ -212,15 +212,30 @@ class _Loader:
 
     kind = ""
 
-    def _init_common(
-        self, manifest, vocab, window_tokens, batch_size, split, byte_expansion, seed, rank, world
+    def __init__(
+        self,
+        manifest_uri: str,
+        vocab: SubwordVocab,
+        window_tokens: int,
+        batch_size: int,
+        split: str = "train",
+        byte_expansion: int = 6,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
-        self.manifest = manifest
+        _check_common(rank, world_size, window_tokens)
+        self.manifest = self._open_split(manifest_uri, split)
+        _check_tokenizer(manifest_uri, self.manifest, vocab)
         self.vocab, self.retained = vocab, RetainedIndex(vocab)
         self.sep, self.pad = int(vocab.doc_separator_id), int(vocab.pad_id)
         self.P, self.L, self.B = window_tokens, byte_expansion * window_tokens, batch_size
-        self.split, self.seed, self.rank, self.world_size = split, seed, rank, world
+        self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
         self.epoch, self.batch = 0, 0
+
+    def _open_split(self, manifest_uri: str, split: str) -> dict:
+        """The checked manifest; what the loader reads of the split is kept on self."""
+        raise NotImplementedError
 
     def _extra_state(self) -> dict:
         """Loader-specific settings a resumed loader must share (checked on load)."""
@@ -270,26 +285,16 @@ class WindowLoader(_Loader):
             **kw,
         )
 
-    def __init__(
-        self,
-        manifest_uri: str,
-        vocab: SubwordVocab,
-        window_tokens: int,
-        batch_size: int,
-        split: str = "train",
-        byte_expansion: int = 6,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        _check_common(rank, world_size, window_tokens)
-        manifest, table = load_split(manifest_uri, split)
-        _check_tokenizer(manifest_uri, manifest, vocab)
-        self._init_common(
-            manifest, vocab, window_tokens, batch_size, split, byte_expansion, seed, rank, world_size
-        )
-        self.tok, self.starts, self.byte_ids = pack_stream(table, self.sep)
+    def __init__(self, *args, **kw):
+        """`_Loader`'s arguments; the split's token stream is packed in memory."""
+        super().__init__(*args, **kw)
+        self.tok, self.starts, self.byte_ids = pack_stream(self._table, self.sep)
+        del self._table
         self.window_starts = self._window_starts()
+
+    def _open_split(self, manifest_uri: str, split: str) -> dict:
+        manifest, self._table = load_split(manifest_uri, split)
+        return manifest
 
     def _window_starts(self) -> np.ndarray:
         nominal = np.arange(0, len(self.tok), self.P)
@@ -408,35 +413,22 @@ class StreamingWindowLoader(_Loader):
 
     kind = "streaming"
 
-    def __init__(
-        self,
-        manifest_uri: str,
-        vocab: SubwordVocab,
-        window_tokens: int,
-        batch_size: int,
-        split: str = "train",
-        byte_expansion: int = 6,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle_windows: int = SHUFFLE_WINDOWS,
-        prefetch: int = PREFETCH_SHARDS,
-    ):
-        _check_common(rank, world_size, window_tokens)
+    def __init__(self, *args, shuffle_windows: int = SHUFFLE_WINDOWS, prefetch: int = PREFETCH_SHARDS, **kw):
+        """`_Loader`'s arguments, the windows shuffled in blocks of `shuffle_windows`, `prefetch` shards read ahead."""
+        super().__init__(*args, **kw)
+        self.K, self.prefetch = max(1, shuffle_windows), prefetch
+        self.stream: _ShardStream | None = None  # the current epoch's reader
+
+    def _open_split(self, manifest_uri: str, split: str) -> dict:
         uri = _manifest_json(manifest_uri)
         manifest = _checked_split(uri, split)
-        _check_tokenizer(manifest_uri, manifest, vocab)
-        self._init_common(
-            manifest, vocab, window_tokens, batch_size, split, byte_expansion, seed, rank, world_size
-        )
         # Stream length of a shard: its tokens plus one separator per document.
         self.shards = [
             (_resolve(uri, e["uri"]), e["sha256"], e["tokens"] + e["rows"])
             for e in manifest["shards"]
             if e["split"] == split and e["rows"]
         ]
-        self.K, self.prefetch = max(1, shuffle_windows), prefetch
-        self.stream: _ShardStream | None = None  # the current epoch's reader
+        return manifest
 
     def _rank_shards(self, epoch: int) -> list[int]:
         """This rank's shards of one epoch: the split's shards permuted by (seed, epoch), every world-th."""
