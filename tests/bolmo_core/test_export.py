@@ -151,25 +151,15 @@ def test_smollm2_export_keeps_rope_theta_and_reloads_offline(tmp_path):
 
 
 def test_cli_export_then_generate(tiny_export, tmp_path, capsysbinary):
+    from model_helpers import save_model
+
     from bolmo_core import checkpoint
     from bolmo_core.cli import main
     from bolmo_core.generate import generate
 
     m, _ = tiny_export
     preset = get_preset("tiny")
-    uri = checkpoint.save_checkpoint(
-        str(tmp_path / "stage2"),
-        checkpoint.step_name(5),
-        rank=0,
-        world_size=1,
-        barrier=lambda: None,
-        rank_state={},
-        model_state=m.state_dict(),
-        optimizer_state={},
-        scheduler_state={},
-        trainer_state={"step": 5},
-        config={"preset": preset.to_dict(), "stage": 2},
-    )
+    uri = save_model(tmp_path / "stage2", checkpoint.step_name(5), m, preset, 2, trainer_state={"step": 5})
     out = tmp_path / "hf"
     assert main(["export", uri, str(out)]) == 0
     report = json.loads(capsysbinary.readouterr().out)
