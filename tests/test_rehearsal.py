@@ -189,19 +189,11 @@ def flow_env(tmp_path_factory, s3_server):
     from prefect.testing.utilities import prefect_test_harness
 
     tmp = tmp_path_factory.mktemp("rehearsal")
-    saved = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_server
-    with (
-        prefect_test_harness(server_startup_timeout=300),
-        temporary_settings(
-            {PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"), PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
-        ),
-    ):
-        yield {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
-    if saved is None:
-        os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
-    else:
-        os.environ["MLFLOW_S3_ENDPOINT_URL"] = saved
+    settings = {PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"), PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server)  # MLflow artifacts on S3 too
+        with prefect_test_harness(server_startup_timeout=300), temporary_settings(settings):
+            yield {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
 
 
 def _kill_one_rank_after(root: str, step_dir: str, killed: list, stop: threading.Event) -> None:

@@ -40,16 +40,11 @@ def env(tmp_path_factory, s3_server, prefect_api_patient):
     )
 
     tmp = tmp_path_factory.mktemp("flow")
-    saved = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_server  # MLflow artifacts on S3 too (direct mode)
-    with temporary_settings(
-        {PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"), PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
-    ):
-        yield {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
-    if saved is None:
-        os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
-    else:
-        os.environ["MLFLOW_S3_ENDPOINT_URL"] = saved
+    settings = {PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"), PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server)  # MLflow artifacts on S3 too (direct mode)
+        with temporary_settings(settings):
+            yield {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
 
 
 def _run(env, storage_root: str, return_state: bool = False):
