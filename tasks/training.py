@@ -200,6 +200,18 @@ def _write_curve(out_uri: str, curve: list[dict]) -> None:
     storage.write_bytes_atomic(storage.join(out_uri, CURVE_FILE), ("\n".join(lines) + "\n").encode())
 
 
+def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """End a still-running process started with start_new_session and everything it started:
+    SIGTERM to its group, SIGKILL after `grace_s` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def run_trainer(
     config: dict, processes: int, accelerate_config: str | None, mlflow_env: dict[str, str], on_event, logger
 ) -> None:
@@ -231,12 +243,7 @@ def run_trainer(
                     tail.append(line)
             rc = proc.wait()
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc, grace_s=15)
         if rc == 0:
             return
         refused = [ln for ln in tail if ERROR_PREFIX in ln]
