@@ -145,13 +145,20 @@ def finish_batch(
     }
 
 
+def empty_arrays(B: int, P: int, L: int, sep: int) -> tuple[np.ndarray, ...]:
+    """(input_ids, patch_lens, teacher, nxt) of B windows before they are filled: every byte slot
+    PAD, no patches, every teacher position the separator."""
+    return (
+        np.full((B, L), PAD, np.int64),
+        np.zeros((B, P), np.int64),
+        np.full((B, P), sep, np.int64),
+        np.zeros(B, np.int64),
+    )
+
+
 def fill_windows(tok, starts, byte_ids, window_starts, P: int, L: int, sep: int):
     """Byte/patch/teacher arrays of the windows starting at the given token positions of a packed stream."""
-    B = len(window_starts)
-    input_ids = np.full((B, L), PAD, np.int64)
-    patch_lens = np.zeros((B, P), np.int64)
-    teacher = np.full((B, P), sep, np.int64)
-    nxt = np.zeros(B, np.int64)
+    input_ids, patch_lens, teacher, nxt = empty_arrays(len(window_starts), P, L, sep)
     for r, s in enumerate(window_starts):
         s = int(s)
         toks = tok[s : s + P]

@@ -181,19 +181,12 @@ def test_fsdp_rank_killed_then_resumed_in_one_process(s3_server, tmp_path, capsy
 
 @pytest.fixture(scope="module")
 def flow_env(tmp_path_factory, s3_server):
-    from prefect.settings import (
-        PREFECT_LOCAL_STORAGE_PATH,
-        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
-        temporary_settings,
-    )
+    from conftest import flow_run_env
     from prefect.testing.utilities import prefect_test_harness
 
-    tmp = tmp_path_factory.mktemp("rehearsal")
-    settings = {PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"), PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server)  # MLflow artifacts on S3 too
-        with prefect_test_harness(server_startup_timeout=300), temporary_settings(settings):
-            yield {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+    with flow_run_env(tmp_path_factory.mktemp("rehearsal"), s3_server) as e:
+        with prefect_test_harness(server_startup_timeout=300):
+            yield e
 
 
 def _kill_one_rank_after(root: str, step_dir: str, killed: list, stop: threading.Event) -> None:

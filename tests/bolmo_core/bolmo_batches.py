@@ -1,11 +1,10 @@
 """Test helper: training batches (docs/internals.md format) built directly from real text, and the
 byte-level targets of docs/architecture.md §8 computed the slow, obvious way."""
 
-import numpy as np
 import torch
 
-from bolmo_core.byte_tokenizer import BOS, OFFSET, PAD
-from bolmo_core.loader import finish_batch
+from bolmo_core.byte_tokenizer import BOS, OFFSET
+from bolmo_core.loader import empty_arrays, finish_batch
 from bolmo_core.subword import RetainedIndex, SubwordVocab
 
 
@@ -22,11 +21,7 @@ def text_batch(tok, vocab, docs: list[list[str]], P: int, expansion: int = 6) ->
             ids.extend(tok.encode(text, add_special_tokens=False))
         assert len(ids) >= P, "test text too short for the window"
         rows.append(ids[:P])
-    B = len(rows)
-    input_ids = np.full((B, L), PAD, np.int64)
-    patch_lens = np.zeros((B, P), np.int64)
-    teacher = np.full((B, P), sep, np.int64)
-    nxt = np.zeros(B, np.int64)
+    input_ids, patch_lens, teacher, nxt = empty_arrays(len(rows), P, L, sep)
     for r, toks in enumerate(rows):
         pieces = [[BOS]] + [
             [BOS] if t == sep else [b + OFFSET for b in vocab.token_bytes[t]] for t in toks[:-1]

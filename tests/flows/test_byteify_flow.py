@@ -33,18 +33,10 @@ def prefect_api_patient():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, s3_server, prefect_api_patient):
-    from prefect.settings import (
-        PREFECT_LOCAL_STORAGE_PATH,
-        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
-        temporary_settings,
-    )
+    from conftest import flow_run_env
 
-    tmp = tmp_path_factory.mktemp("flow")
-    settings = {PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"), PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server)  # MLflow artifacts on S3 too (direct mode)
-        with temporary_settings(settings):
-            yield {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
+    with flow_run_env(tmp_path_factory.mktemp("flow"), s3_server) as e:
+        yield e
 
 
 def _run(env, storage_root: str, return_state: bool = False):
