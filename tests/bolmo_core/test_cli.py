@@ -1,7 +1,7 @@
 """The `byteify` command line (bolmo_core/cli.py) on real parts: `eval` on a checkpoint folder of the
 tiny preset, `generate` with exact bytes in and out (invalid UTF-8 prompts from a file or argv, exact
-output to a pipe or --output-file, text on a terminal), `prepare` writing byte shards + a manifest;
-bad input is one line and exit 2."""
+output to a pipe or --output-file, text on a terminal), `export` then `generate` from the export,
+`prepare` writing byte shards + a manifest; bad input is one line and exit 2."""
 
 import io
 import json
@@ -162,6 +162,24 @@ def test_bad_generate_inputs_are_one_line_errors(ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse: one prompt source, not two
         main(["generate", uri, "--prompt", "x", "--prompt-file", str(kept)])
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_then_generate_from_the_export(ckpt, tmp_path, capsysbinary):
+    _, uri, model, _ = ckpt
+    out = tmp_path / "hf"
+    assert main(["export", uri, str(out)]) == 0
+    report = json.loads(capsysbinary.readouterr().out)
+    assert report["passed"] and report["max_abs_diff"] < 1e-4
+    assert main(["generate", str(out), "--prompt", "Hello", "--max-new-bytes", "12"]) == 0
+    # not a terminal: the exact bytes, even where they are not valid UTF-8
+    assert capsysbinary.readouterr().out == generate(model, ["Hello"], max_new_bytes=12)[0]
+    assert main(["export", uri, str(out)]) == 2  # refuses to overwrite a finished export
+    assert b"not empty" in capsysbinary.readouterr().err
+    assert main(["generate", str(out), "--prompt", "x", "--temperature", "-1"]) == 2
+    assert b"temperature" in capsysbinary.readouterr().err
 
 
 # ---------------------------------------------------------------- prepare
