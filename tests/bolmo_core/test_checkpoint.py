@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from model_helpers import save_parts
 from train_helpers import OVERRIDES, make_manifest
 
 from bolmo_core import checkpoint as ckpt
@@ -52,16 +53,13 @@ def _save(out, name, model, opt, sched, loader, config=None, keep_last=2, sharde
         weights = {"sharded_state": sharded_state(model, opt)}
     else:
         weights = {"model_state": model.state_dict(), "optimizer_state": opt.state_dict()}
-    return ckpt.save_checkpoint(
-        str(out),
+    return save_parts(
+        out,
         name,
-        rank=0,
-        world_size=1,
-        barrier=lambda: None,
+        config or {"stage": 1},
         rank_state={"rng": ckpt.capture_rng(), "loader": loader.state_dict()},
         scheduler_state=sched.state_dict(),
         trainer_state={"step": 2},
-        config=config or {"stage": 1},
         keep_last=keep_last,
         **weights,
     )
