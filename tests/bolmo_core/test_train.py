@@ -42,18 +42,6 @@ def test_lr_schedule_warmup_then_linear_decay():
     assert all(a <= b for a, b in zip(f[:10], f[1:10])) and all(a >= b for a, b in zip(f[10:], f[11:]))
 
 
-def test_train_config_rejects_bad_fields():
-    preset = get_preset("tiny").to_dict()
-    with pytest.raises(ValueError, match="unknown field 'stages'"):
-        TrainConfig.from_dict(
-            {"preset": preset, "stages": 1, "stage": 1, "manifest_uri": "m", "out_uri": "o"}
-        )
-    with pytest.raises(ValueError, match="stage=3: must be one of 1, 2"):
-        TrainConfig.from_dict({"preset": preset, "stage": 3, "manifest_uri": "m", "out_uri": "o"})
-    with pytest.raises(ValueError, match="preset.name: missing"):
-        TrainConfig.from_dict({"preset": {}, "stage": 1, "manifest_uri": "m", "out_uri": "o"})
-
-
 RECORDER = """
 import json
 from bolmo_core.callbacks import Callback
