@@ -736,7 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     from .data import DataError
-    from .source import SourceError
+    from .source import SourceError, quiet_progress_bars
+
+    quiet_progress_bars()
 
     try:
         summary = train(config_from_args(args))
