@@ -315,6 +315,9 @@ class Trainer:
         """Run (or resume, or skip) the stage holding its folder's lock; a summary with the final checkpoint URI."""
         self.lock = None
         try:
+            # Checks that read only (the global batch split, the data manifest) come before the lock.
+            self.accum = accumulation_steps(self.stage_cfg, self.world)
+            self.identity = run_identity(self.cfg, self.world)
             self.lock = self.take_lock()
             return self._fit()
         except BaseException as e:  # tell the callbacks (MLflow run -> FAILED), then fail loudly
@@ -349,8 +352,6 @@ class Trainer:
         return lock
 
     def _fit(self) -> dict:
-        self.accum = accumulation_steps(self.stage_cfg, self.world)
-        self.identity = run_identity(self.cfg, self.world)
         if self.rank == 0:
             ckpt.clean_uncommitted(self.out)
         self.accelerator.wait_for_everyone()
@@ -736,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     from .data import DataError
+    from .load import LoadError
     from .source import SourceError, quiet_progress_bars
 
     quiet_progress_bars()
@@ -748,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         EvalError,
         ckpt.CheckpointError,
         DataError,
+        LoadError,  # Stage 2's init_from: weights of another model shape
         SourceError,
         storage.StorageError,
     ) as e:
