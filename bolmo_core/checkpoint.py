@@ -533,9 +533,9 @@ class _SafeReader(_reader_base()):
             with self.fs.create_stream(path, "rb") as f:
                 meta = _MetadataUnpickler(f).load()
         except FileNotFoundError:
-            raise CheckpointError(f"{self.uri}: no .metadata (not a DCP checkpoint)") from None
+            raise DamagedCheckpoint(f"{self.uri}: no .metadata (not a DCP checkpoint)") from None
         except (pickle.UnpicklingError, EOFError, AttributeError) as e:
-            raise CheckpointError(f"{self.uri}/.metadata: cannot be read ({_first_line(e)})") from None
+            raise DamagedCheckpoint(f"{self.uri}/.metadata: cannot be read ({_first_line(e)})") from None
         if getattr(meta, "storage_meta", None) is None:
             meta.storage_meta = StorageMeta()
         meta.storage_meta.load_id = self.load_id

@@ -275,6 +275,20 @@ def test_dcp_round_trip_and_consolidation(setup, tmp_path):
         ckpt.load_checkpoint(uri, 0)
 
 
+@pytest.mark.parametrize("file", ["__0_0.distcp", ".metadata"])
+def test_damaged_dcp_checkpoint_is_damaged_for_the_resume_fallback(setup, tmp_path, file):
+    """What Trainer.resume skips to the previous committed checkpoint: DamagedCheckpoint, one line."""
+    from bolmo_core.train import sharded_state
+
+    model, opt, sched, loader = _trained(setup)
+    uri = _save_sharded(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    f = tmp_path / "step-000002" / "dcp" / file
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ckpt.DamagedCheckpoint) as e:
+        ckpt.load_checkpoint(uri, 0, sharded_state(model, opt))
+    assert str(tmp_path / "step-000002") in str(e.value) and "\n" not in str(e.value)
+
+
 def test_dcp_metadata_never_unpickles_foreign_objects(setup, tmp_path):
     import os
     import pickle
