@@ -224,7 +224,7 @@ class ByteScores:
     passes: int  # full forwards the causal fixed point took (the slowest row)
 
 
-def _next_byte_logp(model, h, input_ids, boundary, byte_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def next_byte_logp(model, h, input_ids, boundary, byte_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Global model + decoder over given boundaries -> (fused logits (B, L, 520) fp32, folded log p (B, L))."""
     P = max(1, int(boundary.sum(1).max()))
     reps, _, _, _ = model.patches(h, boundary, P)
@@ -270,11 +270,11 @@ def score_bytes(
     if forced is not None:
         b = forced.bool() & byte_mask
         with autocast():
-            _, lp = _next_byte_logp(model, h, input_ids, b, byte_mask)
+            _, lp = next_byte_logp(model, h, input_ids, b, byte_mask)
         return ByteScores(lp, b, None, None, 1)
     b = model.boundary_predictor.decide(pred_logp) & byte_mask
     with autocast():
-        logits, lp = _next_byte_logp(model, h, input_ids, b, byte_mask)
+        logits, lp = next_byte_logp(model, h, input_ids, b, byte_mask)
     look_lp, look_b = lp, b
     out_lp, out_b = lp.clone(), b.clone()
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -291,7 +291,7 @@ def score_bytes(
         if not finished:
             rows, cur_b = rows[~done], new[~done]
         with autocast():
-            logits, lp = _next_byte_logp(model, h[rows], input_ids[rows], cur_b, byte_mask[rows])
+            logits, lp = next_byte_logp(model, h[rows], input_ids[rows], cur_b, byte_mask[rows])
         passes += 1
     return ByteScores(out_lp, out_b, look_lp, look_b, passes)
 

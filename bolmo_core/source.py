@@ -291,11 +291,13 @@ def _fix(src: SourceConfig, path: str) -> str:
     return "delete its Hugging Face cache entry (huggingface-cli delete-cache) and download it again"
 
 
-def load_source_config(src: SourceConfig):
-    """The source's transformers config only (no weights)."""
+def load_source_config(src: SourceConfig, local_only: bool = False):
+    """The source's transformers config only (no weights); `local_only`: never ask the hub."""
     from transformers import AutoConfig
 
     path, kw = resolve_source(src)
+    if local_only:
+        kw = {**kw, "local_files_only": True}
     return AutoConfig.from_pretrained(path, trust_remote_code=src.trust_remote_code, **kw)
 
 
