@@ -167,10 +167,9 @@ def load_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
     if checkpoint_format(ckpt_uri) == FORMAT_DCP:
         return consolidated_model_state(ckpt_uri)
     uri = storage.join(ckpt_uri, MODEL_FILE)
+    data = _read_file(uri)
     try:
-        return state_from_bytes(storage.read_bytes(uri))
-    except storage.StorageError:
-        raise
+        return state_from_bytes(data)
     except Exception as e:  # truncated or damaged: safetensors' own error, or a bad header
         raise DamagedCheckpoint(
             f"{uri}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:160]}); delete {ckpt_uri} "
@@ -228,11 +227,36 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _torch_load(uri: str) -> Any:
+def _read_file(uri: str) -> bytes:
+    """A file of a committed checkpoint: one that is missing there makes the checkpoint damaged."""
     try:
-        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        return storage.read_bytes(uri)
     except storage.StorageError:
-        raise
+        if storage.exists(uri):  # unreadable for another reason (permissions, network): not damage
+            raise
+        folder = storage.dirname(uri)
+        raise DamagedCheckpoint(
+            f"{uri}: missing from a committed checkpoint; delete {folder} and resume from the "
+            "previous committed one"
+        ) from None
+
+
+def _read_json(uri: str) -> Any:
+    data = _read_file(uri)
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        folder = storage.dirname(uri)
+        raise DamagedCheckpoint(
+            f"{uri}: damaged (not valid JSON: {_first_line(e)}); delete {folder} and resume from "
+            "the previous committed one"
+        ) from None
+
+
+def _torch_load(uri: str) -> Any:
+    data = _read_file(uri)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: one line, not a pickle traceback
         raise DamagedCheckpoint(
             f"{uri}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete its "
@@ -320,7 +344,7 @@ def read_commit(ckpt_uri: str) -> dict:
     """The COMMIT record (older checkpoints wrote ``files``/``world_size`` only: format ``files``)."""
     if not is_committed(ckpt_uri):
         raise CheckpointError(f"{ckpt_uri}: not a committed checkpoint (no {COMMIT} marker)")
-    commit = storage.read_json(storage.join(ckpt_uri, COMMIT))
+    commit = _read_json(storage.join(ckpt_uri, COMMIT))
     return {"format": FORMAT_FILES, **(commit if isinstance(commit, dict) else {})}
 
 
@@ -350,13 +374,13 @@ def load_checkpoint(ckpt_uri: str, rank: int | None, sharded_state: dict | None 
         "optimizer": optim,
         "scheduler": _torch_load(storage.join(ckpt_uri, "scheduler.pt")),
         "rank": None if rank is None else _torch_load(storage.join(ckpt_uri, rank_file(rank))),
-        "trainer_state": storage.read_json(storage.join(ckpt_uri, "trainer_state.json")),
+        "trainer_state": _read_json(storage.join(ckpt_uri, "trainer_state.json")),
         "config": read_config(ckpt_uri),
     }
 
 
 def read_config(ckpt_uri: str) -> dict:
-    return storage.read_json(storage.join(ckpt_uri, "config.json"))
+    return _read_json(storage.join(ckpt_uri, "config.json"))
 
 
 def checkpoint_hash(ckpt_uri: str) -> str:
@@ -509,9 +533,9 @@ class _SafeReader(_reader_base()):
             with self.fs.create_stream(path, "rb") as f:
                 meta = _MetadataUnpickler(f).load()
         except FileNotFoundError:
-            raise CheckpointError(f"{self.uri}: no .metadata (not a DCP checkpoint)") from None
+            raise DamagedCheckpoint(f"{self.uri}: no .metadata (not a DCP checkpoint)") from None
         except (pickle.UnpicklingError, EOFError, AttributeError) as e:
-            raise CheckpointError(f"{self.uri}/.metadata: cannot be read ({_first_line(e)})") from None
+            raise DamagedCheckpoint(f"{self.uri}/.metadata: cannot be read ({_first_line(e)})") from None
         if getattr(meta, "storage_meta", None) is None:
             meta.storage_meta = StorageMeta()
         meta.storage_meta.load_id = self.load_id
@@ -555,6 +579,16 @@ def run_identity(preset: dict, stage: int) -> dict[str, Any]:
     return {"model": preset["model"], "data": preset["data"], key: preset[key]}
 
 
+def _normalised(preset: dict, ckpt_uri: str) -> dict:
+    """A saved preset through the config tree: fields added since it was written take their defaults."""
+    from .config import ConfigError, Preset
+
+    try:
+        return Preset.from_dict(preset).to_dict()
+    except ConfigError as e:
+        raise CheckpointMismatch(f"checkpoint {ckpt_uri}: its saved preset no longer loads ({e})") from None
+
+
 def check_compatible(saved: dict, current: dict, ckpt_uri: str, allow_mismatch: bool = False) -> list[str]:
     """Compare two checkpoint configs; raise CheckpointMismatch naming the first difference.
 
@@ -565,8 +599,10 @@ def check_compatible(saved: dict, current: dict, ckpt_uri: str, allow_mismatch: 
     for field in ("stage", "world_size", "manifest_hash", "source"):
         if saved.get(field) != current.get(field):
             diffs.append(f"{field}: {saved.get(field)!r} in the checkpoint, {current.get(field)!r} now")
-    a = _flatten(run_identity(saved["preset"], saved["stage"]) if "preset" in saved else {})
-    b = _flatten(run_identity(current["preset"], current["stage"]))
+    a = _flatten(
+        run_identity(_normalised(saved["preset"], ckpt_uri), saved["stage"]) if "preset" in saved else {}
+    )
+    b = _flatten(run_identity(_normalised(current["preset"], ckpt_uri), current["stage"]))
     for k in sorted(set(a) | set(b)):
         if k.rsplit(".", 1)[-1] in IGNORED_FIELDS:
             continue

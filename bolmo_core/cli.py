@@ -381,6 +381,9 @@ def _known_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .source import quiet_progress_bars
+
+    quiet_progress_bars()
     try:
         return args.func(args)
     except _known_errors() as e:

@@ -850,6 +850,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     from .checkpoint import CheckpointError
+    from .source import quiet_progress_bars
+
+    quiet_progress_bars()
     from .data import DataError
     from .load import LoadError
     from .storage import StorageError

@@ -40,6 +40,19 @@ class SourceConfig:
     trust_remote_code: bool = False  # off unless the user asks for it
 
 
+def quiet_progress_bars() -> None:
+    """No Hugging Face progress bars ("Loading weights: ...") on a command's stderr.
+
+    The commands' stderr carries only their own one-line errors and warnings; the training
+    progress goes through the progress stream. transformers' switch also turns off the Hub's
+    bars; datasets reads its switch from the environment when it is first imported.
+    """
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    hf_logging.disable_progress_bar()
+
+
 class SourceError(ValueError):
     """A source model that cannot be used, with a one-line reason."""
 

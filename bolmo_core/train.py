@@ -312,16 +312,46 @@ class Trainer:
     # ------------------------------------------------------------ the stage
 
     def fit(self) -> dict:
-        """Run (or resume, or skip) the stage; a summary with the final checkpoint URI."""
+        """Run (or resume, or skip) the stage holding its folder's lock; a summary with the final checkpoint URI."""
+        self.lock = None
         try:
+            # Checks that read only (the global batch split, the data manifest) come before the lock.
+            self.accum = accumulation_steps(self.stage_cfg, self.world)
+            self.identity = run_identity(self.cfg, self.world)
+            self.lock = self.take_lock()
             return self._fit()
         except BaseException as e:  # tell the callbacks (MLflow run -> FAILED), then fail loudly
             self.callbacks.on_error(self.step, e)
             raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def take_lock(self) -> storage.FolderLock | None:
+        """Rank 0 locks the output folder before anything there is read or written (a collective).
+
+        A second trainer on the same folder would resume from the first one's half-written step
+        or overwrite its ``final``: it is refused with one line naming the folder and the holder.
+        The other ranks learn the outcome from rank 0, so either every rank goes on or none does.
+        """
+        lock, err = None, None
+        if self.rank == 0:
+            try:
+                lock = storage.lock_folder(self.out, f"stage {self.cfg.stage} training")
+            except storage.StorageError as e:
+                err = e
+        if self.world > 1:
+            import torch.distributed as dist
+
+            msg = [str(err) if err else None]
+            dist.broadcast_object_list(msg, src=0)
+            if msg[0] and err is None:
+                raise TrainError(msg[0])
+        if err is not None:
+            raise err
+        return lock
 
     def _fit(self) -> dict:
-        self.accum = accumulation_steps(self.stage_cfg, self.world)
-        self.identity = run_identity(self.cfg, self.world)
         if self.rank == 0:
             ckpt.clean_uncommitted(self.out)
         self.accelerator.wait_for_everyone()
@@ -511,6 +541,8 @@ class Trainer:
 
     def save(self, name: str, finished: bool = False, metrics: dict | None = None) -> str:
         """Checkpoint `name` from every rank (collective); its URI."""
+        if self.any_rank(self.lock is not None and self.lock.lost):  # frozen past the lease: not ours now
+            raise TrainError(f"{self.out}: another process took over this folder's lock; {name} not written")
         if self.sharded:  # every rank writes its own shards through DCP
             msd, osd, shards = None, None, sharded_state(self.model, self.optimizer)
         else:
@@ -543,37 +575,65 @@ class Trainer:
         return uri
 
     def resume(self) -> str | None:
-        """Load the newest committed checkpoint of this stage, if any; its URI.
+        """Load the newest intact committed checkpoint of this stage, if any; its URI.
 
-        Any checkpoint format into any layout: DCP reshards, a full checkpoint loads as is. At
-        another world size (allow_mismatch) the loader continues at the same global position
-        (`_regrid_loader`); the per-rank RNG is not carried over.
+        A damaged newest checkpoint (truncated weights, a missing file) is skipped with one
+        warning line naming it, and the one before it is used; it stays where it is (nothing
+        is deleted) and the next save of that step replaces it. Any checkpoint format into any
+        layout: DCP reshards, a full checkpoint loads as is. At another world size
+        (allow_mismatch) the loader continues at the same global position (`_regrid_loader`);
+        the per-rank RNG is not carried over.
         """
         self._diffs: list[str] = []
-        latest = ckpt.latest_checkpoint(self.out)
-        if not latest:
-            return None
-        saved = ckpt.read_config(latest)
-        self._diffs = ckpt.check_compatible(saved, self.identity, latest, self.cfg.allow_mismatch)
+        candidates = [uri for _, uri in reversed(ckpt.committed_steps(self.out))]
+        for uri in candidates:
+            err = None
+            try:
+                st, same_layout, same_data, target = self._read_checkpoint(uri)
+            except ckpt.DamagedCheckpoint as e:
+                err = e
+            if self.any_rank(err is not None):  # a collective: every rank skips it, or none does
+                if self.rank == 0:
+                    why = str(err) if err else "damaged on another rank"
+                    print(f"bolmo_core.train: warning: skipping checkpoint {uri}: {why}", file=sys.stderr)
+                continue
+            self._load_weights_and_optimizer(uri, st, target)
+            self.scheduler.load_state_dict(st["scheduler"])
+            if same_layout:
+                ckpt.restore_rng(st["rank"]["rng"])
+                self.loader.load_state_dict(st["rank"]["loader"])
+            elif same_data:
+                self.loader.load_state_dict(
+                    _regrid_loader(st["rank"]["loader"], self.world, self.loader.kind)
+                )
+            ts = st["trainer_state"]
+            self.step = int(ts["step"])
+            self.spent_before = {
+                "elapsed_s": float(ts.get("elapsed_s", 0.0)),
+                "cpu_s": float(ts.get("cpu_s", 0.0)),
+            }
+            return uri
+        if candidates:
+            raise TrainError(
+                f"{self.out}: every committed checkpoint is damaged (newest {candidates[0]}); "
+                "delete them to start the stage over"
+            )
+        return None
+
+    def _read_checkpoint(self, uri: str) -> tuple[dict, bool, bool, dict | None]:
+        """Everything this rank needs from checkpoint `uri`, read before anything is changed.
+
+        A DCP checkpoint is read into the model's own (sharded) state: a damaged one leaves
+        it half-loaded, which the next candidate overwrites completely.
+        """
+        saved = ckpt.read_config(uri)
+        self._diffs = ckpt.check_compatible(saved, self.identity, uri, self.cfg.allow_mismatch)
         same_data = saved.get("manifest_hash") == self.identity["manifest_hash"]
         same_layout = saved.get("world_size") == self.world and same_data
-        fmt = ckpt.checkpoint_format(latest)
+        fmt = ckpt.checkpoint_format(uri)
         target = sharded_state(self.model, self.optimizer) if fmt == ckpt.FORMAT_DCP else None
-        st = ckpt.load_checkpoint(latest, self.rank if same_layout else 0 if same_data else None, target)
-        self._load_weights_and_optimizer(latest, st, target)
-        self.scheduler.load_state_dict(st["scheduler"])
-        if same_layout:
-            ckpt.restore_rng(st["rank"]["rng"])
-            self.loader.load_state_dict(st["rank"]["loader"])
-        elif same_data:
-            self.loader.load_state_dict(_regrid_loader(st["rank"]["loader"], self.world, self.loader.kind))
-        ts = st["trainer_state"]
-        self.step = int(ts["step"])
-        self.spent_before = {
-            "elapsed_s": float(ts.get("elapsed_s", 0.0)),
-            "cpu_s": float(ts.get("cpu_s", 0.0)),
-        }
-        return latest
+        st = ckpt.load_checkpoint(uri, self.rank if same_layout else 0 if same_data else None, target)
+        return st, same_layout, same_data, target
 
     def _load_weights_and_optimizer(self, uri: str, st: dict, target: dict | None) -> None:
         if target is not None:
@@ -677,7 +737,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     from .data import DataError
-    from .source import SourceError
+    from .load import LoadError
+    from .source import SourceError, quiet_progress_bars
+
+    quiet_progress_bars()
 
     try:
         summary = train(config_from_args(args))
@@ -687,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         EvalError,
         ckpt.CheckpointError,
         DataError,
+        LoadError,  # Stage 2's init_from: weights of another model shape
         SourceError,
         storage.StorageError,
     ) as e:

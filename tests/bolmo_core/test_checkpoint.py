@@ -180,6 +180,29 @@ def test_config_mismatch_names_field_and_ignores_logging_fields():
     assert ckpt.check_compatible(_ident(a), _ident(a.with_overrides({"stage2.steps": 9})), "c") == []
 
 
+def test_checkpoint_from_before_a_new_config_field_still_resumes():
+    """A preset saved before a field existed compares equal to today's preset with its default."""
+    a = get_preset("tiny", OVERRIDES)
+    old = _ident(a)
+    del old["preset"]["model"]["boundary_context"]  # a field added after this checkpoint was written
+    del old["preset"]["stage1"]["losses"]["byte_kl"]
+    del old["preset"]["data"]["loader"]
+    assert ckpt.check_compatible(old, _ident(a), "c") == []
+    # a value that differs from the new field's default is still a mismatch
+    b = a.with_overrides({"model.boundary_context": 2})
+    with pytest.raises(
+        ckpt.CheckpointMismatch, match=r"config model\.boundary_context: 0 in the checkpoint, 2"
+    ):
+        ckpt.check_compatible(old, _ident(b), "c")
+    # a saved preset that breaks today's rules is one line naming the checkpoint, not a traceback
+    bad = _ident(a)
+    bad["preset"]["stage1"]["steps"] = "abc"
+    with pytest.raises(
+        ckpt.CheckpointMismatch, match=r"checkpoint c: its saved preset no longer loads \(stage1\.steps="
+    ):
+        ckpt.check_compatible(bad, _ident(a), "c")
+
+
 def test_s3_checkpoint(setup, s3_server, tmp_path):
     from conftest import S3_BUCKET
 
@@ -235,6 +258,20 @@ def test_dcp_round_trip_and_consolidation(setup, tmp_path):
     assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
     with pytest.raises(ckpt.CheckpointError, match="needs target state"):
         ckpt.load_checkpoint(uri, 0)
+
+
+@pytest.mark.parametrize("file", ["__0_0.distcp", ".metadata"])
+def test_damaged_dcp_checkpoint_is_damaged_for_the_resume_fallback(setup, tmp_path, file):
+    """What Trainer.resume skips to the previous committed checkpoint: DamagedCheckpoint, one line."""
+    from bolmo_core.train import sharded_state
+
+    model, opt, sched, loader = _trained(setup)
+    uri = _save_sharded(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    f = tmp_path / "step-000002" / "dcp" / file
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ckpt.DamagedCheckpoint) as e:
+        ckpt.load_checkpoint(uri, 0, sharded_state(model, opt))
+    assert str(tmp_path / "step-000002") in str(e.value) and "\n" not in str(e.value)
 
 
 def test_dcp_metadata_never_unpickles_foreign_objects(setup, tmp_path):

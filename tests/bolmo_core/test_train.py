@@ -402,3 +402,69 @@ class LossRecorder(Callback):
         with open(self.path, "a") as f:
             f.write(json.dumps({"stage": self.stage, "step": step, **keep}) + "\\n")
 """
+
+
+# ---------------------------------------------------------------- the folder lock and intact fallback (real processes)
+
+
+@pytest.mark.slow
+def test_second_trainer_on_one_folder_is_refused_in_a_real_process(manifest, tmp_path):
+    """Two `python -m bolmo_core.train` on one --out: the second is refused with one line naming the
+    folder and the holder; it writes nothing; the first one's lock dies with it (SIGKILL)."""
+    from bolmo_core import storage
+
+    out = tmp_path / "out"
+    first = launch(
+        write_config(tmp_path / "a.json", run_config(manifest, str(out), 1, {"stage1.steps": 5000}))
+    )
+    try:
+        for line in first.stdout:  # the lock is taken before the first step
+            e = parse_progress_line(line)
+            if e and e["event"] == "step":
+                break
+        else:
+            raise AssertionError(first.stderr.read()[-2000:])
+        before = sorted(p.name for p in out.iterdir())
+        second = launch(write_config(tmp_path / "b.json", run_config(manifest, str(out), 1)))
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2, err[-2000:]
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert lines[0].startswith(f"bolmo_core.train: error: {out}: in use by stage 1 training")
+        assert f"pid {first.pid} on " in lines[0]
+        assert set(before) <= {p.name for p in out.iterdir()}  # nothing of the first run removed
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(60)
+    # a SIGKILLed holder on this host does not block the folder: the next taker gets it at once
+    with storage.lock_folder(str(out), "test", lease_s=3600):
+        pass
+
+
+@pytest.mark.slow
+def test_resume_skips_a_truncated_newest_checkpoint_in_a_real_process(manifest, tmp_path):
+    """The newest step's weights truncated: the resume warns naming it, continues from the one
+    before, and ends bit-exact with the run that was never interrupted (losses and weights)."""
+    import shutil
+
+    straight = tmp_path / "straight"
+    cfg = run_config(manifest, str(straight), 1)
+    ref = _events(_wait(launch(write_config(tmp_path / "a.json", cfg))))
+    out = tmp_path / "out"  # the same run, as if killed while saving `final`, with step 4 damaged
+    shutil.copytree(straight, out, ignore=shutil.ignore_patterns("final"))
+    weights = out / "step-000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = launch(write_config(tmp_path / "b.json", {**cfg, "out_uri": str(out)}))
+    stdout, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Loading weights" not in err  # no library progress bars on the command's stderr
+    warnings = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and f"skipping checkpoint {out}/step-000004: {weights}: damaged" in warnings[0]
+    events = _events(stdout)
+    start = next(e for e in events if e["event"] == "start")
+    assert start["step"] == 2 and start["info"]["resumed_from"] == str(out / "step-000002")
+    losses = {e["step"]: e["metrics"]["loss"] for e in events if e["event"] == "step"}
+    ref_losses = {e["step"]: e["metrics"]["loss"] for e in ref if e["event"] == "step"}
+    assert sorted(losses) == [3, 4, 5, 6] and all(losses[s] == ref_losses[s] for s in losses)
+    a, b = _weights(str(straight / "final")), _weights(str(out / "final"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
