@@ -266,7 +266,7 @@ def test_damaged_dcp_checkpoint_is_damaged_for_the_resume_fallback(setup, tmp_pa
     from bolmo_core.train import sharded_state
 
     model, opt, sched, loader = _trained(setup)
-    uri = _save_sharded(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader, sharded=True)
     f = tmp_path / "step-000002" / "dcp" / file
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ckpt.DamagedCheckpoint) as e:

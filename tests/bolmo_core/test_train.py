@@ -449,7 +449,7 @@ def test_resume_skips_a_truncated_newest_checkpoint_in_a_real_process(manifest, 
 
     straight = tmp_path / "straight"
     cfg = run_config(manifest, str(straight), 1)
-    ref = _events(_wait(launch(write_config(tmp_path / "a.json", cfg))))
+    ref = _events(finish(launch(write_config(tmp_path / "a.json", cfg))))
     out = tmp_path / "out"  # the same run, as if killed while saving `final`, with step 4 damaged
     shutil.copytree(straight, out, ignore=shutil.ignore_patterns("final"))
     weights = out / "step-000004" / "model.safetensors"
