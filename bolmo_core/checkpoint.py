@@ -1,4 +1,4 @@
-"""Training checkpoints: one folder per checkpoint, atomic, local or ``s3://`` (DESIGN.md).
+"""Training checkpoints: one folder per checkpoint, atomic, local or ``s3://`` (docs/internals.md).
 
 Layout of ``<stage out>/step-000123/`` (or ``<stage out>/final/`` when the stage is done)::
 

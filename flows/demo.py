@@ -22,7 +22,7 @@ def _embedded_env() -> None:
     """Settings for the embedded run; set before Prefect is imported so they take effect."""
     defaults = {
         "PREFECT_HOME": str(VAR / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no internet (stack.md P2)
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # its telemetry call hangs without internet
         "PREFECT_LOCAL_STORAGE_PATH": str(VAR / "prefect" / "results"),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy 2-core box needs more than 20 s

@@ -112,7 +112,7 @@ def launch_command(config_file: str, processes: int, accelerate_config: str | No
             config_file,
         ]
     if processes > 1:
-        # `--cpu --num_processes N` silently runs one process (stack.md §5): --multi_gpu is
+        # `--cpu --num_processes N` silently runs one process (accelerate 1.x): --multi_gpu is
         # what gives N ranks, with gloo on a CPU-only machine.
         cmd += ["--multi_gpu", "--num_processes", str(processes)]
     else:
