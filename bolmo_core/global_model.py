@@ -1,4 +1,4 @@
-"""Global model adapter (spec §6): the source decoder's transformer blocks, run on patch embeddings.
+"""Global model adapter (docs/architecture.md §6): the source decoder's transformer blocks, run on patch embeddings.
 
 Works for any HF decoder laid out as `model.model.{embed_tokens, layers, rotary_emb, norm}` +
 `model.lm_head` (Llama/SmolLM2, OLMo 2, Olmo 3). The source's own `model.model(...)` forward is
@@ -20,7 +20,7 @@ from torch import nn
 
 from .source import SourceConfig, SourceError, load_source_config
 
-# Architectures of the released sources (spec §6), used when their config cannot be fetched
+# Architectures of the released sources (docs/architecture.md §6), used when their config cannot be fetched
 # (offline): class name in transformers + constructor arguments.
 _OLMO_FAMILY = dict(  # what OLMo 2 1B and Olmo 3 7B share: tokenizer, norm, RoPE, untied head
     vocab_size=100278,
@@ -91,7 +91,7 @@ def _base_of(causal_lm) -> nn.Module:
 
 
 class TeacherHead(nn.Module):
-    """The source's frozen input embedding, final norm and LM head (spec §8.1); blocks are shared."""
+    """The source's frozen input embedding, final norm and LM head (docs/architecture.md §8.1); blocks are shared."""
 
     def __init__(self, embed: nn.Embedding, norm: nn.Module, lm_head: nn.Linear | None):
         super().__init__()
@@ -144,7 +144,7 @@ class GlobalModel(nn.Module):
             raise GlobalModelError(f"source model {type(causal_lm).__name__}: no lm_head")
         tied = lm_head.weight is embed.weight
         base.embed_tokens = None  # the forward only touches it when given input_ids
-        base.norm = nn.Identity()  # global output = raw residual stream (spec §6)
+        base.norm = nn.Identity()  # global output = raw residual stream (docs/architecture.md §6)
         return cls(base), TeacherHead(embed, norm, None if tied else lm_head)
 
     @property

@@ -6,7 +6,7 @@
 (lm-eval has no plugin discovery for models, so its own CLI does not see ``byteify``
 unless this module is imported first.)
 
-Scores are byte log-likelihoods with folding, p(byte v) = p(v) + p(v + 260) (spec §1.1,
+Scores are byte log-likelihoods with folding, p(byte v) = p(v) + p(v + 260) (docs/architecture.md §1.1,
 §13.1), over BOS + context + continuation, with the boundaries the model would place while
 generating (causal, `evaluate.score_bytes`, the same figure as the headline bits per byte);
 `boundaries="lookahead"` scores with the predictor's one-byte-ahead boundaries instead. Inputs longer than the model's byte length keep BOS and the last bytes

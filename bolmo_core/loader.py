@@ -3,7 +3,7 @@
 The documents of one split (manifest order) are packed into one token stream
 ``doc0 tokens, SEP, doc1 tokens, SEP, ...`` with its byte stream alongside (SEP is the
 single byte id 1). Window w covers P = window_tokens tokens starting at w*P; a window that
-would start on SEP starts after it (spec §1.3 strips leading separators; starting later
+would start on SEP starts after it (docs/architecture.md §1.3 strips leading separators; starting later
 instead of padding keeps every window full, at the cost of overlapping the next window by
 that token). ``state_dict()`` is (epoch, batch) so a restart resumes at the exact next batch.
 

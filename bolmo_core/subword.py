@@ -1,4 +1,4 @@
-"""Source (subword) tokenizer <-> bytes: exact token bytes, boundary labels, retained ids (spec §1.2, §2.2).
+"""Source (subword) tokenizer <-> bytes: exact token bytes, boundary labels, retained ids (docs/architecture.md §1.2, §2.2).
 
 Works for any Hugging Face fast tokenizer that is a byte-level BPE (GPT-2 alphabet:
 SmolLM2, GPT-2, dolma2); anything else is refused by `check_byte_level_bpe`.
@@ -17,7 +17,7 @@ is tokenized as that special token; its bytes are its literal text.
 
 Retained ids (`RetainedIndex`): for each byte position, the id of the longest vocabulary
 entry whose bytes are a suffix of the bytes ending there (may cross token boundaries).
-Instead of the spec's backward reverse-trie walk from every byte (O(L * longest entry)), one
+Instead of docs/architecture.md's backward reverse-trie walk from every byte (O(L * longest entry)), one
 forward Aho-Corasick pass per row gives the same answer in amortised O(L): the automaton
 state is the longest suffix of the bytes so far that is a prefix of an entry, so every entry
 that is a suffix of the bytes is a suffix of the state, and the answer is precomputed per
@@ -43,7 +43,11 @@ from numba import njit
 from bolmo_core.byte_tokenizer import BOS, EOP, FUSED_OFFSET, OFFSET
 
 DOC_SEPARATOR = "<|endoftext|>"
-WHITESPACE_STARTS = (0x20, 0x09, 0x0A)  # space, tab, newline: Ġ, ĉ, Ċ in the GPT-2 alphabet (spec §8.4)
+WHITESPACE_STARTS = (
+    0x20,
+    0x09,
+    0x0A,
+)  # space, tab, newline: Ġ, ĉ, Ċ in the GPT-2 alphabet (docs/architecture.md §8.4)
 
 
 class TokenizerError(ValueError):
@@ -123,7 +127,7 @@ def check_byte_level_bpe(tok) -> None:
 
 @dataclass
 class SubwordVocab:
-    """Exact bytes of every source token id, plus the ids byteify needs (spec §1.2)."""
+    """Exact bytes of every source token id, plus the ids byteify needs (docs/architecture.md §1.2)."""
 
     name: str
     token_bytes: list[bytes]  # id -> exact bytes (special/added tokens: their literal UTF-8 text)
@@ -401,7 +405,7 @@ def _check_spelling(
 
 
 # ---------------------------------------------------------------------------------------------
-# Retained subword ids (spec §2.2)
+# Retained subword ids (docs/architecture.md §2.2)
 
 
 @njit(cache=True, nogil=True)
@@ -455,7 +459,7 @@ _DENSE_STATES = 256  # 256 KB of int32 transitions (cache-resident); more measur
 
 
 class RetainedIndex:
-    """Longest vocabulary entry that is a suffix of the bytes ending at each position (spec §2.2)."""
+    """Longest vocabulary entry that is a suffix of the bytes ending at each position (docs/architecture.md §2.2)."""
 
     def __init__(self, vocab: SubwordVocab):
         self.vocab = vocab

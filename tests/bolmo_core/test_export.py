@@ -1,4 +1,4 @@
-"""HF export (spec §12) and its parity check, on the tiny preset and on real SmolLM2 blocks."""
+"""HF export (docs/architecture.md §12) and its parity check, on the tiny preset and on real SmolLM2 blocks."""
 
 import json
 import os

@@ -158,7 +158,7 @@ def test_step_matches_mlstm_kernels_native_step():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
 def test_left_padding_reset_equals_row_alone(form, dtype):
-    """Reset (f = -1e5) at a row's first real position drops the pad state exactly (spec §3.3)."""
+    """Reset (f = -1e5) at a row's first real position drops the pad state exactly (docs/architecture.md §3.3)."""
     run = {
         "parallel": mlstm_parallel,
         "chunkwise": lambda *a: mlstm_chunkwise(*a, chunk_size=8),

@@ -223,7 +223,7 @@ def test_bad_batch_is_rejected(setup):
 
 
 def test_distillation_matches_explicit_loop(setup):
-    """The vectorised patch log-likelihoods + debiasing == a per-patch loop written from spec §8.4."""
+    """The vectorised patch log-likelihoods + debiasing == a per-patch loop written from docs/architecture.md §8.4."""
     import math
 
     from bolmo_core.losses import binarised_kl
@@ -379,7 +379,7 @@ def test_soft_boundary_target_mixes_the_teachers_end_mass(setup):
 
 
 def test_boundary_context_widens_without_lookahead(setup):
-    """boundary_context=c: starts as the spec's predictor, reads c previous bytes once trained, never byte t+2."""
+    """boundary_context=c: starts as docs/architecture.md's predictor, reads c previous bytes once trained, never byte t+2."""
     from bolmo_core.boundary_predictor import BoundaryPredictor
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Pooling / depooling on hand-worked examples (spec §5)."""
+"""Pooling / depooling on hand-worked examples (docs/architecture.md §5)."""
 
 import torch
 
