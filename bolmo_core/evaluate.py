@@ -439,7 +439,7 @@ class Validator:
     * ``val_boundary_acc`` / precision / recall of the predictor against the (possibly
       coarsened) labels; ``val_boundary_acc_causal`` / ... of the causal boundaries;
     * ``val_patch_cos``: cosine similarity of the pooled patch representations (true
-      boundaries) to the teacher's input embeddings of the same tokens (docs/architecture.md §8: > 0.97).
+      boundaries) to the teacher's input embeddings of the same tokens (docs/architecture.md §8.4: a diagnostic).
     """
 
     def __init__(self, preset, stage: int, manifest_uri: str, vocab, device, rank=0, world=1, reduce=None):

@@ -17,7 +17,7 @@ The engine (`_Engine`) is a few named steps over one `GenState`:
   are carried, never recomputed.
 
 Unlike the reference (one global step only once *every* row is at a boundary, and no patch
-padding mask, §11.4), a global step runs for the rows that are waiting, the others get a masked
+padding mask, §11.2 and §11.4), a global step runs for the rows that are waiting, the others get a masked
 cache slot; each row keeps its own patch count as its RoPE position, and the 2-D attention mask
 hides filler and masked slots. For a source with sliding-window layers (Olmo 3) a window
 counted in cache slots would shrink by the other rows' masked slots, so batched rows get a KV
