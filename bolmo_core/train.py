@@ -119,6 +119,13 @@ def build_model(cfg: TrainConfig, vocab):
         # A Stage-1 checkpoint holds the whole model (teacher included); nothing may be missing.
         skipped = load_weights(model, ckpt.load_model_state(src), f"init_from {src}", may_add=True)
         info = {"init_from": src, "init_from_hash": ckpt.checkpoint_hash(src), "ignored_keys": skipped}
+    if cfg.stage_cfg.lora is not None:  # after the Stage-1 weights: the adapters wrap them (lora.py)
+        from .lora import LoraError, add_adapters
+
+        try:
+            info["lora_params"] = add_adapters(model, cfg.stage_cfg.lora)
+        except LoraError as e:
+            raise TrainError(str(e)) from None
     return model, info
 
 
