@@ -11,16 +11,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transfer_pair import make_pair, save_source
 
 from bolmo_core.cli import main
 from bolmo_core.config import get_preset
 from bolmo_core.export import export_model
 from bolmo_core.load import load_exported
 from bolmo_core.model import BolmoModel
-from bolmo_core.source import SourceConfig, load_source_model, load_tokenizer, tiny_corpus
+from bolmo_core.source import SourceConfig, load_tokenizer, tiny_corpus
 from bolmo_core.transfer import SourceTensors, TransferError, apply_delta
-
-GRID = 2.0**-12
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,30 +30,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _save(model, tok, folder):
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(base folder, instruct folder, the known delta by source key), weights on a dyadic grid."""
-    root = tmp_path_factory.mktemp("pair")
-    tok = load_tokenizer(SourceConfig("tiny-olmo2"))
-    model = load_source_model(SourceConfig("tiny-olmo2"))
-    gen = torch.Generator().manual_seed(7)
-    delta = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.round(p / GRID) * GRID)
-            delta[name] = torch.randint(-8, 9, p.shape, generator=gen).float() * GRID
-    base = _save(model, tok, root / "base")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(delta[name])
-    instruct = _save(model, tok, root / "instruct")
-    return base, instruct, delta
+    return make_pair(tmp_path_factory.mktemp("pair"))
 
 
 def _byte_model(base: str):
@@ -128,7 +107,9 @@ def test_architecture_mismatch_is_one_line(pair, byte_export, tmp_path, capsys):
     base, _, _ = pair
     cfg = AutoConfig.from_pretrained(base)
     cfg.intermediate_size = 128
-    other = _save(AutoModelForCausalLM.from_config(cfg), load_tokenizer(SourceConfig(base)), tmp_path / "o")
+    other = save_source(
+        AutoModelForCausalLM.from_config(cfg), load_tokenizer(SourceConfig(base)), tmp_path / "o"
+    )
     out = tmp_path / "never"
     capsys.readouterr()  # save_pretrained's progress bar
     rc = main(["transfer", byte_export[0], "--base", base, "--instruct", other, "--out", str(out)])
