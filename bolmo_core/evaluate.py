@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -456,9 +456,15 @@ def evaluate(
     cfg: EvalConfig | None = None,
     byte_length: int | None = None,
     byte_gen_kwargs: dict | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> dict:
-    """The JSON-serialisable report for the source and/or byte model on held-out `docs`."""
+    """The JSON-serialisable report for the source and/or byte model on held-out `docs`.
+
+    `on_phase(description)` is called before each part (scoring, character tasks) of each
+    model, e.g. to show progress; it must not touch the models.
+    """
     cfg = cfg or EvalConfig()
+    phase = on_phase or (lambda _: None)
     if source_model is None and byte_model is None:
         raise EvalError("evaluate: give a source model, a byte model, or both")
     docs = [bytes(d) for d in docs]
@@ -503,21 +509,26 @@ def evaluate(
         if cfg.cute_tasks
         else {}
     )
+    n_items = sum(len(v) for v in tasks.values())
     if source_model is not None:
+        phase(f"source model: bits per byte on {len(windows)} windows")
         src = source_bits(source_model, vocab, windows, cfg.batch_size, cfg.precision)
         if tasks:
+            phase(f"source model: {n_items} character-task items")
             src["cute"] = cute.run_tasks(
                 source_generate_fn(source_model, tok, vocab), tasks, cfg.cute_batch_size
             )
             src["cute_mean"] = cute.mean_accuracy(src["cute"])
         report["source"] = src
     if byte_model is not None:
+        phase(f"byte model: bits per byte and boundaries on {len(windows)} windows")
         byt = byte_model_stats(
             byte_model, vocab, windows, cfg.batch_size, cfg.precision, boundaries=cfg.boundaries
         )
         byt["boundaries"] = cfg.boundaries
         if tasks:
             if byte_generation_available():
+                phase(f"byte model: {n_items} character-task items")
                 fn = byte_generate_fn(byte_model, **(byte_gen_kwargs or {}))
                 byt["cute"] = cute.run_tasks(fn, tasks, cfg.cute_batch_size)
                 byt["cute_mean"] = cute.mean_accuracy(byt["cute"])

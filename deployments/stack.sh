@@ -3,11 +3,12 @@
 # MLflow server (SQLite) [+ moto S3 with WITH_S3=1]. Started and stopped by PID; logs,
 # PIDs and data under var/ (BYTEIFY_VAR). Usage: deployments/stack.sh up|down|status|env
 #
-#   make up        # then: prefect deployment run byteify/smollm2-135m --watch
+#   make up
+#   eval "$(deployments/stack.sh env)"     # the venv's tools on PATH, pointed at this stack
+#   prefect deployment run byteify/tiny --watch
 #   make down
 #
-# Ports: PREFECT_PORT (4200), MLFLOW_PORT (5000), S3_PORT (5111). Source the exports printed
-# by `deployments/stack.sh env` in a shell to talk to this stack.
+# Ports: PREFECT_PORT (4200), MLFLOW_PORT (5000), S3_PORT (5111).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +30,7 @@ export PREFECT_RESULTS_PERSIST_BY_DEFAULT=true
 export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-2}"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false        # ~0.5 GB instead of ~2.4 GB (M1)
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false      # no download bars in logs or when loading a model
 export BYTEIFY_STORAGE_ROOT="${BYTEIFY_STORAGE_ROOT:-$VAR/runs}"
 export BYTEIFY_ROOT="$ROOT"
 if [[ "$WITH_S3" == 1 ]]; then
@@ -54,12 +56,12 @@ start() {  # name, health URL, command...
   echo "$name: not healthy after 120 s; see $VAR/logs/$name.log" >&2; exit 1
 }
 
-stop() {  # name: SIGTERM the process group, SIGKILL after 20 s
-  local name=$1 pid
+stop() {  # name [grace seconds]: SIGTERM the process group, SIGKILL what is left after the grace
+  local name=$1 grace=${2:-20} pid
   alive "$name" || { rm -f "$VAR/pids/$name.pid"; return; }
   pid=$(cat "$VAR/pids/$name.pid")
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  for _ in $(seq 1 $((grace * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   if kill -0 "$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true; fi
   rm -f "$VAR/pids/$name.pid"
   echo "$name: stopped"
@@ -86,11 +88,16 @@ up() {
   start worker "" "$BIN/prefect" worker start --pool "$POOL" --type process
   echo
   echo "Prefect UI: http://127.0.0.1:$PREFECT_PORT    MLflow UI: http://127.0.0.1:$MLFLOW_PORT"
-  echo "Run one:    eval \"\$(deployments/stack.sh env)\"; prefect deployment run byteify/smollm2-135m --watch"
+  echo "Run one:    eval \"\$(deployments/stack.sh env)\"; prefect deployment run byteify/tiny --watch"
 }
 
 down() {
-  stop worker            # workers first: without a server they ignore SIGTERM (P3)
+  # Workers first (without a server they ignore SIGTERM). Prefect 3.9's `prefect worker start`
+  # turns SIGTERM into a SIGINT whose graceful shutdown never ends (its cancelled main task
+  # hangs), so the worker gets 3 s: flow runs it started share its process group and get
+  # the same SIGTERM, which Prefect's engine handles itself (the run ends Crashed and its
+  # on_crashed hook ends the MLflow runs).
+  stop worker 3
   stop mlflow
   stop prefect-server
   stop s3
@@ -103,7 +110,9 @@ status() {
 }
 
 env_() {
-  for v in PREFECT_HOME PREFECT_API_URL PREFECT_SERVER_ANALYTICS_ENABLED MLFLOW_TRACKING_URI BYTEIFY_STORAGE_ROOT; do
+  echo "export PATH=\"$BIN:\$PATH\""   # prefect, mlflow, byteify: the project's own venv
+  for v in PREFECT_HOME PREFECT_API_URL PREFECT_SERVER_ANALYTICS_ENABLED MLFLOW_TRACKING_URI \
+           MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR BYTEIFY_STORAGE_ROOT; do
     echo "export $v=\"${!v}\""
   done
   if [[ "$WITH_S3" == 1 ]]; then

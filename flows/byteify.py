@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from bolmo_core.config import get_preset
-from tasks import PROJECT_ROOT, artifacts
+from tasks import PROJECT_ROOT, artifacts, registry
 from tasks import tracking as mlflow_tasks
 from tasks.data import data_out_uri, prepare_data
 from tasks.evaluation import evaluate_model
@@ -60,7 +60,23 @@ def _default_root() -> str:
     return os.environ.get("BYTEIFY_STORAGE_ROOT") or os.path.join(PROJECT_ROOT, "var", "runs")
 
 
-@flow(name="byteify", log_prints=True)
+def _flow_run_url(flow_run_id: str) -> str:
+    """This flow run in the Prefect UI (the local UI's address when the API is ephemeral)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    return f"{PREFECT_UI_URL.value() or 'http://127.0.0.1:4200'}/runs/flow-run/{flow_run_id}"
+
+
+# A failed, crashed or cancelled run ends its MLflow runs FAILED / KILLED instead of leaving
+# them RUNNING forever (the hooks run in the flow's process; see tasks.tracking.mark_failed).
+# One long function on purpose: it reads top to bottom as the pipeline, every step a task call.
+@flow(
+    name="byteify",
+    log_prints=True,
+    on_failure=[mlflow_tasks.mark_failed],
+    on_crashed=[mlflow_tasks.mark_failed],
+    on_cancellation=[mlflow_tasks.mark_failed],
+)
 def byteify(
     preset: str = "smollm2-135m",
     overrides: dict[str, Any] = {},  # noqa: B006 - pydantic copies defaults
@@ -82,7 +98,8 @@ def byteify(
     cfg = p.to_dict()
     uri = tracking.tracking_uri or mlflow_tasks.default_tracking_uri()
     fr_id = str(flow_run.id or "local")
-    run_id = mlflow_tasks.mlflow_start_run(
+    fr_url = _flow_run_url(fr_id)
+    run_id = mlflow_tasks.start_flow_run(
         uri,
         tracking.experiment,
         fr_id,
@@ -96,6 +113,7 @@ def byteify(
         },
         run_name=flow_run.name or None,
         artifact_location=tracking.artifact_location,
+        flow_run_url=fr_url,
     )
 
     # Data
@@ -139,26 +157,44 @@ def byteify(
     table_md, summary_metrics = artifacts.evaluation_table(report_uri)
     artifacts.boundary_view(samples_uri)
     export_uri, export_hash = export_model(ckpt2, hash2, root)
-    mlflow_tasks.mlflow_log(
+    mlflow_tasks.log_to_run(
         uri,
         run_id,
-        metrics=summary_metrics,
+        metrics=summary_metrics,  # step 0: MLflow links them to the model logged next
         artifacts={"data": manifest_uri, "evaluation": report_uri, "plots": curves_png},
     )
     lineage = {
-        **mlflow_tasks.source_lineage(p.model.source),
+        **registry.source_lineage(p.model.source),
         "manifest_hash": manifest_hash,
         "stage1_checkpoint_hash": hash1,
         "stage2_checkpoint_hash": hash2,
         "export_hash": export_hash,
         "flow_run_id": fr_id,
-        "eval_summary": summary_metrics,
+        "flow_run_url": fr_url,
     }
-    reg = mlflow_tasks.mlflow_register(
-        uri, tracking.model_name, export_uri, lineage, run_id=run_id, alias=tracking.alias
+    made_by = f"[Prefect flow run {flow_run.name or fr_id}]({fr_url})"
+    reg = registry.register_model(
+        uri,
+        tracking.model_name,
+        export_uri,
+        lineage,
+        summary_metrics,
+        run_id=run_id,
+        alias=tracking.alias,
+        description=f"Byte-level `{lineage['source_id']}` (preset `{preset}`), made by {made_by}.\n\n{table_md}",
     )
     run_url = artifacts.mlflow_links(uri, run_id, reg["url"], reg["uri"])
-    mlflow_tasks.mlflow_end_run(uri, run_id)
+    version = f"[{reg['uri']}]({reg['url']})" + (
+        "" if reg["created"] else " (existing version: same lineage)"
+    )
+    reused = mlflow_tasks.finish_flow_run(
+        uri,
+        run_id,
+        {"stage1": hash1, "stage2": hash2},
+        f"{made_by} · preset `{preset}` · registered {version}\n\n{table_md}",
+    )
+    if reused:
+        log.info(f"reused (cached) stages: {', '.join(reused)}")
     log.info(f"registered {reg['uri']} (alias {reg['alias_uri']}); export at {export_uri}")
     return {
         "model_name": reg["name"],

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         ".venv/bin/prefect server start   -> http://127.0.0.1:4200"
     )
     print(f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri {db} --port 5000   -> http://127.0.0.1:5000")
+    print(f"  then this run: {out['mlflow_run_url']}")
     print(
         f"\nLoad it: mlflow.pyfunc.load_model('{out['alias_uri']}').predict(['Hello'])  "
         f"(with MLFLOW_TRACKING_URI={db})"

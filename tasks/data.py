@@ -29,7 +29,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from bolmo_core import data as D
 from bolmo_core import storage
 from bolmo_core.config import DataConfig
-from bolmo_core.source import SourceConfig, SourceError, load_tokenizer
+from bolmo_core.source import SourceConfig, load_tokenizer
+
+from .artifacts import Progress, shards_text
+from .retries import RETRY
 
 
 def data_out_uri(root: str, sources: list[str], preset) -> str:
@@ -44,19 +47,8 @@ def _tokenizer(src: SourceConfig):
     return load_tokenizer(src)
 
 
-def _retry_transient(task, task_run, state) -> bool:
-    """Retry storage hiccups, not bad input (which would fail the same way again)."""
-    try:
-        state.result()
-    except (D.DataError, SourceError, ValueError, TypeError):
-        return False
-    except Exception:
-        return True
-    return False
-
-
 # Not cached: the plan reads the inputs' sizes and counts, which may change under the same URIs.
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient, cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, **RETRY)
 def plan_shards(
     sources: list[str],
     tokenizer_source: SourceConfig,
@@ -72,25 +64,19 @@ def plan_shards(
     )
 
 
-@task(
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=_retry_transient,
-    cache_policy=INPUTS + TASK_SOURCE,
-    persist_result=True,
-)
+@task(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **RETRY)
 def label_shard(plan: dict, index: int, tokenizer_source: SourceConfig) -> dict:
     """Read, label and write one shard (both splits); its manifest entries."""
     return D.label_shard(plan, index, _tokenizer(tokenizer_source))
 
 
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
+@task(**RETRY)
 def write_manifest(plan: dict, results: list[dict]) -> tuple[str, str]:
     """Write the manifest last: (manifest_uri, manifest_hash)."""
     return D.write_manifest(plan, results)
 
 
-@task(retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_transient)
+@task(**RETRY)
 def prepare_data(
     sources: list[str],
     tokenizer_source: SourceConfig,
@@ -112,5 +98,10 @@ def prepare_data(
             runner.submit(label_shard, {"plan": plan, "index": i, "tokenizer_source": tokenizer_source})
             for i in range(len(plan["shards"]))
         ]
-        results = [f.result() for f in futures]
-    return write_manifest(plan, results)
+        bar, results = Progress("data-progress", "Data preparation"), []
+        for f in futures:
+            results.append(f.result())
+            bar.update(len(results), len(futures), shards_text(results, len(futures)))
+    out = write_manifest(plan, results)
+    bar.finish(shards_text(results, len(futures)))
+    return out

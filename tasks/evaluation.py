@@ -18,6 +18,9 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from bolmo_core import storage
 
+from .artifacts import Progress
+from .retries import RETRY
+
 REPORT = "report.json"
 SAMPLES = "boundary_samples.json"
 
@@ -62,8 +65,12 @@ def run_evaluation(
     cute_tasks: list[str] | None = None,
     precision: str = "fp32",
     batch_size: int = 4,
+    on_phase=None,
 ) -> dict:
-    """Evaluate, write report + samples under `out_uri`; return the report."""
+    """Evaluate, write report + samples under `out_uri`; return the report.
+
+    `on_phase(description)` is told what starts next (loading, each model's scoring, ...).
+    """
     import torch
 
     from bolmo_core import cute
@@ -71,7 +78,9 @@ def run_evaluation(
     from bolmo_core.load import load_byte_model
     from bolmo_core.source import load_source_model, load_tokenizer
 
+    phase = on_phase or (lambda _: None)
     torch.manual_seed(0)
+    phase("loading the byte model, the source model and the held-out text")
     byte_model, preset = load_byte_model(checkpoint_uri)
     tok = load_tokenizer(preset.model.source)
     source_model = load_source_model(preset.model.source)
@@ -91,6 +100,7 @@ def run_evaluation(
         byte_model=byte_model,
         cfg=cfg,
         byte_length=preset.data.byte_slots,
+        on_phase=phase,
     )
     report.update(
         {
@@ -100,6 +110,7 @@ def run_evaluation(
             "eval_config": asdict(cfg),
         }
     )
+    phase("predicted patches of a few held-out texts")
     samples = boundary_samples(byte_model, tok, docs)
     storage.write_json_atomic(storage.join(out_uri, SAMPLES), samples)
     # The report is written last: it is this folder's commit marker.
@@ -121,9 +132,13 @@ def _finite(x):
     return x
 
 
-@task(
-    name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=INPUTS + TASK_SOURCE, persist_result=True
-)
+# Phases reported to the progress artifact: loading, then per model scoring and (when asked)
+# character tasks, then the patch samples.
+def _phase_count(options: dict[str, Any]) -> int:
+    return 1 + (2 if options.get("cute_items") else 1) * 2 + 1
+
+
+@task(name="evaluate", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **RETRY)
 def evaluate_model(
     checkpoint_uri: str,
     checkpoint_hash: str,
@@ -136,6 +151,18 @@ def evaluate_model(
     options = options or {}
     out_uri = eval_out_uri(storage_root, checkpoint_hash, manifest_hash, options)
     report_uri = storage.join(out_uri, REPORT)
-    if not storage.exists(report_uri):
-        run_evaluation(checkpoint_uri, manifest_uri, out_uri, **options)
+    if storage.exists(report_uri):
+        return report_uri, storage.sha256_uri(report_uri), storage.join(out_uri, SAMPLES)
+    bar, total, done = Progress("evaluation-progress", "Evaluation"), _phase_count(options), [0]
+
+    def phase(text: str) -> None:
+        done[0] += 1
+        bar.update(done[0] - 1, total, f"{done[0]}/{total} {text}", force=True, eta=False)
+
+    report = run_evaluation(checkpoint_uri, manifest_uri, out_uri, on_phase=phase, **options)
+    byt, src = report.get("byte_model") or {}, report.get("source") or {}
+    bar.finish(
+        f"{report['text']['bytes']} held-out bytes · byte model {byt.get('bits_per_byte', float('nan')):.3f} "
+        f"vs source {src.get('bits_per_byte', float('nan')):.3f} bits per byte"
+    )
     return report_uri, storage.sha256_uri(report_uri), storage.join(out_uri, SAMPLES)

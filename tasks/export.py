@@ -19,6 +19,9 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from bolmo_core import storage
 from bolmo_core.export import PARITY_FILE
 
+from .artifacts import Progress
+from .retries import RETRY
+
 PARITY = PARITY_FILE  # the parity report, written last: this folder's commit marker
 
 
@@ -42,18 +45,7 @@ def folder_hash(uri: str) -> str:
     return h.hexdigest()
 
 
-def _not_retryable(task_obj, task_run, state) -> bool:
-    return not isinstance(state.data, ExportParityError | ValueError)
-
-
-@task(
-    name="export",
-    retries=1,
-    retry_delay_seconds=5,
-    retry_condition_fn=_not_retryable,
-    cache_policy=INPUTS + TASK_SOURCE,
-    persist_result=True,
-)
+@task(name="export", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **RETRY)
 def export_model(checkpoint_uri: str, checkpoint_hash: str, storage_root: str) -> tuple[str, str]:
     """(export folder URI, its content hash); parity-checked against the checkpoint."""
     from bolmo_core.export import ParityError, check_parity
@@ -64,16 +56,24 @@ def export_model(checkpoint_uri: str, checkpoint_hash: str, storage_root: str) -
     marker = storage.join(out, PARITY)
     if storage.exists(marker) and storage.read_json(marker).get("passed"):
         return out, folder_hash(out)
+    remote = not storage.is_local(out)
+    bar, total = Progress("export-progress", "Export"), 4 if remote else 3
+    bar.update(0, total, f"1/{total} loading the Stage 2 checkpoint", force=True, eta=False)
     model, preset = load_checkpoint_model(checkpoint_uri)
     with tempfile.TemporaryDirectory(prefix="byteify-export-") as tmp:
-        local = os.path.join(tmp, "model") if not storage.is_local(out) else storage.local_path(out)
+        local = os.path.join(tmp, "model") if remote else storage.local_path(out)
+        bar.update(1, total, f"2/{total} writing the Hugging Face folder", force=True, eta=False)
         write_hf(model, local, preset=preset, overwrite=True)
+        bar.update(2, total, f"3/{total} parity: exported model vs checkpoint", force=True, eta=False)
         try:
             parity = check_parity(local, model)
         except ParityError as e:
             raise ExportParityError(str(e)) from None
-        if local != out:  # object storage: upload the finished folder, marker last
+        if remote:  # object storage: upload the finished folder, marker last
+            bar.update(3, total, f"4/{total} uploading to {out}", force=True, eta=False)
             fs, path = storage.get_fs(out)
             fs.put(local.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
         storage.write_json_atomic(marker, json.loads(json.dumps(parity, default=str)))
-    return out, folder_hash(out)
+    digest = folder_hash(out)
+    bar.finish(f"{out} (parity passed, sha256 {digest[:12]})")
+    return out, digest

@@ -65,10 +65,8 @@ class MlflowCallback(Callback):
         if not self.active or not self.buffer:
             return
         try:
-            client = _client(self.tracking_uri)
-            while self.buffer:  # log_batch takes at most 1000 metrics
-                client.log_batch(self.run_id, metrics=self.buffer[:1000])
-                self.buffer = self.buffer[1000:]
+            _client(self.tracking_uri).log_batch(self.run_id, metrics=self.buffer)  # it chunks itself
+            self.buffer = []
         except Exception as e:  # noqa: BLE001 - tracking must not kill training
             print(
                 f"MlflowCallback: could not log {len(self.buffer)} metrics ({str(e).splitlines()[0]})",

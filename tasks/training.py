@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.logging import get_run_logger
 
@@ -39,13 +38,16 @@ from bolmo_core import storage
 from bolmo_core.callbacks import parse_progress_line
 
 from . import PROJECT_ROOT, tracking
+from .artifacts import Progress, read_curve
+from .mlflow_callback import RUN_ID_ENV, TRACKING_URI_ENV
+from .retries import RETRY, TransientError
 
 CURVE_FILE = "curve.jsonl"
 MLFLOW_CALLBACK = "tasks.mlflow_callback:MlflowCallback"  # light: no Prefect import in the trainer
 ERROR_PREFIX = "bolmo_core.train: error:"  # what the trainer prints before exiting on bad input
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(TransientError):
     """The trainer subprocess died (crash, kill, OOM): worth a retry, which resumes."""
 
 
@@ -79,7 +81,7 @@ def stage_out_uri(
     )
 
 
-@task(name="stage-done", retries=2, retry_delay_seconds=2, cache_policy=None)
+@task(name="stage-done", cache_policy=None, **RETRY)
 def stage_done(out_uri: str) -> bool:
     """True when the stage's output holds a committed ``final`` checkpoint."""
     return ckpt.final_checkpoint(out_uri) is not None
@@ -141,55 +143,52 @@ def _child_env(processes: int, mlflow_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-class _Progress:
-    """Turns progress events into a throttled Prefect progress artifact, log lines and a curve."""
+class _StageProgress:
+    """Trainer events -> the stage's progress artifact (step, loss, s/step, ETA), log lines and curve."""
 
     def __init__(self, stage: int, curve: list[dict], logger):
         self.stage, self.curve, self.logger = stage, curve, logger
-        self.artifact = create_progress_artifact(0.0, description=f"Stage {stage} training")
-        self.last_update = 0.0
+        self.bar = Progress(f"stage-{stage}-progress", f"Stage {stage} training")
         self.last_log = 0.0
         self.summary: dict[str, Any] = {}
+        self.eval: dict[str, Any] = {}
+        self.last_loss, self.finished = float("nan"), False
 
     def event(self, ev: dict) -> None:
         kind = ev.get("event")
-        step, total = int(ev.get("step", 0)), int(ev.get("total") or 0) or None
+        step, total = int(ev.get("step", 0)), int(ev.get("total") or 0)
+        m = ev.get("metrics") or {}
         if kind == "start":
-            self.total = total
             self.logger.info(f"stage {self.stage}: starting at step {step}/{total}")
+            self.bar.update(step, total, f"step {step}/{total}" + (" (resumed)" if step else ""), force=True)
         elif kind == "step":
-            self.curve.append({"step": step, **{k: v for k, v in ev.get("metrics", {}).items()}})
-            now = time.time()
-            if total and now - self.last_update > 2.0:
-                update_progress_artifact(self.artifact, 100.0 * step / total)
-                self.last_update = now
-            if now - self.last_log > 15.0:
-                m = ev.get("metrics", {})
-                self.logger.info(
-                    f"stage {self.stage}: step {step}/{total} loss {m.get('loss', float('nan')):.4f}"
-                )
-                self.last_log = now
+            self.curve.append({"step": step, **m})
+            self.last_loss = m.get("loss", float("nan"))
+            text = f"step {step}/{total} · loss {m.get('loss', float('nan')):.4f}"
+            if m.get("step_time_s"):
+                text += f" · {m['step_time_s']:.2f} s/step"
+            self.bar.update(step, total, text)
+            if time.time() - self.last_log > 15.0:
+                self.logger.info(f"stage {self.stage}: {text}")
+                self.last_log = time.time()
         elif kind == "eval":
-            self.curve.append({"step": step, **{f"eval/{k}": v for k, v in ev.get("metrics", {}).items()}})
-            self.logger.info(f"stage {self.stage}: eval at step {step}: {_short(ev.get('metrics', {}))}")
+            self.curve.append({"step": step, **{f"eval/{k}": v for k, v in m.items()}})
+            self.eval = m
+            self.logger.info(f"stage {self.stage}: eval at step {step}: {_short(m)}")
         elif kind == "checkpoint":
             self.logger.info(f"stage {self.stage}: checkpoint {ev.get('uri')}")
         elif kind == "end":
-            self.summary = ev.get("metrics", {}) or {}
-            update_progress_artifact(self.artifact, 100.0)
+            self.summary, self.finished = m, True
+            text = f"{step} steps · last loss {self.last_loss:.4f}"
+            if "val_bpb" in (m or self.eval):
+                text += f" · validation {(m or self.eval)['val_bpb']:.3f} bits per byte"
+            self.bar.finish(text)
         elif kind == "error":
             self.logger.error(f"stage {self.stage}: trainer error: {ev.get('error')}")
 
 
 def _short(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6] if isinstance(v, int | float))
-
-
-def _read_curve(out_uri: str) -> list[dict]:
-    uri = storage.join(out_uri, CURVE_FILE)
-    if not storage.exists(uri):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
 
 
 def _write_curve(out_uri: str, curve: list[dict]) -> None:
@@ -250,20 +249,13 @@ def run_trainer(
         )
 
 
-def _retry_training(task_obj, task_run, state) -> bool:
-    exc = state.data if isinstance(state.data, BaseException) else None
-    return not isinstance(exc, TrainingConfigError | ckpt.CheckpointError | ValueError)
-
-
 # ---------------------------------------------------------------- the task
 
 
 @task(
     name="train-stage",
     task_run_name="stage-{stage}",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=_retry_training,
+    **RETRY,
     # Tracking ids change every flow run; they must not change the cache key.
     cache_policy=(INPUTS - "tracking_uri" - "parent_run_id") + TASK_SOURCE,
     persist_result=True,
@@ -316,10 +308,10 @@ def train_stage(
                 **{f"stage{stage}.{k}": v for k, v in tracking.flatten(stage_cfg).items()},
             },
         )
-        mlflow_env = {tracking.TRACKING_URI_ENV: tracking_uri, tracking.RUN_ID_ENV: run_id}
+        mlflow_env = {TRACKING_URI_ENV: tracking_uri, RUN_ID_ENV: run_id}
         config["callbacks"] = [MLFLOW_CALLBACK]
-    curve = _read_curve(out_uri)
-    progress = _Progress(stage, curve, logger)
+    curve = read_curve(storage.join(out_uri, CURVE_FILE))
+    progress = _StageProgress(stage, curve, logger)
     try:
         run_trainer(config, processes, accelerate_config, mlflow_env, progress.event, logger)
     except BaseException:
@@ -330,11 +322,13 @@ def train_stage(
         if curve:
             _write_curve(out_uri, curve)
     final = ckpt.final_checkpoint(out_uri)
+    if final is not None and not progress.finished:
+        progress.bar.finish("already trained: its committed final checkpoint was found")
     if final is None:  # exit 0 without the marker would be a trainer bug; never pass it on as done
         raise TrainingFailed(f"stage {stage}: trainer exited cleanly but {out_uri} has no committed final/")
     digest = ckpt.checkpoint_hash(final)
     if run_id:
-        tracking.client_set_tags(
+        tracking.set_tags(
             tracking_uri, run_id, {"byteify.checkpoint_uri": final, "byteify.checkpoint_hash": digest}
         )
         tracking.end_run(tracking_uri, run_id, "FINISHED")

@@ -107,7 +107,8 @@ def test_flow_on_s3_registers_model_with_lineage_and_artifacts(env, first):
     assert tags["byteify.stage2_checkpoint_hash"] == out["stage2_hash"]
     assert tags["byteify.flow_run_id"] == str(flow_run_id)
     assert tags["byteify.code_version"] not in ("", "unknown")
-    assert "bits_per_byte" in tags["byteify.eval_summary"]
+    assert float(tags["byteify.eval.byte_model.bits_per_byte"]) > 0
+    assert tags["byteify.source_revision"] and tags["byteify.source_file_sha256"]  # built-in: package + hash
 
     parent = client.get_run(out["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
@@ -124,7 +125,7 @@ def test_flow_on_s3_registers_model_with_lineage_and_artifacts(env, first):
     assert set(stages) == {"stage1", "stage2"}
     assert len(client.get_metric_history(stages["stage1"].info.run_id, "loss")) == 6
     assert len(client.get_metric_history(stages["stage2"].info.run_id, "loss")) == 4
-    assert out["metrics"]["byte_model.bits_per_byte"] > 0
+    assert out["metrics"]["byte_model/bits_per_byte"] > 0
 
     with get_client(sync_client=True) as pc:
         artifacts = pc.read_artifacts(
@@ -137,12 +138,20 @@ def test_flow_on_s3_registers_model_with_lineage_and_artifacts(env, first):
         "evaluation",
         "boundaries",
         "mlflow-run",
+        "mlflow-experiment",
         "mlflow-model",
     } <= keys
-    progress = [a for a in artifacts if a.type == "progress"]
-    assert len(progress) == 2 and all(float(a.data) == 100.0 for a in progress)
+    progress = {a.key: a for a in artifacts if a.type == "progress"}
+    assert set(progress) == {
+        "data-progress",
+        "stage-1-progress",
+        "stage-2-progress",
+        "evaluation-progress",
+        "export-progress",
+    }
+    assert all(float(a.data) == 100.0 and " done in " in a.description for a in progress.values())
     boundaries = next(a for a in artifacts if a.key == "boundaries")
-    assert "patches:" in boundaries.data and "|" in boundaries.data
+    assert "data:image/png;base64," in boundaries.data
 
 
 def test_rerun_same_parameters_is_fully_cached(env, first):
@@ -158,6 +167,12 @@ def test_rerun_same_parameters_is_fully_cached(env, first):
     cached = {r.name.split("-")[0] for r in runs if r.state and r.state.name == "Cached"}
     assert {"stage", "evaluate", "export"} <= cached, sorted((r.name, r.state.name) for r in runs)
     assert wall < 15, f"cached re-run took {wall:.1f} s"
+    # One MLflow run that says what it reused (and links who trained it), not an empty-looking run.
+    from mlflow import MlflowClient
+
+    run = MlflowClient(env["tracking_uri"]).get_run(again["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["byteify.reused_stages"] == "stage1,stage2"
+    assert run.data.tags["mlflow.note.content"].count("reused (cached), trained by [stage") == 2
 
 
 def _descendants(root_pid: int) -> list[int]:
@@ -222,3 +237,35 @@ def test_sigkill_of_stage1_trainer_resumes_to_identical_weights(env, first, tmp_
         "byteify-e2e", res["version"]
     )
     assert mv.tags["byteify.stage1_checkpoint_hash"] == out["stage1_hash"]
+
+
+def test_a_stage_failing_on_bad_data_fails_its_mlflow_runs(env, tmp_path):
+    """Issue 15: the flow's failure hook ends the parent run FAILED; the stage run is FAILED too."""
+    import json
+
+    from mlflow import MlflowClient
+
+    docs = tmp_path / "too-small.jsonl"  # prepares fine, but holds fewer windows than one batch
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("Hello.", "Bonjour.", "Hola.")))
+    from flows.byteify import Compute, Evaluation, Tracking, byteify
+
+    state = byteify(
+        preset="tiny",
+        overrides=OVERRIDES,
+        data_sources=[str(docs)],
+        storage_root=str(tmp_path / "runs"),
+        compute=Compute(deterministic=True),
+        evaluation=Evaluation(max_bytes=3000, cute_items=0),
+        tracking=Tracking(
+            tracking_uri=env["tracking_uri"], experiment="e2e-fails", model_name="byteify-fails"
+        ),
+        return_state=True,
+    )
+    assert state.is_failed()
+    client = MlflowClient(env["tracking_uri"])
+    exp = client.get_experiment_by_name("e2e-fails")
+    runs = client.search_runs(
+        [exp.experiment_id], f"tags.`byteify.flow_run_id` = '{state.state_details.flow_run_id}'"
+    )
+    by_kind = {r.data.tags.get("byteify.stage", "flow"): r.info.status for r in runs}
+    assert by_kind == {"flow": "FAILED", "stage1": "FAILED"}
