@@ -82,6 +82,7 @@ def byteify(
     overrides: dict[str, Any] = {},  # noqa: B006 - pydantic copies defaults
     data_sources: list[str] = ["builtin:wiki"],  # noqa: B006
     storage_root: str | None = None,
+    skip_stage1: bool = False,
     compute: Compute = Compute(),
     evaluation: Evaluation = Evaluation(),
     tracking: Tracking = Tracking(),
@@ -90,7 +91,9 @@ def byteify(
 
     `preset` names a preset of bolmo_core.config; `overrides` are dotted keys into it, checked by
     the same validator as every other entry point, e.g. {"stage1.steps": 200,
-    "model.source.name_or_path": "allenai/OLMo-2-0425-1B"}.
+    "model.source.name_or_path": "allenai/OLMo-2-0425-1B"}. The paper's ablations are parameters:
+    `skip_stage1` trains Stage 2 straight from the source ("Stage 2 without Stage 1"), and
+    {"model.boundary_lookahead": 0} gives the causal boundary predictor.
     """
     log = get_run_logger()
     root = storage_root or _default_root()
@@ -141,13 +144,16 @@ def byteify(
         parent_run_id=run_id,
     )
     out1 = stage_out_uri(root, 1, cfg, manifest_hash, None, compute.processes)
-    ckpt1, hash1 = train_stage.with_options(refresh_cache=not stage_done(out1))(stage=1, **common)
+    ckpt1 = hash1 = None  # skip_stage1: Stage 2 starts from the source (its own stage folder)
+    if not skip_stage1:
+        ckpt1, hash1 = train_stage.with_options(refresh_cache=not stage_done(out1))(stage=1, **common)
     out2 = stage_out_uri(root, 2, cfg, manifest_hash, hash1, compute.processes)
     ckpt2, hash2 = train_stage.with_options(refresh_cache=not stage_done(out2))(
         stage=2, init_from=ckpt1, init_hash=hash1, **common
     )
     curves_png = artifacts.training_curves(
-        {"stage 1": curve_uri(ckpt1), "stage 2": curve_uri(ckpt2)}, artifacts.plots_uri(root, hash2)
+        {**({"stage 1": curve_uri(ckpt1)} if ckpt1 else {}), "stage 2": curve_uri(ckpt2)},
+        artifacts.plots_uri(root, hash2),
     )
 
     # Evaluate, export (parity-checked), register
@@ -166,7 +172,7 @@ def byteify(
     lineage = {
         **registry.source_lineage(p.model.source),
         "manifest_hash": manifest_hash,
-        "stage1_checkpoint_hash": hash1,
+        "stage1_checkpoint_hash": hash1 or "skipped",
         "stage2_checkpoint_hash": hash2,
         "export_hash": export_hash,
         "flow_run_id": fr_id,
@@ -190,7 +196,7 @@ def byteify(
     reused = mlflow_tasks.finish_flow_run(
         uri,
         run_id,
-        {"stage1": hash1, "stage2": hash2},
+        {**({"stage1": hash1} if hash1 else {}), "stage2": hash2},
         f"{made_by} · preset `{preset}` · registered {version}\n\n{table_md}",
     )
     if reused:
