@@ -25,23 +25,28 @@ the same versions again (one version per lineage).
 
 from __future__ import annotations
 
-import re
-from concurrent.futures import Future
-from typing import Any, Literal
+if __name__ == "__main__":  # `python -m flows.sweep`: embedded settings must precede Prefect's import
+    from flows.demo import _embedded_env
 
-from prefect import flow, get_run_logger, task
-from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
+    _embedded_env()
 
-from bolmo_core.config import Preset, get_preset
-from flows.byteify import Compute, Evaluation, Tracking, _default_root, _flow_run_url
-from tasks import artifacts, registry
-from tasks import sweep as sweep_tasks
-from tasks import tracking as mlflow_tasks
-from tasks.data import data_out_uri, prepare_data
-from tasks.evaluation import evaluate_model
-from tasks.export import export_model
-from tasks.training import stage_done, stage_out_uri, train_stage
+import re  # noqa: E402
+from concurrent.futures import Future  # noqa: E402
+from typing import Any, Literal  # noqa: E402
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+
+from bolmo_core.config import Preset, get_preset  # noqa: E402
+from flows.byteify import Compute, Evaluation, Tracking, _default_root, _flow_run_url  # noqa: E402
+from tasks import artifacts, registry  # noqa: E402
+from tasks import sweep as sweep_tasks  # noqa: E402
+from tasks import tracking as mlflow_tasks  # noqa: E402
+from tasks.data import data_out_uri, prepare_data  # noqa: E402
+from tasks.evaluation import evaluate_model  # noqa: E402
+from tasks.export import export_model  # noqa: E402
+from tasks.training import stage_done, stage_out_uri, train_stage  # noqa: E402
 
 
 class SweepPoint(BaseModel):
@@ -309,3 +314,58 @@ def _stage1_here(preset: str, overrides: dict, data_sources: list[str], root: st
         max_minutes=compute.max_minutes,
     )
     return ckpt1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.sweep``: the sweep in-process, embedded like `make demo` (var/prefect, var/mlflow)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m flows.sweep", description=main.__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="smollm2-135m")
+    ap.add_argument("--stage1-checkpoint", help="a Stage-1 checkpoint (default: train/reuse the preset's)")
+    ap.add_argument("--targets", type=float, nargs="+", default=[1.0, 1.25, 1.5])
+    ap.add_argument("--absolute", action="store_true", help="targets are bytes per patch, not multiples")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="preset override")
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--eval-bytes", type=int, default=8000)
+    ap.add_argument("--new-bytes", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--model-name", default=None)
+    args = ap.parse_args(argv)
+    overrides = dict(_split(kv) for kv in args.set)
+    out = byteify_sweep(
+        preset=args.preset,
+        stage1_checkpoint=args.stage1_checkpoint,
+        targets=args.targets,
+        relative=not args.absolute,
+        overrides=overrides,
+        parallel=args.parallel,
+        evaluation=Evaluation(max_bytes=args.eval_bytes),
+        speed=Speed(new_bytes=args.new_bytes, repeats=args.repeats),
+        tracking=Tracking(
+            experiment=f"byteify-sweep-{args.preset}",
+            model_name=args.model_name or f"byteify-sweep-{args.preset}",
+        ),
+    )
+    print(out["table"])
+    print(
+        json.dumps(
+            {k: out[k] for k in ("folder", "mlflow_run_id", "stage1_checkpoint", "speed_uri")}, indent=1
+        )
+    )
+    return 0
+
+
+def _split(kv: str) -> tuple[str, Any]:
+    import json
+
+    k, _, v = kv.partition("=")
+    try:
+        return k.strip(), json.loads(v)
+    except json.JSONDecodeError:
+        return k.strip(), v
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
