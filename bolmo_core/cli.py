@@ -5,6 +5,7 @@
     byteify export CKPT_DIR OUT_DIR                        HF folder, then the parity check (JSON report)
     byteify transfer BYTE_MODEL --base B --instruct I --out DIR   adds (instruct - base) to the global
                                                            blocks, exports, checks parity [, evaluates]
+    byteify prepare SOURCES... --out URI [--preset P]      byte shards + manifest (JSON summary)
 
 A new command is a ``_add_<name>(subparsers)`` that sets ``func`` and one line in ``build_parser``.
 """
@@ -285,6 +286,62 @@ def _add_transfer(sub) -> None:
     p.add_argument("--max-bytes", type=int, default=20_000, help="bytes of --text to score")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier byteify export at --out")
     p.set_defaults(func=cmd_transfer)
+def cmd_prepare(args) -> int:
+    from .config import get_preset
+    from .data import TokenBudget, prepare_dataset, read_manifest
+
+    try:
+        preset = get_preset(args.preset)
+    except ValueError as e:  # config.ConfigError: one line naming the preset
+        raise CLIError(str(e)) from None
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise CLIError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    if args.workers < 1:
+        raise CLIError(f"--workers {args.workers}: must be at least 1")
+    budget = None if args.all else TokenBudget.for_preset(preset, args.max_tokens, args.validation_bytes)
+    uri = prepare_dataset(
+        args.sources,
+        preset.model.source,
+        args.out,
+        preset.data,
+        workers=args.workers,
+        text_column=args.column,
+        budget=budget,
+    )
+    m = read_manifest(uri)
+    keys = ("manifest_hash", "splits", "budget", "budget_met", "used", "counts")
+    print(json.dumps({"manifest": uri, **{k: m.get(k) for k in keys}}, indent=1))
+    return 0
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="label documents with the preset's tokenizer into byte shards + manifest"
+    )
+    p.add_argument(
+        "sources",
+        metavar="SOURCES",
+        nargs="+",
+        help="files, folders, globs, s3:// URIs (JSONL, Parquet, text), hf:PATH, builtin:wiki (docs/scale.md)",
+    )
+    p.add_argument("--out", required=True, help="output folder (local path or s3:// URI)")
+    p.add_argument("--preset", default="smollm2-135m", help="tokenizer, shard shape and default token budget")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--max-tokens",
+        type=int,
+        help="training tokens to prepare (default: what the preset's stages consume)",
+    )
+    budget.add_argument("--all", action="store_true", help="prepare every document (no token budget)")
+    p.add_argument(
+        "--validation-bytes",
+        type=int,
+        default=0,
+        help="also stop only once the validation split has these bytes",
+    )
+    p.add_argument("--workers", type=int, default=1, help="labelling threads on this machine")
+    p.add_argument("--column", default="text", help="text column of JSONL/Parquet/hf inputs")
+    p.set_defaults(func=cmd_prepare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,12 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_export(sub)
     _add_transfer(sub)
+    _add_prepare(sub)
     return parser
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
     """byteify's one-line input errors (a library traceback stays a traceback: it is a bug)."""
     from .checkpoint import CheckpointError
+    from .data import DataError
     from .evaluate import EvalError
     from .export import ExportError
     from .generate import GenerationError
@@ -314,6 +373,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
         CLIError,
         cute.CuteError,
         CheckpointError,
+        DataError,
         EvalError,
         GlobalModelError,
         LoadError,

@@ -72,6 +72,7 @@ class ModelConfig:
     retained_embeddings: bool = True  # byte + longest-suffix subword embedding (§2)
     boundary_lookahead: int = knob(1, choices=(0, 1))  # 1: the released non-causal predictor; 0: causal
     boundary_threshold: float = knob(0.5, gt=0.0, lt=1.0)  # boundary where p_t > threshold (§4.2)
+    boundary_context: int = knob(0, ge=0)  # the predictor also reads this many previous bytes' states (0: §4)
     encoder_loss_layer: int = knob(4, ge=1)  # Stage-1 L2 match after this many global blocks (§8.4)
 
 
@@ -82,6 +83,7 @@ class DataConfig:
     shard_docs: int = knob(2048, ge=1)  # documents per Parquet shard
     validation_fraction: float = knob(0.01, ge=0.0, lt=1.0)
     split_seed: int = 0
+    loader: str = knob("auto", choices=("auto", "memory", "streaming"))  # training windows (loader.py)
 
     @property
     def byte_slots(self) -> int:
@@ -113,6 +115,8 @@ class LossConfig:
     boundary: float = knob(4.0, ge=0.0)
     distill_tau: float = knob(5.0, gt=0.0)
     whitespace_debias: bool = True
+    byte_kl: float = knob(0.0, ge=0.0)  # Stage 1: KL to the teacher's byte-level targets (byte_targets.py)
+    boundary_soft: float = knob(0.0, ge=0.0, le=1.0)  # Stage 1: BCE target mixes in the teacher's end mass
 
 
 # The Linear layers of a Llama/OLMo decoder block (attention and MLP projections).

@@ -2,17 +2,20 @@
 
 Metrics (both models on exactly the same bytes, in the same windows):
 
-* **bits per byte.** Byte model: Σ −log₂ p(byte) / #bytes with p(byte) the folded fused
-  probability p(v) + p(v + 260) (spec §1.1, §13.1), conditioning on the boundaries the
-  model itself places: the encoder's boundary predictor over the text, i.e. a full
-  forward with predicted boundaries. (That predictor looks one byte ahead, so the logits
-  at byte t know whether t ends a patch, which depends on byte t+1; spec §5.2. This is the
-  published recipe's evaluation; a boundary-free marginal would need a sum over
-  segmentations.) Source: Σ −log₂ p(token) over every token / #bytes, each window
-  starting from the document separator as context.
-* **boundary accuracy / precision / recall** of the predicted boundaries against the
-  source tokenizer's token ends (BOS and each window's last byte, which the predictor
-  cannot decide, are excluded), and the predicted/label boundary rates.
+* **bits per byte** (headline, causal). Byte model: Σ −log₂ p(byte) / #bytes with p(byte)
+  the folded fused probability p(v) + p(v + 260) (docs/architecture.md §1.1, §13.1), scored
+  the way the model generates: the end-of-patch flag of byte t+1 is decided by the decoder's
+  output at byte t given the true byte (flagged vs unflagged logit of that byte, greedy, as
+  `generate.py`'s forced first choice does), so no boundary is placed knowing a later byte
+  (`score_bytes`). ``bits_per_byte_lookahead`` is the published recipe's figure: boundaries
+  from the encoder's predictor, which looks one byte ahead (the patch that ends before byte
+  t+1 was closed knowing byte t+1, docs/architecture.md §5.2), so it is optimistic. Source:
+  Σ −log₂ p(token) over every token / #bytes, each window starting from the document
+  separator as context.
+* **boundary accuracy / precision / recall** of the predictor's boundaries (``boundary``) and
+  of the causal ones (``boundary_causal``) against the source tokenizer's token ends (BOS and
+  each window's last byte, which the predictor cannot decide, are excluded), and the
+  predicted/label boundary rates.
 * **bytes per patch** (byte model) next to bytes per token (source).
 * **CUTE-style char tasks** (`cute.py`), greedy generation for both models.
 
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 
 from . import cute
-from .byte_tokenizer import BOS, OFFSET, PAD, fold_logprobs
+from .byte_tokenizer import BOS, FUSED_OFFSET, OFFSET, PAD, fold_logprobs
 from .coarsen import coarsen_batch
 from .subword import RetainedIndex, SubwordVocab, get_vocab, label_documents
 
@@ -210,6 +213,110 @@ def source_boundaries(windows: Sequence[Window], width: int) -> torch.Tensor:
     return mask
 
 
+@dataclass
+class ByteScores:
+    """Per byte position t: log p(byte t+1) folded over the flag (nats; 0 where t+1 is no byte)."""
+
+    logp: torch.Tensor  # (B, L) with causal boundaries (or the forced ones)
+    boundary: torch.Tensor  # (B, L) bool: the boundaries `logp` conditions on
+    logp_lookahead: torch.Tensor | None  # (B, L) with the predictor's boundaries (one byte ahead)
+    boundary_lookahead: torch.Tensor | None  # (B, L) bool
+    passes: int  # full forwards the causal fixed point took (the slowest row)
+
+
+def _next_byte_logp(model, h, input_ids, boundary, byte_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global model + decoder over given boundaries -> (fused logits (B, L, 520) fp32, folded log p (B, L))."""
+    P = max(1, int(boundary.sum(1).max()))
+    reps, _, _, _ = model.patches(h, boundary, P)
+    logits, _ = model.decode(h, model.global_model(reps).hidden, boundary)
+    logits = logits.float()
+    folded = fold_logprobs(torch.log_softmax(logits, dim=-1))
+    nxt = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))
+    valid = torch.nn.functional.pad(byte_mask[:, :-1] & byte_mask[:, 1:], (0, 1), value=False)
+    return logits, folded.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).masked_fill(~valid, 0.0)
+
+
+def causal_flags(logits: torch.Tensor, input_ids: torch.Tensor, byte_mask: torch.Tensor) -> torch.Tensor:
+    """Boundaries the decoder's own outputs place: b_0 (BOS) and, for t+1, flagged > unflagged logit
+    of the true byte x_{t+1} at byte t (a tie is unflagged, as greedy argmax picks the lower id)."""
+    x = input_ids[:, 1:].unsqueeze(-1)
+    lg = logits[:, :-1]
+    flag = lg.gather(-1, x + FUSED_OFFSET).squeeze(-1) > lg.gather(-1, x).squeeze(-1)
+    b = torch.cat([torch.ones_like(flag[:, :1]), flag], 1)
+    return b & byte_mask
+
+
+@torch.no_grad()
+def score_bytes(
+    model, input_ids, expanded_ids, byte_mask, forced=None, autocast=contextlib.nullcontext
+) -> ByteScores:
+    """The one byte-model scorer (evaluation report and the trainer's validation).
+
+    forced: (B, L) boundaries to condition on (one forward). Otherwise both figures: the
+    predictor's boundaries (look-ahead) and the causal ones. The decoder at byte t depends only
+    on boundaries <= t, so the causal sequence is the unique fixed point of "forward with b,
+    re-decide b from the fused outputs": starting from the predictor's boundaries, each pass
+    makes at least the first wrong position right, a row whose decisions reproduce its
+    boundaries is done (its outputs are exactly those of byte-by-byte decoding), and only
+    unfinished rows run again. The encoder does not depend on boundaries: it runs once.
+    """
+    byte_mask = byte_mask.bool()
+    with autocast():
+        h, pred_logp, _ = model.encode(input_ids, expanded_ids)
+    if forced is not None:
+        b = forced.bool() & byte_mask
+        with autocast():
+            _, lp = _next_byte_logp(model, h, input_ids, b, byte_mask)
+        return ByteScores(lp, b, None, None, 1)
+    b = model.boundary_predictor.decide(pred_logp) & byte_mask
+    with autocast():
+        logits, lp = _next_byte_logp(model, h, input_ids, b, byte_mask)
+    look_lp, look_b = lp, b
+    out_lp, out_b = lp.clone(), b.clone()
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    cur_b, passes = b, 1
+    while True:
+        new = causal_flags(logits, input_ids[rows], byte_mask[rows])
+        done = (new == cur_b).all(1)
+        out_lp[rows[done]], out_b[rows[done]] = lp[done], new[done]
+        if bool(done.all()):
+            break
+        if passes > input_ids.shape[1]:  # cannot happen (each pass fixes a position): never loop forever
+            raise EvalError(f"causal boundaries did not converge in {passes} passes")
+        rows, cur_b = rows[~done], new[~done]
+        with autocast():
+            logits, lp = _next_byte_logp(model, h[rows], input_ids[rows], cur_b, byte_mask[rows])
+        passes += 1
+    return ByteScores(out_lp, out_b, look_lp, look_b, passes)
+
+
+class _BoundaryCounts:
+    """Agreement of boundary decisions with labels, summed over batches."""
+
+    def __init__(self):
+        self.tp = self.fp = self.fn = self.tn = 0
+
+    def add(self, pred: torch.Tensor, label: torch.Tensor) -> None:
+        pred, label = pred.bool(), label.bool()
+        self.tp += int((pred & label).sum())
+        self.fp += int((pred & ~label).sum())
+        self.fn += int((~pred & label).sum())
+        self.tn += int((~pred & ~label).sum())
+
+    def report(self) -> dict:
+        tp, fp, fn, tn = self.tp, self.fp, self.fn, self.tn
+        n = tp + fp + fn + tn
+        nan = float("nan")
+        return {
+            "accuracy": (tp + tn) / n if n else nan,
+            "precision": tp / (tp + fp) if tp + fp else nan,
+            "recall": tp / (tp + fn) if tp + fn else nan,
+            "predicted_rate": (tp + fp) / n if n else nan,
+            "label_rate": (tp + fn) / n if n else nan,
+            "positions": n,
+        }
+
+
 @torch.no_grad()
 def byte_model_stats(
     model,
@@ -222,57 +329,58 @@ def byte_model_stats(
 ) -> dict:
     """Folded bits per byte, boundary agreement with the source tokenizer, bytes per patch.
 
-    boundaries="source" pools at the source tokenizer's token ends instead of the predicted
-    boundaries (Stage-1 conditions; a diagnostic, not the model's own bpb).
+    boundaries="predicted": the model's own boundaries, causal (headline ``bits_per_byte``,
+    ``boundary_causal``) and the predictor's look-ahead ones (``bits_per_byte_lookahead``,
+    ``boundary``). boundaries="source" pools at the source tokenizer's token ends instead
+    (Stage-1 conditions; a diagnostic, not the model's own bpb): one figure, ``bits_per_byte``.
     """
     if boundaries not in ("predicted", "source"):
         raise EvalError(f"boundaries '{boundaries}': expected predicted or source")
     retained = retained or RetainedIndex(vocab)
     device = next(model.parameters()).device
-    bits, n_bytes, patches = 0.0, 0, 0
-    tp = fp = fn = tn = 0
+    kinds = ("", "_lookahead") if boundaries == "predicted" else ("",)
+    bits = dict.fromkeys(kinds, 0.0)
+    patches = dict.fromkeys(kinds, 0)
+    counts = {k: _BoundaryCounts() for k in kinds}
+    n_bytes, passes = 0, 0
     for b in range(0, len(windows), batch_size):
         chunk = windows[b : b + batch_size]
         input_ids, expanded = byte_batch(chunk, retained, vocab)
         forced = source_boundaries(chunk, input_ids.shape[1]).to(device) if boundaries == "source" else None
         input_ids, expanded = input_ids.to(device), expanded.to(device)
-        with _autocast(precision, device):
-            out = model(input_ids, expanded, boundary_mask=forced, byte_mask=input_ids != PAD)
-        logits, mask = out.logits, out.boundary_mask
-        logp = fold_logprobs(torch.log_softmax(logits.float(), dim=-1))
-        nll = -logp[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        mask = mask.bool().cpu()
-        for r, w in enumerate(chunk):
-            n = len(w.data)
-            bits += float(nll[r, :n].double().sum()) / LN2
-            n_bytes += n
-            # Position p (1-based byte index) ends a token when p is one of the token ends.
-            label = np.zeros(n + 1, dtype=bool)
-            label[w.token_ends.astype(np.int64)] = True
-            pred = mask[r, : n + 1].numpy()
-            # A window's bytes form this many patches: boundaries before its last byte, plus the last.
-            patches += int(pred[1:n].sum()) + 1
-            p, y = pred[1:n], label[1:n]  # BOS is forced, the last byte is undecidable
-            tp += int((p & y).sum())
-            fp += int((p & ~y).sum())
-            fn += int((~p & y).sum())
-            tn += int((~p & ~y).sum())
-    decided = tp + fp + fn + tn
-    return {
-        "bits": bits,
-        "bytes": n_bytes,
-        "bits_per_byte": bits / n_bytes,
-        "patches": patches,
-        "bytes_per_patch": n_bytes / patches,
-        "boundary": {
-            "accuracy": (tp + tn) / decided if decided else float("nan"),
-            "precision": tp / (tp + fp) if tp + fp else float("nan"),
-            "recall": tp / (tp + fn) if tp + fn else float("nan"),
-            "predicted_rate": (tp + fp) / decided if decided else float("nan"),
-            "label_rate": (tp + fn) / decided if decided else float("nan"),
-            "positions": decided,
-        },
-    }
+        sc = score_bytes(
+            model, input_ids, expanded, input_ids != PAD, forced, lambda: _autocast(precision, device)
+        )
+        passes = max(passes, sc.passes)
+        got = {"": (sc.logp, sc.boundary)}
+        if forced is None:
+            got["_lookahead"] = (sc.logp_lookahead, sc.boundary_lookahead)
+        for kind, (lp, mask) in got.items():
+            lp, mask = lp.double().cpu(), mask.cpu()
+            for r, w in enumerate(chunk):
+                n = len(w.data)
+                bits[kind] -= float(lp[r, :n].sum()) / LN2
+                # Position p (1-based byte index) ends a token when p is one of the token ends.
+                label = torch.zeros(n + 1, dtype=torch.bool)
+                label[torch.from_numpy(w.token_ends.astype(np.int64))] = True
+                pred = mask[r, : n + 1]
+                # A window's bytes form this many patches: boundaries before its last byte, plus the last.
+                patches[kind] += int(pred[1:n].sum()) + 1
+                counts[kind].add(pred[1:n], label[1:n])  # BOS is forced, the last byte is undecidable
+        n_bytes += sum(len(w.data) for w in chunk)
+    out = {"bytes": n_bytes}
+    # bits: the headline is causal (or forced); patches and boundary agreement keep their old
+    # names for the predictor's boundaries and get "_causal" for the causal ones.
+    for kind in kinds:
+        pk = "_causal" if kind == "" and boundaries == "predicted" else ""
+        out[f"bits{kind}"] = bits[kind]
+        out[f"bits_per_byte{kind}"] = bits[kind] / n_bytes
+        out[f"patches{pk}"] = patches[kind]
+        out[f"bytes_per_patch{pk}"] = n_bytes / patches[kind]
+        out[f"boundary{pk}"] = counts[kind].report()
+    if boundaries == "predicted":
+        out["causal_passes"] = passes
+    return out
 
 
 def byte_generate_fn(model, **gen_kwargs):
@@ -303,10 +411,13 @@ class Validator:
     """Validation on the manifest's validation split (rank 0, the stage's precision, fixed windows).
 
     * ``val_bpb``: byte bits per byte from folded fused probabilities (p(v) + p(v+260)),
-      boundaries predicted by the model (no patch-slot limit);
+      causal boundaries (`score_bytes`: decided by the model's own fused outputs, as it
+      generates; no patch-slot limit); ``val_bpb_lookahead``: the same with the predictor's
+      boundaries (one byte ahead: optimistic);
     * ``val_source_bpb``: the source model's token NLL sum / bytes on exactly the same bytes
       (computed once: the source does not change);
-    * ``val_boundary_acc`` / precision / recall against the (possibly coarsened) labels;
+    * ``val_boundary_acc`` / precision / recall of the predictor against the (possibly
+      coarsened) labels; ``val_boundary_acc_causal`` / ... of the causal boundaries;
     * ``val_patch_cos``: cosine similarity of the pooled patch representations (true
       boundaries) to the teacher's input embeddings of the same tokens (spec §8: > 0.97).
     """
@@ -352,7 +463,7 @@ class Validator:
     def _target_mask(batch: dict) -> torch.Tensor:
         """(B, L) bool: byte positions t whose next byte belongs to a complete (unclipped) patch."""
         ends = batch["patch_lens"].sum(1, keepdim=True)  # valid patches form a prefix
-        t = torch.arange(batch["input_ids"].shape[1])
+        t = torch.arange(batch["input_ids"].shape[1], device=ends.device)
         return (t + 1 >= 1) & (t + 1 < ends) & batch["byte_mask"].bool()
 
     @torch.no_grad()
@@ -376,73 +487,67 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, model) -> dict[str, float]:
-        from .pooling import boundaries_from_patch_lens
-
         if self.batches is None:
             self.batches = self._load_batches()
         if self.source_bpb is None:
             self.source_bpb = self._source_bpb()
         was_training = model.training
         model.eval()
-        nll, n_bytes, acc_n, acc_d, tp, n_pred, n_lab, cos_sum, cos_n, over = (
-            0.0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0.0,
-            0,
-            0.0,
-        )
+        acc = {"nll": 0.0, "nll_lookahead": 0.0, "bytes": 0, "over": 0.0, "passes": 0, "cos": 0.0, "cos_n": 0}
+        counts = {"": _BoundaryCounts(), "_causal": _BoundaryCounts()}
         for b in self.batches:
-            d = {k: v.to(self.device) for k, v in b.items()}
-            ids, byte_mask = d["input_ids"], d["byte_mask"].bool()
-            with self.autocast():
-                out = model(ids, d["expanded_ids"], byte_mask=byte_mask)
-                h, _, _ = model.encode(ids, d["expanded_ids"])
-                P = d["patch_lens"].shape[1]
-                b_true = boundaries_from_patch_lens(d["patch_lens"], ids.shape[1]) & byte_mask
-                reps, pmask, _, _ = model.patches(h, b_true, P)
-            folded = fold_logprobs(out.logits.float().log_softmax(-1))  # (B, L, 260)
-            nxt = torch.nn.functional.pad(ids[:, 1:], (0, 1))
-            tgt = self._target_mask(b).to(self.device)
-            lp = folded.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-            nll -= float(lp[tgt].sum())
-            n_bytes += int(tgt.sum())
-            over += float(out.overflow.float().mean())
-            lab, mask = model.boundary_targets(ids, b_true, byte_mask)
-            pred = model.boundary_predictor.decide(out.boundary_logp) & mask
-            lab = lab & mask
-            acc_n += int(((pred == lab) & mask).sum())
-            acc_d += int(mask.sum())
-            tp += int((pred & lab).sum())
-            n_pred += int(pred.sum())
-            n_lab += int(lab.sum())
-            if self.stage == 1 or not self.stage_cfg.target_bytes_per_patch:
-                emb = model.teacher.embed(d["teacher_ids"]).float()
-                cos = torch.nn.functional.cosine_similarity(reps.float(), emb, dim=-1)
-                valid = pmask & d["patch_mask"].bool()
-                cos_sum += float(cos[valid].sum())
-                cos_n += int(valid.sum())
+            self._add_batch(model, {k: v.to(self.device) for k, v in b.items()}, acc, counts)
         if was_training:
             model.train()
-        bpb = nll / max(1, n_bytes) / math.log(2)
+        bpb = acc["nll"] / max(1, acc["bytes"]) / math.log(2)
         metrics = {
             "val_bpb": bpb,
+            "val_bpb_lookahead": acc["nll_lookahead"] / max(1, acc["bytes"]) / math.log(2),
             "val_source_bpb": self.source_bpb,
             "val_bpb_ratio": bpb / self.source_bpb if self.source_bpb else float("nan"),
-            "val_boundary_acc": acc_n / max(1, acc_d),
-            "val_boundary_precision": tp / max(1, n_pred),
-            "val_boundary_recall": tp / max(1, n_lab),
-            "val_bytes_per_patch_pred": n_bytes / max(1, n_pred),
-            "val_overflow_frac": over / len(self.batches),
-            "val_bytes": float(n_bytes),
         }
-        if cos_n:
-            metrics["val_patch_cos"] = cos_sum / cos_n
+        for kind, c in counts.items():
+            r = c.report()
+            metrics[f"val_boundary_acc{kind}"] = r["accuracy"]
+            metrics[f"val_boundary_precision{kind}"] = r["precision"]
+            metrics[f"val_boundary_recall{kind}"] = r["recall"]
+        metrics["val_bytes_per_patch_pred"] = acc["bytes"] / max(1, counts[""].tp + counts[""].fp)
+        metrics["val_bytes_per_patch_causal"] = acc["bytes"] / max(
+            1, counts["_causal"].tp + counts["_causal"].fp
+        )
+        metrics["val_overflow_frac"] = acc["over"] / len(self.batches)
+        metrics["val_causal_passes"] = float(acc["passes"])
+        metrics["val_bytes"] = float(acc["bytes"])
+        if acc["cos_n"]:
+            metrics["val_patch_cos"] = acc["cos"] / acc["cos_n"]
         return metrics
+
+    def _add_batch(self, model, d: dict, acc: dict, counts: dict) -> None:
+        """One validation batch into the running sums (bits, boundary agreement, patch cosine)."""
+        from .pooling import boundaries_from_patch_lens
+
+        ids, byte_mask = d["input_ids"], d["byte_mask"].bool()
+        sc = score_bytes(model, ids, d["expanded_ids"], byte_mask, autocast=self.autocast)
+        tgt = self._target_mask(d)
+        acc["nll"] -= float(sc.logp[tgt].double().sum())
+        acc["nll_lookahead"] -= float(sc.logp_lookahead[tgt].double().sum())
+        acc["bytes"] += int(tgt.sum())
+        acc["passes"] = max(acc["passes"], sc.passes)
+        P = d["patch_lens"].shape[1]  # the training patch slots: rows predicting more overflow there
+        acc["over"] += float((sc.boundary_lookahead.sum(1) > P).float().mean())
+        b_true = boundaries_from_patch_lens(d["patch_lens"], ids.shape[1]) & byte_mask
+        lab, mask = model.boundary_targets(ids, b_true, byte_mask)
+        counts[""].add(sc.boundary_lookahead[mask], lab[mask])
+        counts["_causal"].add(sc.boundary[mask], lab[mask])
+        if self.stage == 1 or not self.stage_cfg.target_bytes_per_patch:
+            with self.autocast():
+                h, _, _ = model.encode(ids, d["expanded_ids"])
+                reps, pmask, _, _ = model.patches(h, b_true, P)
+            emb = model.teacher.embed(d["teacher_ids"]).float()
+            cos = torch.nn.functional.cosine_similarity(reps.float(), emb, dim=-1)
+            valid = pmask & d["patch_mask"].bool()
+            acc["cos"] += float(cos[valid].sum())
+            acc["cos_n"] += int(valid.sum())
 
 
 # ---------------------------------------------------------------- the report
@@ -478,7 +583,9 @@ def evaluate(
         "without the previous window's context (BOS / document separator only)",
         "byte-model bits per byte fold p(v)+p(v+260) and condition on "
         + (
-            "the model's own predicted boundaries (one byte of lookahead, spec §5.2)"
+            "causal boundaries: each byte's end-of-patch flag decided by the model's own fused output at "
+            "the byte before, as it generates; bits_per_byte_lookahead conditions on the boundary "
+            "predictor's (one byte of lookahead, docs/architecture.md §5.2: optimistic)"
             if cfg.boundaries == "predicted"
             else "the source tokenizer's boundaries (diagnostic: not the model's own bpb)"
         ),
@@ -560,30 +667,62 @@ def _fmt(x, digits=3) -> str:
     return str(x)
 
 
-def markdown_table(report: dict) -> str:
-    """Source vs byte model, one metric per row."""
+def report_rows(report: dict) -> list[dict]:
+    """The report's table, one row per quantity: {"metric": label, "source": value, "byte_model":
+    value, "keys": {side: snake_case metric name}} (value None: not measured). The CLI, the flow's
+    table artifact and the MLflow metrics are all made from these rows."""
     src, byt = report.get("source") or {}, report.get("byte_model") or {}
-    bnd = byt.get("boundary", {})
+    bnd, causal = byt.get("boundary", {}), byt.get("boundary_causal", {})
     rows = [
-        ("bits per byte", src.get("bits_per_byte"), byt.get("bits_per_byte")),
-        ("bytes per token / patch", src.get("bytes_per_token"), byt.get("bytes_per_patch")),
-        ("boundary accuracy", None, bnd.get("accuracy")),
-        ("boundary precision", None, bnd.get("precision")),
-        ("boundary recall", None, bnd.get("recall")),
+        ("bits per byte", "bits_per_byte", src.get("bits_per_byte"), byt.get("bits_per_byte")),
+        (
+            "bits per byte, look-ahead boundaries",
+            "bits_per_byte_lookahead",
+            None,
+            byt.get("bits_per_byte_lookahead"),
+        ),
+        (
+            "bytes per token (source) / patch (byte model)",
+            None,
+            src.get("bytes_per_token"),
+            byt.get("bytes_per_patch"),
+        ),
+        ("boundary accuracy (predictor)", "boundary_accuracy", None, bnd.get("accuracy")),
+        ("boundary precision (predictor)", "boundary_precision", None, bnd.get("precision")),
+        ("boundary recall (predictor)", "boundary_recall", None, bnd.get("recall")),
+        ("boundary accuracy (causal)", "boundary_accuracy_causal", None, causal.get("accuracy")),
     ]
+    cute = report.get("cute") or {}
+    cute_tasks, name = cute.get("tasks", []), cute.get("name", "char task")
     sc, bc = src.get("cute") or {}, byt.get("cute") or {}
-    for task in report["cute"]["tasks"]:
+    for t in cute_tasks:
         rows.append(
             (
-                f"{report['cute']['name']}: {task}",
-                (sc.get(task) or {}).get("accuracy"),
-                (bc.get(task) or {}).get("accuracy"),
+                f"{name}: {t}",
+                f"char_{t}_accuracy",
+                (sc.get(t) or {}).get("accuracy"),
+                (bc.get(t) or {}).get("accuracy"),
             )
         )
-    if report["cute"]["tasks"]:
-        rows.append((f"{report['cute']['name']}: mean", src.get("cute_mean"), byt.get("cute_mean")))
+    if cute_tasks:
+        rows.append((f"{name}: mean", "char_mean_accuracy", src.get("cute_mean"), byt.get("cute_mean")))
+    return [
+        {
+            "metric": label,
+            "source": a,
+            "byte_model": b,
+            "keys": {"source": key or "bytes_per_token", "byte_model": key or "bytes_per_patch"},
+        }
+        for label, key, a, b in rows
+    ]
+
+
+def markdown_table(report: dict) -> str:
+    """Source vs byte model, one metric per row (`report_rows`)."""
     lines = ["| metric | source | byte model |", "|---|---|---|"]
-    lines += [f"| {name} | {_fmt(a)} | {_fmt(b)} |" for name, a, b in rows]
+    lines += [
+        f"| {r['metric']} | {_fmt(r['source'])} | {_fmt(r['byte_model'])} |" for r in report_rows(report)
+    ]
     t = report["text"]
     lines.append("")
     lines.append(
@@ -615,3 +754,53 @@ def boundary_samples(model, tok, docs: list[bytes], n: int = 3, max_bytes: int =
         ]
         samples.append({"patches": patches, "tokens": tokens})
     return samples
+
+
+# ---------------------------------------------------------------- a checkpoint on a whole split
+
+
+def split_metrics(
+    path: str, manifest_uri: str, max_batches: int | None = None, device: str = "cpu"
+) -> dict[str, float]:
+    """The Validator's val_* metrics of a checkpoint on the manifest's whole validation split
+    (or its first max_batches micro-batches), windows as in training, source bpb on the same bytes."""
+    from . import checkpoint
+    from .load import load_checkpoint_model
+    from .source import load_tokenizer
+    from .subword import SubwordVocab
+
+    model, preset = load_checkpoint_model(path, device)
+    stage = int(checkpoint.read_config(checkpoint.resolve_checkpoint(path)).get("stage", 1))
+    stage_cfg = preset.stage1 if stage == 1 else preset.stage2
+    stage_cfg.eval_batches = max_batches or 1 << 30  # iter_eval stops at the split's end
+    vocab = SubwordVocab.from_tokenizer(load_tokenizer(preset.model.source))
+    return Validator(preset, stage, manifest_uri, vocab, torch.device(device))(model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m bolmo_core.evaluate CHECKPOINT --manifest M [--batches N]: val_* metrics as JSON."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m bolmo_core.evaluate", description=main.__doc__)
+    ap.add_argument("checkpoint", help="a checkpoint folder (step-N/, final/) or a stage output folder")
+    ap.add_argument("--manifest", required=True, help="data manifest whose validation split is scored")
+    ap.add_argument("--batches", type=int, default=None, help="only the first N micro-batches")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .load import LoadError
+    from .storage import StorageError
+
+    try:
+        metrics = split_metrics(args.checkpoint, args.manifest, args.batches, args.device)
+    except (EvalError, LoadError, DataError, CheckpointError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(metrics, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,7 @@ copied from `bolmo_core/hf/` (it never imports bolmo_core). `check_parity` loads
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -200,26 +201,23 @@ def _add_retained(model, state: dict, vocab) -> dict:
 
 
 def _hf_config(model, extra: dict):
+    """The HF config: the preset's own field names (LocalConfig, ModelConfig's boundary fields), no renames."""
     from .hf.configuration_bolmo import BolmoConfig
 
     cfg = model.cfg
-    extra = {"retained_vocab_size": 0, "retained_entries": 0, "retained_bytes": 0, **extra}
+    local = {
+        k: v
+        for k, v in dataclasses.asdict(cfg.local).items()
+        if k not in ("chunk_size", "kernel", "igate_bias_init")
+    }
+    boundary = {k: getattr(cfg, k) for k in ("boundary_lookahead", "boundary_threshold", "boundary_context")}
     return BolmoConfig(
         global_config=_global_config(model),
-        d_local=model.d_local,
-        local_heads=cfg.local.n_heads,
-        local_ffn_hidden=cfg.local.ffn_hidden,
-        n_encoder_layers=cfg.local.n_encoder_layers,
-        n_decoder_layers=cfg.local.n_decoder_layers,
-        qk_dim_factor=cfg.local.qk_dim_factor,
-        gate_soft_cap=cfg.local.gate_soft_cap,
-        block_norm_eps=cfg.local.block_norm_eps,
-        local_norm_eps=cfg.local.norm_eps,
-        boundary_lookahead=cfg.boundary_lookahead,
-        boundary_threshold=cfg.boundary_threshold,
+        **{**local, "d_local": model.d_local},
+        **boundary,
         architectures=["BolmoForCausalLM"],
         auto_map=AUTO_MAP,
-        **extra,
+        **{"retained_vocab_size": 0, "retained_entries": 0, "retained_bytes": 0, **extra},
     )
 
 

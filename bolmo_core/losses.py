@@ -59,3 +59,14 @@ def fused_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> 
     safe = labels.masked_fill(~mask, 0)
     ce = F.cross_entropy(logits.float().flatten(0, -2), safe.flatten(), reduction="none").view_as(labels)
     return masked_mean(ce, mask)
+
+
+def byte_kl(target: torch.Tensor, student_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(target || student) per byte position over the fused ids, mean over masked positions.
+
+    target (..., 520) probabilities (rows of masked-out positions may be anything finite),
+    student_logp (..., 520) log-probabilities; zero-probability target entries contribute 0.
+    """
+    q = target.float()
+    kl = (torch.xlogy(q, q) - q * student_logp.float()).sum(-1)
+    return masked_mean(kl, mask)

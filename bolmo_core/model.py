@@ -6,6 +6,12 @@ patch (oracle); losses 4 x L2 at global layer `encoder_loss_layer` + CE + binari
 distillation + 4 x boundary BCE. Stage 2 (`stage2_loss`, spec §9): predicted boundaries, the
 global model runs on the student's patches, CE + 4 x BCE.
 
+Stage-1 options beyond the paper (issue 13; defaults off): `LossConfig.byte_kl` adds the KL from
+the teacher's exact byte-level targets to the student's fused distribution at every byte
+(`byte_targets.py`; computed in the teacher's one chunked pass over its logits), and
+`LossConfig.boundary_soft` mixes the teacher's "the token ends with this byte" mass into the
+boundary BCE target (docs/training.md, "Byte-level targets").
+
 Normalisation (spec §8.5): every term here is a mean over its valid elements in the batch it
 is given (CE: valid label bytes; distillation and encoder L2: valid patches; BCE: valid label
 bytes). The reference multiplies CE by (padded byte slots / valid bytes) and the distillation
@@ -24,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import losses
+from . import byte_targets, losses
 from .boundary_predictor import BoundaryPredictor
-from .byte_tokenizer import BOS, FUSED_OFFSET, OFFSET
+from .byte_tokenizer import BOS, FUSED_OFFSET, FUSED_VOCAB, OFFSET
 from .config import LossConfig, ModelConfig, StageConfig
 from .global_model import GlobalModel, GlobalModelError
 from .lm_head import LMHead
@@ -75,7 +81,9 @@ class BolmoModel(nn.Module):
             )
         retained = (vocab.vocab_size if vocab is not None else n_src) if cfg.retained_embeddings else None
         self.local_encoder = LocalEncoder(d_l, cfg.local, retained)
-        self.boundary_predictor = BoundaryPredictor(d_l, cfg.boundary_lookahead, cfg.boundary_threshold)
+        self.boundary_predictor = BoundaryPredictor(
+            d_l, cfg.boundary_lookahead, cfg.boundary_threshold, cfg.boundary_context
+        )
         self.out_projection = nn.Linear(d_l, d_g, bias=True)  # patch reps -> global inputs (spec §3.1)
         self.local_decoder = LocalDecoder(d_l, d_g, cfg.local)
         self.lm_head = LMHead(d_l, cfg.local.block_norm_eps)
@@ -86,6 +94,7 @@ class BolmoModel(nn.Module):
         # non-persistent: derived from the source tokenizer, not a trained weight
         self.register_buffer("whitespace_mask", ws, persistent=False)
         self.has_vocab = vocab is not None
+        self.vocab = vocab  # the source vocabulary (byte-level targets), not a module
         self.register_buffer(
             "whitespace_byte_ids", torch.tensor([b + OFFSET for b in WHITESPACE_BYTES]), persistent=False
         )
@@ -236,36 +245,86 @@ class BolmoModel(nn.Module):
         total = total + w.ce * ce
         metrics["loss_ce"] = float(ce.detach())
 
-        if w.distill > 0:
-            dist = self._distill(
-                logits, labels, ce_mask, b, ends, t_final, teacher_ids, patch_lens, patch_mask, w
+        dense = w.byte_kl > 0 or w.boundary_soft > 0
+        if (dense or (w.distill > 0 and w.whitespace_debias)) and not self.has_vocab:
+            raise GlobalModelError(
+                "whitespace debiasing and byte-level targets need the source vocabulary (build with from_source)"
             )
+        q = q_mask = None
+        logp_s = logits.float().log_softmax(-1) if w.distill > 0 or w.byte_kl > 0 else None
+        if w.distill > 0 or dense:
+            tokens = byte_targets.patch_tokens(self.target_table, batch) if dense else None
+            y_t, ws_t, tp = self._teacher_token_logp(
+                t_final, teacher_ids, w.whitespace_debias and w.distill > 0, tokens
+            )
+            if dense:
+                q, q_mask = self._dense_targets(tp, ends, ce_mask)
+                metrics["byte_target_frac"] = float(q_mask.sum() / ce_mask.sum().clamp(min=1))
+        if w.distill > 0:
+            dist = self._distill(logp_s, labels, ce_mask, b, ends, y_t, ws_t, patch_lens, patch_mask, w)
             total = total + w.distill * dist
             metrics["loss_distill"] = float(dist.detach())
+        if w.byte_kl > 0:
+            bkl = losses.byte_kl(q, logp_s, q_mask)
+            total = total + w.byte_kl * bkl
+            metrics["loss_byte_kl"] = float(bkl.detach())
 
         b_lab, b_mask = self.boundary_targets(ids, b, byte_mask)
-        bce = losses.boundary_bce(logp, b_lab, b_mask)
+        target = b_lab if w.boundary_soft <= 0 else self._soft_boundary_labels(ids, b_lab, q, q_mask, w)
+        bce = losses.boundary_bce(logp, target, b_mask)
         total = total + w.boundary * bce
         metrics["loss_boundary"] = float(bce.detach())
         metrics.update(self._boundary_metrics(logp, b_lab, b_mask, b, byte_mask, overflow))
         metrics["loss"] = float(total.detach())
         return total, metrics
 
-    def _distill(self, logits, labels, ce_mask, b, ends, t_final, teacher_ids, patch_lens, patch_mask, w):
+    @property
+    def target_table(self) -> byte_targets.TargetTable:
+        """The sorted-vocabulary table of the byte-level targets (built once per vocabulary)."""
+        return byte_targets.table_for(self.vocab)
+
+    def _dense_targets(self, tp: byte_targets.TeacherPass, ends, ce_mask):
+        """Targets at their byte positions: (B, L, 520) float32 and (B, L) bool (byte_targets.py rules).
+
+        Teacher row (b, k) holds patch k+1's targets; byte j of that patch sits at end(patch k) + j.
+        """
+        B, L = ce_mask.shape
+        P = ends.shape[1]
+        b_idx = torch.div(tp.row, P, rounding_mode="floor")
+        t = ends.flatten()[tp.row] + tp.j
+        q = torch.zeros(B, L, FUSED_VOCAB, device=ce_mask.device)
+        q[b_idx, t] = tp.probs
+        mask = torch.zeros_like(ce_mask)
+        mask[b_idx, t] = tp.mass >= byte_targets.MIN_PREFIX_MASS
+        return q, mask & ce_mask
+
+    def _soft_boundary_labels(self, ids, hard, q, q_mask, w: LossConfig):
+        """(1-a) x subword ends + a x the teacher's mass on "the token ends with this byte" (byte_targets.py).
+
+        Byte t's soft label comes from the target at t-1, restricted to the byte that came:
+        q(x_t + 260) / (q(x_t) + q(x_t + 260)). Bytes without a target, BOS and the byte before a
+        separator (which joins the patch before it, `boundary_targets`) keep the hard label.
+        """
+        x = ids[:, 1:].clamp(min=0)
+        qn = q[:, :-1]
+        ends = qn.gather(-1, (x + FUSED_OFFSET).unsqueeze(-1)).squeeze(-1)
+        goes_on = qn.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+        has = q_mask[:, :-1] & (ends + goes_on > 0) & ~F.pad(ids[:, 2:] == BOS, (0, 1), value=False)
+        soft = ends / (ends + goes_on).clamp(min=1e-30)
+        mixed = hard.float().clone()
+        mixed[:, 1:] = torch.where(
+            has, (1 - w.boundary_soft) * mixed[:, 1:] + w.boundary_soft * soft, mixed[:, 1:]
+        )
+        return mixed
+
+    def _distill(self, logp_s, labels, ce_mask, b, ends, y_t, ws_t, patch_lens, patch_mask, w):
         """Binarised KL between teacher token and student patch log-likelihoods (spec §8.4), patches 1..P-1."""
         B, L = labels.shape
-        P = teacher_ids.shape[1]
-        logp_s = logits.float().log_softmax(-1)
+        P = patch_lens.shape[1]
         tok = logp_s.gather(-1, labels.unsqueeze(-1)).squeeze(-1).masked_fill(~ce_mask, 0.0)
         # label_t belongs to the patch of byte t+1; bytes past the last patch go to a spare column
         target = F.pad(patch_ids(b)[:, 1:], (0, 1), value=P).clamp(max=P)
         y_s = logp_s.new_zeros(B, P + 1).scatter_add_(1, target, tok)[:, 1:P]
-
-        if w.whitespace_debias and not self.has_vocab:
-            raise GlobalModelError(
-                "whitespace debiasing needs the source vocabulary (build with from_source)"
-            )
-        y_t, ws_t = self._teacher_token_logp(t_final, teacher_ids, w.whitespace_debias)
         if w.whitespace_debias:  # both sides: log p(the next unit after patch k starts with whitespace)
             y_t = y_t + ws_t[:, 1:]
             ws_s = logp_s[..., self.whitespace_byte_ids].logsumexp(-1)  # (B, L)
@@ -274,24 +333,44 @@ class BolmoModel(nn.Module):
         return losses.binarised_kl(y_t, y_s, mask, w.distill_tau)
 
     @torch.no_grad()
-    def _teacher_token_logp(self, t_final, teacher_ids, debias: bool, chunk: int = 512):
-        """Teacher log p(token k | < k) for k = 1..P-1 and log p(next starts with whitespace) per position.
+    def _teacher_token_logp(self, t_final, teacher_ids, debias: bool, byte_tokens=None, chunk: int = 512):
+        """Teacher log p(token k | < k) for k = 1..P-1, log p(next starts with whitespace) per position,
+        and (byte_tokens given, (B, P)) the byte-level targets, from one chunked pass over the logits.
 
-        Computed a chunk of positions at a time so the (B, P, V) logits never exist whole.
+        Computed a chunk of positions at a time so the (B, P, V) logits never exist whole. With
+        byte targets, log Z and the whitespace mass come from the targets' cumulative sum (the
+        same numbers, no extra pass over the logits) and the chunk shrinks so the sorted float64
+        sums stay near 2^25 entries.
         """
         B, P, _ = t_final.shape
         nxt = F.pad(teacher_ids[:, 1:], (0, 1))  # the token each position predicts (last: unused)
-        tok_lp, ws_lp = [], []
+        tok_lp, ws_lp, passes = [], [], []
+        if byte_tokens is not None:
+            V = self.teacher.embed_tokens.weight.shape[0]
+            chunk = max(1, min(chunk, (1 << 25) // max(1, B * V)))
         for s in range(0, P, chunk):
             logits = self.teacher.logits(t_final[:, s : s + chunk]).float()
-            logz = logits.logsumexp(-1)
-            tok_lp.append(logits.gather(-1, nxt[:, s : s + chunk, None]).squeeze(-1) - logz)
-            if debias:
+            c = logits.shape[1]
+            if byte_tokens is not None:
+                tp = byte_targets.teacher_pass(
+                    self.target_table, logits.flatten(0, 1), byte_tokens[:, s : s + c].flatten()
+                )
+                logz, ws = tp.logz.view(B, c), tp.ws_logp.view(B, c)
+                # rows of this chunk -> rows of the whole (B, P) grid
+                tp.row = torch.div(tp.row, c, rounding_mode="floor") * P + s + tp.row % c
+                passes.append(tp)
+            else:
+                logz = logits.logsumexp(-1)
+            tok_lp.append(logits.gather(-1, nxt[:, s : s + c, None]).squeeze(-1) - logz)
+            if debias and byte_tokens is not None:
+                ws_lp.append(ws)
+            elif debias:
                 ws = self.whitespace_mask
                 V = logits.shape[-1]
                 ws = F.pad(ws, (0, V - ws.shape[0]), value=False) if ws.shape[0] < V else ws[:V]
                 ws_lp.append(logits.masked_fill(~ws, float("-inf")).logsumexp(-1) - logz)
-        return torch.cat(tok_lp, 1)[:, :-1], torch.cat(ws_lp, 1) if debias else None
+        targets = byte_targets.concat(passes) if passes else None
+        return torch.cat(tok_lp, 1)[:, :-1], torch.cat(ws_lp, 1) if debias else None, targets
 
     def stage2_loss(self, batch: dict, loss_cfg: LossConfig | None = None):
         """Stage 2 (spec §9): predicted boundaries, global model on student patches, CE + 4 x BCE."""

@@ -84,11 +84,15 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             d = os.path.dirname(path) or "."
             os.makedirs(d, exist_ok=True)
             tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:  # a failed write (full disk) leaves no orphan temp file
+                if os.path.exists(tmp):
+                    os.remove(tmp)
         else:
             fs.pipe_file(path, data)
     except FileNotFoundError as e:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from bolmo_core.config import get_preset
 from tasks import PROJECT_ROOT, artifacts, registry
 from tasks import tracking as mlflow_tasks
-from tasks.data import data_out_uri, prepare_data
+from tasks.data import data_out_uri, prepare_data, token_budget
 from tasks.evaluation import evaluate_model
 from tasks.export import export_model
 from tasks.training import curve_uri, stage_done, stage_out_uri, train_stage
@@ -33,6 +33,9 @@ class Compute(BaseModel):
     )
     deterministic: bool = Field(False, description="bit-exact resume on CPU (slower)")
     data_workers: int = Field(1, ge=1, description="parallel shard-labeling tasks")
+    dask_address: str | None = Field(
+        None, description="Dask scheduler (tcp://host:8786) for data preparation; empty: a thread pool"
+    )
     max_minutes: float | None = Field(None, gt=0, description="per stage, wall-clock training budget")
 
 
@@ -126,7 +129,8 @@ def byteify(
         data_out_uri(root, data_sources, p),
         p.data,
         workers=compute.data_workers,
-        world_size=compute.processes,
+        budget=token_budget(cfg, validation_bytes=evaluation.max_bytes),  # what the stages consume
+        dask_address=compute.dask_address,
     )
     artifacts.manifest_summary(manifest_uri)
 

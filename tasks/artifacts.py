@@ -96,13 +96,6 @@ class Progress:
         self._send(100.0, f"done in {duration(time.monotonic() - self.t0)} · {text}")
 
 
-def shards_text(results: list[dict], total: int) -> str:
-    """'3/8 shards · 1,204 documents · 5.6 MB · 1.31 M tokens' from label_shard results."""
-    entries = [e for r in results for e in r.get("entries", [])]
-    docs, nbytes, tokens = (sum(e.get(k, 0) for e in entries) for k in ("rows", "bytes", "tokens"))
-    return f"{len(results)}/{total} shards · {docs:,} documents · {nbytes / 1e6:.1f} MB · {tokens / 1e6:.2f} M tokens"
-
-
 # ---------------------------------------------------------------- data manifest
 
 
@@ -115,9 +108,9 @@ def manifest_summary(manifest_uri: str) -> str:
     """Markdown summary of the data manifest: sources, tokenizer, splits and shards."""
     m = storage.read_json(manifest_uri)
     lines = [f"# Data manifest\n\n`{manifest_uri}`\n", f"- manifest hash: `{m.get('manifest_hash', '')}`"]
-    for key in ("sources", "format", "tokenizer", "code_version"):
-        if key in m:
-            v = m[key]
+    shown = {"sources": (m.get("inputs") or {}).get("sources"), **{k: m.get(k) for k in ("budget", "tokenizer", "code_version")}}
+    for key, v in shown.items():
+        if v is not None:
             lines.append(f"- {key}: `{v if isinstance(v, str) else json.dumps(v, sort_keys=True)[:300]}`")
     totals = {k: v for k, v in (m.get("totals") or m.get("splits") or {}).items() if isinstance(v, dict)}
     if totals:
@@ -228,41 +221,12 @@ def plots_uri(root: str, checkpoint_hash: str) -> str:
 
 
 def eval_rows(report: dict) -> list[dict[str, Any]]:
-    """One row per quantity, source vs byte model; `key` is its metric name (snake_case)."""
-    src, byt = report.get("source") or {}, report.get("byte_model") or {}
-    bnd = byt.get("boundary") or {}
-    rows = [
-        ("bits per byte", "bits_per_byte", src.get("bits_per_byte"), byt.get("bits_per_byte")),
-        (
-            "bytes per token (source) / patch (byte model)",
-            None,
-            src.get("bytes_per_token"),
-            byt.get("bytes_per_patch"),
-        ),
-        ("boundary accuracy", "boundary_accuracy", None, bnd.get("accuracy")),
-        ("boundary precision", "boundary_precision", None, bnd.get("precision")),
-        ("boundary recall", "boundary_recall", None, bnd.get("recall")),
+    """The report's rows (bolmo_core.evaluate.report_rows), values rounded for display."""
+    from bolmo_core.evaluate import report_rows
+
+    return [
+        {**r, "source": _num(r["source"]), "byte_model": _num(r["byte_model"])} for r in report_rows(report)
     ]
-    sc, bc = src.get("cute") or {}, byt.get("cute") or {}
-    tasks = (report.get("cute") or {}).get("tasks", [])
-    for t in tasks:
-        rows.append(
-            (
-                f"char task: {t}",
-                f"char_{t}_accuracy",
-                (sc.get(t) or {}).get("accuracy"),
-                (bc.get(t) or {}).get("accuracy"),
-            )
-        )
-    if tasks:
-        rows.append(
-            ("char tasks: mean accuracy", "char_mean_accuracy", src.get("cute_mean"), byt.get("cute_mean"))
-        )
-    out = []
-    for label, key, a, b in rows:
-        keys = {"source": key or "bytes_per_token", "byte_model": key or "bytes_per_patch"}
-        out.append({"metric": label, "source": _num(a), "byte_model": _num(b), "keys": keys})
-    return out
 
 
 def _num(v):

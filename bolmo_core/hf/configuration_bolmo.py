@@ -30,16 +30,17 @@ class BolmoConfig(PretrainedConfig):
         self,
         global_config=None,
         d_local=None,
-        local_heads=4,
-        local_ffn_hidden=352,
+        n_heads=4,
+        ffn_hidden=352,
         n_encoder_layers=1,
         n_decoder_layers=4,
         qk_dim_factor=0.5,
         gate_soft_cap=15.0,
         block_norm_eps=1e-6,
-        local_norm_eps=1e-5,
+        norm_eps=1e-5,
         boundary_lookahead=1,
         boundary_threshold=0.5,
+        boundary_context=0,
         retained_vocab_size=0,
         retained_entries=0,
         retained_bytes=0,
@@ -52,11 +53,12 @@ class BolmoConfig(PretrainedConfig):
     ):
         self.global_config = dict(global_config or {})
         self.d_local = d_local
-        self.local_heads, self.local_ffn_hidden = local_heads, local_ffn_hidden
+        self.n_heads, self.ffn_hidden = n_heads, ffn_hidden
         self.n_encoder_layers, self.n_decoder_layers = n_encoder_layers, n_decoder_layers
         self.qk_dim_factor, self.gate_soft_cap = qk_dim_factor, gate_soft_cap
-        self.block_norm_eps, self.local_norm_eps = block_norm_eps, local_norm_eps
+        self.block_norm_eps, self.norm_eps = block_norm_eps, norm_eps
         self.boundary_lookahead, self.boundary_threshold = boundary_lookahead, boundary_threshold
+        self.boundary_context = boundary_context
         self.retained_vocab_size, self.retained_entries, self.retained_bytes = (
             retained_vocab_size,
             retained_entries,

@@ -72,7 +72,7 @@ def mlstm_step(q, k, v, i, f, state, eps=1e-6):
 class MLSTMLayer(nn.Module):
     def __init__(self, d, cfg):
         super().__init__()
-        self.h, dqk = cfg.local_heads, int(d * cfg.qk_dim_factor)
+        self.h, dqk = cfg.n_heads, int(d * cfg.qk_dim_factor)
         self.cap = cfg.gate_soft_cap
         self.q, self.k = nn.Linear(d, dqk, bias=False), nn.Linear(d, dqk, bias=False)
         self.v, self.o_gate = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
@@ -115,7 +115,7 @@ class LocalBlock(nn.Module):
     def __init__(self, d, cfg):
         super().__init__()
         self.mlstm_norm, self.mlstm = nn.RMSNorm(d, eps=cfg.block_norm_eps), MLSTMLayer(d, cfg)
-        self.ffn_norm, self.ffn = nn.RMSNorm(d, eps=cfg.block_norm_eps), SwiGLU(d, cfg.local_ffn_hidden)
+        self.ffn_norm, self.ffn = nn.RMSNorm(d, eps=cfg.block_norm_eps), SwiGLU(d, cfg.ffn_hidden)
 
     def forward(self, x, state=None, hold=None):
         a, state = self.mlstm(self.mlstm_norm(x), state, hold)
@@ -143,7 +143,7 @@ class LocalEncoder(nn.Module):
             nn.Embedding(cfg.retained_vocab_size, d) if cfg.retained_vocab_size else None
         )
         self.blocks = nn.ModuleList(LocalBlock(d, cfg) for _ in range(cfg.n_encoder_layers))
-        self.norm = nn.RMSNorm(d, eps=cfg.local_norm_eps)
+        self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
 
     def forward(self, ids, expanded, state=None, hold=None):
         e = self.byte_embedding(ids)
@@ -158,8 +158,15 @@ class BoundaryPredictor(nn.Module):
         super().__init__()
         self.lookahead, self.log_threshold = cfg.boundary_lookahead, math.log(cfg.boundary_threshold)
         self.q, self.k = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.context = getattr(cfg, "boundary_context", 0)
+        # Wider input: h_t + U [h_{t-1}; ...; h_{t-c}] (zeros before the row's start).
+        self.widen = nn.Linear(self.context * d, d, bias=False) if self.context else None
 
     def forward(self, h):
+        if self.widen is not None:
+            c, L = self.context, h.shape[1]
+            past = F.pad(h, (0, 0, c, 0))
+            h = h + self.widen(torch.cat([past[:, c - i : c - i + L] for i in range(1, c + 1)], -1))
         q = F.normalize(self.q(h[:, :-1]).float(), dim=-1)
         k = F.normalize(self.k(h[:, 1:]).float(), dim=-1)
         logp = torch.log1p(-(q * k).sum(-1).clamp(max=1 - 1e-3)) - math.log(2.0)
@@ -171,7 +178,7 @@ class BoundaryPredictor(nn.Module):
 class LocalDecoder(nn.Module):
     def __init__(self, d, d_global, cfg):
         super().__init__()
-        self.initial_norm = nn.RMSNorm(d_global, eps=cfg.local_norm_eps)
+        self.initial_norm = nn.RMSNorm(d_global, eps=cfg.norm_eps)
         self.global_projection = nn.Linear(d_global, d, bias=False) if d != d_global else None
         self.in_projection = nn.Linear(d, d)
         self.blocks = nn.ModuleList(LocalBlock(d, cfg) for _ in range(cfg.n_decoder_layers))

@@ -109,10 +109,11 @@ def test_byte_bpb_independent_and_batch_invariant(tiny):
     wins = E.make_windows(tok, [_wiki_text(400), b"A second, shorter document."], 150)
     batched = E.byte_model_stats(model, vocab, wins, batch_size=4)
     single = E.byte_model_stats(model, vocab, wins, batch_size=1)
-    assert batched["bits"] == pytest.approx(single["bits"], rel=1e-5)
-    assert batched["patches"] == single["patches"]
+    for key in ("bits", "bits_lookahead"):
+        assert batched[key] == pytest.approx(single[key], rel=1e-5)
+    assert batched["patches"] == single["patches"] and batched["patches_causal"] == single["patches_causal"]
 
-    # Independent: per window, a forward with predicted boundaries, probabilities summed over the flag.
+    # Independent look-ahead figure: per window, a forward with predicted boundaries, p summed over the flag.
     from bolmo_core.subword import RetainedIndex
 
     retained, bits = RetainedIndex(vocab), 0.0
@@ -124,8 +125,117 @@ def test_byte_bpb_independent_and_batch_invariant(tiny):
             p = model(ids, exp).logits.float().softmax(-1)[0]
         p_byte = p[:-1, :260] + p[:-1, 260:]
         bits -= float(torch.log2(p_byte.gather(-1, ids[0, 1:, None])).double().sum())
-    assert batched["bits"] == pytest.approx(bits, rel=1e-4)
+    assert batched["bits_lookahead"] == pytest.approx(bits, rel=1e-4)
     assert batched["bytes"] == sum(len(w.data) for w in wins)
+
+
+def _byte_by_byte(model, ids: torch.Tensor, exp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slow reference of causal scoring, one row: for t = 0, 1, ...: a forward over bytes 0..t with the
+    flags decided so far, then byte t+1's flag = flagged vs unflagged logit of the true byte at t."""
+    b, logp = [True], []
+    for t in range(len(ids) - 1):
+        with torch.no_grad():
+            out = model(ids[None, : t + 1], exp[None, : t + 1], boundary_mask=torch.tensor([b]))
+        lg = out.logits[0, t].float()
+        x = int(ids[t + 1])
+        b.append(bool(lg[x + 260] > lg[x]))
+        lp = lg.log_softmax(-1)
+        logp.append(float(torch.logaddexp(lp[x], lp[x + 260])))
+    return torch.tensor(b), torch.tensor(logp, dtype=torch.float64)
+
+
+def test_causal_scores_equal_byte_by_byte_decoding(tiny):
+    """The fixed-point iteration == a forward per byte with the flags decided so far (random-ish flags:
+    an untrained head flags ~half the bytes, so many passes are needed and checked)."""
+    _, model, tok = tiny
+    vocab = get_vocab(tok)
+    wins = E.make_windows(tok, [_wiki_text(300), b"Short one."], 120)
+    ids, exp = E.byte_batch(wins, E.RetainedIndex(vocab), vocab)
+    sc = E.score_bytes(model, ids, exp, ids != 0)
+    assert sc.passes > 2
+    ref_bits = 0.0
+    for r, w in enumerate(wins):
+        n = len(w.data) + 1
+        b_ref, lp_ref = _byte_by_byte(model, ids[r, :n], exp[r, :n])
+        assert torch.equal(sc.boundary[r, :n], b_ref) and not sc.boundary[r, n:].any()
+        assert 0.2 < b_ref.float().mean() < 0.8
+        assert torch.allclose(sc.logp[r, : n - 1].double(), lp_ref, atol=1e-4)
+        assert not sc.logp[r, n - 1 :].any()
+        ref_bits -= float(lp_ref.sum()) / math.log(2)
+    stats = E.byte_model_stats(model, vocab, wins)
+    assert stats["bits"] == pytest.approx(ref_bits, rel=1e-5)
+    assert stats["bits"] != stats["bits_lookahead"] and stats["causal_passes"] == sc.passes
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """31 short documents, 30 % of them held out (so the validation split is never empty)."""
+    from train_helpers import OVERRIDES
+
+    from bolmo_core.data import prepare_dataset
+
+    folder = tmp_path_factory.mktemp("valdata")
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in tiny_corpus(12_000)))
+    p = get_preset("tiny", {**OVERRIDES, "data.validation_fraction": 0.3})
+    return prepare_dataset([str(folder / "docs.jsonl")], p.model.source, str(folder / "data"), p.data)
+
+
+def test_validator_scores_with_the_same_scorer(tiny, manifest):
+    """The trainer's validation: val_bpb is causal (== byte-by-byte decoding of its batches), and
+    val_bpb_lookahead == a plain forward with the predictor's boundaries."""
+    from train_helpers import OVERRIDES
+
+    _, model, tok = tiny
+    preset = get_preset("tiny", {**OVERRIDES, "data.validation_fraction": 0.3, "stage1.eval_batches": 2})
+    vocab = get_vocab(tok)
+    val = E.Validator(preset, 1, manifest, vocab, torch.device("cpu"))
+    m = val(model)
+    causal = look = 0.0
+    n_bytes = 0
+    for b in val.batches:
+        ids, exp, mask = b["input_ids"], b["expanded_ids"], b["byte_mask"].bool()
+        with torch.no_grad():
+            folded = model(ids, exp, byte_mask=mask).logits.float().log_softmax(-1)
+        for r in range(ids.shape[0]):
+            n, ends = int(mask[r].sum()), int(b["patch_lens"][r].sum())
+            _, lp_ref = _byte_by_byte(model, ids[r, :n], exp[r, :n])
+            x = ids[r, 1:ends]
+            causal -= float(lp_ref[: ends - 1].sum())
+            look -= float(
+                torch.logaddexp(
+                    folded[r, : ends - 1].gather(-1, x[:, None]),
+                    folded[r, : ends - 1].gather(-1, x[:, None] + 260),
+                ).sum()
+            )
+            n_bytes += ends - 1
+    assert m["val_bytes"] == n_bytes
+    assert m["val_bpb"] == pytest.approx(causal / n_bytes / math.log(2), rel=1e-5)
+    assert m["val_bpb_lookahead"] == pytest.approx(look / n_bytes / math.log(2), rel=1e-5)
+    assert m["val_bpb_ratio"] == pytest.approx(m["val_bpb"] / m["val_source_bpb"])
+    for k in (
+        "val_boundary_acc",
+        "val_boundary_acc_causal",
+        "val_bytes_per_patch_causal",
+        "val_causal_passes",
+    ):
+        assert m[k] == m[k] and m[k] > 0, k
+
+
+def test_causal_boundaries_are_those_of_greedy_generation(tiny):
+    """Greedy generation from BOS alone emits its own flags; scoring its bytes causally places exactly them."""
+    from bolmo_core.generate import generate_ids
+
+    _, model, tok = tiny
+    vocab = get_vocab(tok)
+    gen = generate_ids(model, [b""], max_new_bytes=60, stop_on_eos=False)
+    data = gen.sequences[0]
+    assert len(data) == 60
+    ids = torch.tensor([[1] + [x + 4 for x in data]])
+    exp = torch.as_tensor(E.RetainedIndex(vocab).expand(ids.numpy())).long()
+    exp[0, 0] = vocab.doc_separator_id
+    sc = E.score_bytes(model, ids, exp, ids != 0)
+    assert torch.equal(sc.boundary[0], gen.boundaries[0])
+    assert 0 < int(gen.boundaries[0][1:].sum()) < 60
 
 
 def test_source_boundaries_agree_perfectly(tiny):
@@ -164,6 +274,10 @@ def test_report_and_table(tiny):
     table = E.markdown_table(report)
     assert table.splitlines()[0] == "| metric | source | byte model |"
     assert "| CUTE-style (regenerated): del_char |" in table and "| bits per byte |" in table
+    assert "| bits per byte, look-ahead boundaries |" in table and "| boundary accuracy (causal) |" in table
+    byt = report["byte_model"]
+    assert byt["bits_per_byte"] != byt["bits_per_byte_lookahead"] and byt["causal_passes"] >= 1
+    assert 0 <= byt["boundary_causal"]["accuracy"] <= 1 and byt["bytes_per_patch_causal"] > 0
     with pytest.raises(E.EvalError, match="give a source model"):
         E.evaluate([b"x"], tok)
 
@@ -196,3 +310,49 @@ def test_boundary_samples_cut_the_text_both_ways(tiny):
     )
     assert all(p for s in samples for p in s["patches"])  # no empty patch
     assert len(samples[0]["tokens"]) > 10 and len(samples[0]["patches"]) > 1
+
+
+@pytest.mark.parametrize("batches", [2, pytest.param(None, marks=pytest.mark.slow)])
+def test_split_metrics_of_a_checkpoint(tiny, manifest, tmp_path, capsys, batches):
+    """`python -m bolmo_core.evaluate CKPT --manifest M [--batches N]`: a saved checkpoint on the first N
+    validation micro-batches, or (slow: every window scored causally) on the whole split."""
+    from train_helpers import run_config
+
+    from bolmo_core import checkpoint as ckpt
+    from bolmo_core.config import Preset
+    from bolmo_core.loader import WindowLoader
+
+    _, model, tok = tiny
+    tmp = tmp_path
+    preset = Preset.from_dict(run_config(manifest, "x", 1, {"data.validation_fraction": 0.3})["preset"])
+    assert preset.model == get_preset("tiny").model
+    vocab = get_vocab(tok)
+    uri = ckpt.save_checkpoint(
+        str(tmp / "s1"),
+        "final",
+        rank=0,
+        world_size=1,
+        barrier=lambda: None,
+        rank_state={"rng": ckpt.capture_rng()},
+        model_state=model.state_dict(),
+        trainer_state={"step": 0, "finished": True},
+        config={"preset": preset.to_dict(), "stage": 1},
+    )
+    E.main([uri, "--manifest", manifest] + (["--batches", str(batches)] if batches else []))
+    m = json.loads(capsys.readouterr().out)
+    loader = WindowLoader.from_config(
+        preset.data, manifest, vocab, preset.stage1.micro_batch, split="validation"
+    )
+    scored = list(loader.iter_eval(max_batches=batches))
+    want = sum(int(b["patch_lens"].sum(1).sub(1).sum()) for b in scored)
+    assert m["val_bytes"] == want > 0
+    assert (
+        sum(len(b["input_ids"]) for b in scored) == (2 if batches else loader.n_windows)
+        and loader.n_windows > 8
+    )
+    assert m["val_bpb"] > 0 and m["val_bpb_lookahead"] > 0 and m["val_causal_passes"] >= 1
+    with pytest.raises(SystemExit) as e:
+        E.main([str(tmp / "nothing"), "--manifest", manifest])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "nothing" in err[0]

@@ -230,3 +230,14 @@ def test_overwrite_replaces_only_an_earlier_byteify_export(tiny_export, tmp_path
     with pytest.raises(ExportError, match="holds a checkpoint"):
         export_model(m, tmp_path / "stage1", overwrite=True)
     assert (ck / "COMMIT").exists()
+
+
+def test_wider_boundary_predictor_exports_with_parity(tmp_path):
+    """`model.boundary_context` > 0 (an experiment option): the HF predictor reads the same previous states."""
+    torch.manual_seed(0)
+    m = BolmoModel.from_source(get_preset("tiny", {"model.boundary_context": 3}).model).eval()
+    with torch.no_grad():  # a trained widening, not the zero it starts from
+        m.boundary_predictor.widen.weight.normal_(0, 0.05)
+    out = export_model(m, tmp_path / "ctx")
+    assert json.loads((out / "config.json").read_text())["boundary_context"] == 3
+    assert check_parity(out, m)["passed"]

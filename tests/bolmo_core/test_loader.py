@@ -1,7 +1,11 @@
-"""Training windows: batch format (docs/internals.md), shuffling, rank split, exact resume."""
+"""Training windows, in memory and streamed: batch format (docs/internals.md), shuffling, rank split, exact resume."""
 
 import dataclasses
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +15,7 @@ import torch
 from bolmo_core import data as D
 from bolmo_core.byte_tokenizer import BOS, OFFSET, PAD
 from bolmo_core.config import DataConfig
-from bolmo_core.loader import WindowLoader
+from bolmo_core.loader import StreamingWindowLoader, WindowLoader
 from bolmo_core.source import SourceConfig, load_tokenizer, tiny_corpus
 from bolmo_core.subword import RetainedIndex, get_vocab
 
@@ -180,3 +184,240 @@ def test_bad_loader_inputs(manifest, vocab, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-10] + b"0" * 10)
     with pytest.raises(D.DataError, match=r"sha256 differs from the manifest"):
         WindowLoader(str(copy / "manifest.json"), vocab, window_tokens=P, batch_size=2)
+
+
+# ---------------------------------------------------------------- streaming loader
+
+
+def rank_stream(ld: StreamingWindowLoader, epoch: int, vocab) -> np.ndarray:
+    """A rank's packed token stream for one epoch, rebuilt plainly from its shards (the reference)."""
+    toks = []
+    for i in ld._rank_shards(epoch):
+        for r in D.read_shard(ld.shards[i][0]).to_pylist():
+            toks += r["token_ids"] + [vocab.doc_separator_id]
+    return np.array(toks)
+
+
+def windows_of(b) -> list[list[int]]:
+    return [t[1:] + [n] for t, n in zip(b["teacher_ids"].tolist(), b["teacher_next"].tolist())]
+
+
+@pytest.fixture(scope="module")
+def big_manifest(tmp_path_factory):
+    """Several shards per split, so two ranks each get their own."""
+    d = tmp_path_factory.mktemp("streaming")
+    (d / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(200_000)))
+    return D.prepare_dataset(
+        [str(d / "docs.jsonl")], TINY, str(d / "out"), DataConfig(shard_docs=40, validation_fraction=0.2)
+    )
+
+
+def test_streaming_windows_are_the_rank_stream_block_shuffled(big_manifest, vocab):
+    ld = StreamingWindowLoader(big_manifest, vocab, window_tokens=P, batch_size=3, seed=1, shuffle_windows=7)
+    ref, sep = rank_stream(ld, 0, vocab), vocab.doc_separator_id
+    nw = ld._n_windows(ld._rank_shards(0))
+    starts = [w * P + int(ref[w * P] == sep) for w in range(nw)]
+    seen = []
+    it = iter(ld)
+    for j in range(len(ld)):
+        b = next(it)
+        idx = ld._windows(0, j, nw, {})
+        assert windows_of(b) == [ref[starts[w] : starts[w] + P].tolist() for w in idx]
+        assert (idx // 7 == np.arange(j * 3, j * 3 + 3) // 7).all()  # shuffled within blocks of 7
+        assert b["input_ids"].shape == (3, 6 * P) and (b["teacher_ids"][:, 1] != sep).all()
+        seen += idx.tolist()
+    # Each window at most once per epoch; only the last block may leave some out.
+    assert len(set(seen)) == len(seen) == len(ld) * 3 and max(seen) < nw
+    assert set(range(len(seen) // 7 * 7)) <= set(seen)
+    assert seen != sorted(seen)
+    assert ld.state_dict()["epoch"] == 0 and next(it) is not None and ld.state_dict()["epoch"] == 1
+
+
+def test_streaming_batch_format_equals_in_memory_for_the_same_windows(manifest, vocab):
+    """iter_eval walks the split in order in both loaders: the same windows give the same tensors."""
+    mem = WindowLoader(manifest, vocab, window_tokens=P, batch_size=2, split="validation")
+    st = StreamingWindowLoader(manifest, vocab, window_tokens=P, batch_size=2, split="validation")
+    a, b = list(mem.iter_eval(batch_size=1)), list(st.iter_eval(batch_size=1))
+    assert len(b) >= len(a) - 1 > 0  # streaming may leave out the very last window
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert len(list(st.iter_eval(batch_size=1, max_batches=2))) == 2
+
+
+def test_streaming_ranks_read_only_their_own_shards(big_manifest, vocab, monkeypatch):
+    from bolmo_core import loader as loader_mod
+
+    read = []
+    real = loader_mod.read_shard_checked
+    monkeypatch.setattr(loader_mod, "read_shard_checked", lambda uri, sha: read.append(uri) or real(uri, sha))
+    mine = {}
+    for r in range(2):
+        ld = StreamingWindowLoader(
+            big_manifest, vocab, P, 2, seed=5, rank=r, world_size=2, shuffle_windows=4, prefetch=1
+        )
+        read.clear()
+        for _, _b in zip(range(len(ld)), ld):
+            pass
+        mine[r] = set(read)
+        assert mine[r] == {ld.shards[i][0] for i in ld._rank_shards(0)}
+        assert ld.stream.max_held <= ld.prefetch + 3  # bounded read-ahead
+    assert not mine[0] & mine[1]
+    assert len(mine[0] | mine[1]) == sum(
+        e["split"] == "train" for e in D.read_manifest(big_manifest)["shards"]
+    )
+
+
+def test_streaming_resume_mid_epoch_and_across_epochs(big_manifest, vocab):
+    make = lambda: StreamingWindowLoader(big_manifest, vocab, P, 3, seed=7, shuffle_windows=5)
+    ld = make()
+    it = iter(ld)
+    for _ in range(len(ld) - 2):
+        next(it)
+    state = json.loads(json.dumps(ld.state_dict()))
+    following = [next(it) for _ in range(5)]  # crosses into epoch 1
+    fresh = make()
+    fresh.load_state_dict(state)
+    again = [b for b, _ in zip(fresh, range(5))]
+    for a, b in zip(following, again):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fresh.state_dict()["epoch"] == 1
+    with pytest.raises(D.DataError, match="loader state is from the streaming loader, this one is memory"):
+        WindowLoader(big_manifest, vocab, P, 3, seed=7).load_state_dict(state)
+
+
+RESUME_RUN = """
+import hashlib, json, sys
+from bolmo_core.loader import StreamingWindowLoader
+from bolmo_core.source import SourceConfig, load_tokenizer
+from bolmo_core.subword import get_vocab
+vocab = get_vocab(load_tokenizer(SourceConfig("tiny-olmo2")))
+out = []
+for state in json.loads(sys.argv[2]):
+    ld = StreamingWindowLoader(sys.argv[1], vocab, 32, 2, seed=3, rank=state["rank"],
+                               world_size=state["world_size"], shuffle_windows=6)
+    ld.load_state_dict(state)
+    it = iter(ld)
+    out.append([hashlib.sha256(b"".join(v.numpy().tobytes() for v in next(it).values())).hexdigest()
+                for _ in range(3)])
+print(json.dumps(out))
+"""
+
+
+def test_streaming_resume_is_bit_exact_in_fresh_processes(big_manifest, vocab):
+    """1 and 2 ranks: a rank's state after 5 batches, restored in a new process, yields the same
+    next batches as the uninterrupted loader. Rank 0 of world 2 and rank 0 of world 1 resume in
+    one process, rank 1 of world 2 in another, side by side."""
+    digest = lambda b: hashlib.sha256(b"".join(v.numpy().tobytes() for v in b.values())).hexdigest()
+    states, want = [], []
+    for world, rank in ((1, 0), (2, 0), (2, 1)):
+        ld = StreamingWindowLoader(
+            big_manifest, vocab, 32, 2, seed=3, rank=rank, world_size=world, shuffle_windows=6
+        )
+        it = iter(ld)
+        for _ in range(5):
+            next(it)
+        states.append(ld.state_dict())
+        want.append([digest(next(it)) for _ in range(3)])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RESUME_RUN, big_manifest, json.dumps(group)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for group in (states[:2], states[2:])
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert sum((json.loads(o.splitlines()[-1]) for o, _ in outs), []) == want
+    assert want[1] != want[2]  # the two ranks got different batches
+
+
+def test_from_config_picks_the_loader_by_size(big_manifest, vocab, monkeypatch):
+    from bolmo_core import loader as loader_mod
+
+    cfg = DataConfig(window_tokens=P)
+    assert type(WindowLoader.from_config(cfg, big_manifest, vocab, 2)) is WindowLoader  # small: in memory
+    forced = dataclasses.replace(cfg, loader="streaming")
+    assert type(WindowLoader.from_config(forced, big_manifest, vocab, 2, rank=1, world_size=2)) is (
+        StreamingWindowLoader
+    )
+    monkeypatch.setattr(loader_mod, "IN_MEMORY_MAX_BYTES", 0)
+    assert type(WindowLoader.from_config(cfg, big_manifest, vocab, 2)) is StreamingWindowLoader
+    many = len(D.read_manifest(big_manifest)["shards"])
+    assert type(WindowLoader.from_config(cfg, big_manifest, vocab, 1, world_size=many)) is WindowLoader
+    v = WindowLoader.from_config(cfg, big_manifest, vocab, 2, split="validation")
+    assert type(v) is StreamingWindowLoader and next(v.iter_eval(max_batches=1))["input_ids"].shape[0] == 2
+    with pytest.raises(D.DataError, match=r"data.loader 'disk': choose one of auto, memory, streaming"):
+        WindowLoader.from_config(dataclasses.replace(cfg, loader="disk"), big_manifest, vocab, 2)
+
+
+def test_streaming_from_s3(s3_server, tmp_path, vocab):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(60_000)))
+    cfg = DataConfig(shard_docs=20, validation_fraction=0.2)
+    remote = D.prepare_dataset([str(docs)], TINY, f"s3://byteify-test/stream-{tmp_path.name}", cfg)
+    local = D.prepare_dataset([str(docs)], TINY, str(tmp_path / "local"), cfg)
+    a = StreamingWindowLoader(remote, vocab, P, 2, seed=2, rank=1, world_size=2)
+    b = StreamingWindowLoader(local, vocab, P, 2, seed=2, rank=1, world_size=2)
+    for x, y, _ in zip(a, b, range(3)):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+# ---------------------------------------------------------------- the trainer on the streaming loader (slow)
+
+
+def _train_events(proc, kill_after_checkpoint: bool) -> int | dict:
+    """Follow a launched trainer's progress; SIGKILL its process group a step after its first
+    checkpoint when asked (returns that step), else wait for it to finish (returns its start event)."""
+    import signal
+
+    from bolmo_core.callbacks import parse_progress_line
+
+    ckpt_step, start = None, {}
+    for line in proc.stdout:
+        e = parse_progress_line(line)
+        if not e:
+            continue
+        start = e if e["event"] == "start" else start
+        if e["event"] == "checkpoint" and ckpt_step is None:
+            ckpt_step = e["step"]
+        if kill_after_checkpoint and ckpt_step is not None and e["event"] == "step" and e["step"] > ckpt_step:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+            return e["step"]
+    proc.wait(900)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    return start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_trainer_resume_on_the_streaming_loader_is_bit_exact(tmp_path, nproc):
+    """Stage 1 on the streaming loader, SIGKILLed after a checkpoint and resumed, ends with the
+    same weights as the same run straight through (1 process, and 2 ranks with torchrun)."""
+    from safetensors.torch import load_file
+    from train_helpers import launch, run_config, write_config
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(60_000)))
+    manifest = D.prepare_dataset(
+        [str(docs)],
+        TINY,
+        str(tmp_path / "data"),
+        DataConfig(window_tokens=16, shard_docs=8, validation_fraction=0.1),
+    )
+    over = {"data.loader": "streaming"}
+    straight = write_config(tmp_path / "a.json", run_config(manifest, str(tmp_path / "a"), 1, over))
+    killed = write_config(tmp_path / "b.json", run_config(manifest, str(tmp_path / "b"), 1, over))
+    _train_events(launch(straight, nproc), kill_after_checkpoint=False)
+    assert _train_events(launch(killed, nproc), kill_after_checkpoint=True) < 6
+    assert not (tmp_path / "b" / "final").exists()
+    start = _train_events(launch(killed, nproc), kill_after_checkpoint=False)
+    assert start["info"]["resumed_from"] and start["step"] >= 2  # resumed mid-run, loader position restored
+    a = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(str(tmp_path / "b" / "final" / "rank-00000.pt"), weights_only=True)
+    assert state["loader"]["loader"] == "streaming"

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -77,3 +78,20 @@ def test_whitespace_debias_mask_from_vocab():
         starts_ws = len(b) > 0 and b[:1] in (b" ", b"\t", b"\n") and i not in vocab.special_ids
         assert bool(mask[i]) == starts_ws
     assert 0 < int(mask.sum()) < len(mask)
+
+
+def test_byte_kl_hand_computed_zero_at_target_and_masked():
+    from bolmo_core.losses import byte_kl
+
+    q = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], [[0.2, 0.3, 0.5], [0.0, 0.0, 1.0]]])
+    s = torch.tensor([[[0.25, 0.25, 0.5], [0.5, 0.25, 0.25]], [[0.2, 0.3, 0.5], [1 / 3, 1 / 3, 1 / 3]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    logp = s.log().requires_grad_(True)
+    got = byte_kl(q, logp, mask)
+    want = (math.log(2) + math.log(2) + 0.0) / 3  # KL per position: log 2, log 2, 0 (last one masked)
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    got.backward()
+    assert torch.allclose(logp.grad[0, 0], -q[0, 0] / 3) and (logp.grad[1, 1] == 0).all()
+    assert float(byte_kl(q, q.clamp_min(1e-30).log(), torch.ones(2, 2, dtype=torch.bool))) == pytest.approx(
+        0, abs=1e-6
+    )

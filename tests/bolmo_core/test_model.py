@@ -1,6 +1,7 @@
 """BolmoModel on the tiny preset: Stage 1/2 losses, gradient flow, static shapes, init, param groups."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -273,3 +274,154 @@ def test_bf16_autocast_losses(setup):
         assert torch.isfinite(loss) and all(v == v for v in m.values())
         assert torch.isfinite(model.local_encoder.byte_embedding.weight.grad).all()
     model.configure_stage(preset.stage1)
+
+
+# ---------------------------------------------------------------- byte-level targets (issue 13)
+
+
+def _brute_targets(vocab, p, token, j):
+    """The target of byte j of `token` by enumerating the vocabulary (rules: byte_targets.py)."""
+    u = vocab.token_bytes[token][:j]
+    q = torch.zeros(FUSED_VOCAB, dtype=torch.float64)
+    for i, b in enumerate(vocab.token_bytes[: vocab.vocab_size]):
+        if i in vocab.special_ids:
+            if i == vocab.doc_separator_id and j == 0:
+                q[1 + 260] += p[i]
+            continue
+        if len(b) > j and b.startswith(u):
+            q[b[j] + 4 + (260 if len(b) == j + 1 else 0)] += p[i]
+    return q / q.sum()
+
+
+def _explicit_targets(model, vocab, batch):
+    """{(row, byte position): brute-force target} from a loop over patches, written from the rules."""
+    ids, pl, tids = batch["input_ids"], batch["patch_lens"], batch["teacher_ids"]
+    with torch.no_grad():
+        t_final = model.global_model(model.teacher.embed(tids)).hidden
+        p = model.teacher.logits(t_final).double().softmax(-1)
+    out = {}
+    for r in range(ids.shape[0]):
+        ends = (pl[r].cumsum(0) - 1).tolist()
+        for k in range(P - 1):  # teacher position k -> patch k+1
+            tok, n = int(tids[r, k + 1]), int(pl[r, k + 1])
+            if not batch["patch_mask"][r, k + 1] or n == 0 or tok in vocab.special_ids:
+                continue
+            assert vocab.token_bytes[tok] == bytes(int(x) - 4 for x in ids[r, ends[k] + 1 : ends[k] + 1 + n])
+            for j in range(n):
+                out[(r, ends[k] + j)] = _brute_targets(vocab, p[r, k], tok, j)
+    return out
+
+
+def test_byte_kl_matches_explicit_loop_and_trains_the_student(setup):
+    """loss_byte_kl == mean over target positions of KL(brute-force target || student), with each target
+    at end(patch k) + j; the gradient reaches the byte model's local parts and never the teacher."""
+    preset, vocab, batch, model = setup
+    w = copy.deepcopy(preset.stage1.losses)
+    w.byte_kl, w.distill, w.encoder = 1.0, 0.0, 0.0
+    model.configure_stage(preset.stage1)
+    model.zero_grad(set_to_none=True)
+    loss, m = model.stage1_loss(batch, w)
+    loss.backward()
+    targets = _explicit_targets(model, vocab, batch)
+    with torch.no_grad():
+        h, _, _ = model.encode(batch["input_ids"], batch["expanded_ids"])
+        t_final = model.global_model(model.teacher.embed(batch["teacher_ids"])).hidden
+        from bolmo_core.pooling import boundaries_from_patch_lens
+
+        b = boundaries_from_patch_lens(batch["patch_lens"], h.shape[1]) & batch["byte_mask"]
+        s_logp = model.decode(h, t_final, b)[0].double().log_softmax(-1)
+    kls = [float((q * (q.clamp_min(1e-300).log() - s_logp[r, t])).sum()) for (r, t), q in targets.items()]
+    assert len(kls) > 100
+    assert m["loss_byte_kl"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    n_ce = int((batch["byte_mask"][:, :-1] & batch["byte_mask"][:, 1:]).sum())
+    assert m["byte_target_frac"] == pytest.approx(len(kls) / n_ce)
+    assert model.lm_head.out.weight.grad.abs().sum() > 0
+    assert all(g is not None and g.abs().sum() > 0 for g in _grads(model.local_decoder.blocks))
+    assert model.local_encoder.byte_embedding.weight.grad.abs().sum() > 0
+    assert all(g is None for g in _grads(model.teacher))
+
+
+def test_byte_kl_is_zero_when_the_student_is_the_targets(setup):
+    from bolmo_core import byte_targets, losses
+
+    preset, _, batch, model = setup
+    with torch.no_grad():
+        t_final = model.global_model(model.teacher.embed(batch["teacher_ids"])).hidden
+        tokens = byte_targets.patch_tokens(model.target_table, batch)
+        _, _, tp = model._teacher_token_logp(t_final, batch["teacher_ids"], False, tokens)
+        h, _, _ = model.encode(batch["input_ids"], batch["expanded_ids"])
+        from bolmo_core.pooling import boundaries_from_patch_lens
+
+        b = boundaries_from_patch_lens(batch["patch_lens"], h.shape[1]) & batch["byte_mask"]
+        _, _, _, ends = model.patches(h, b, P)
+        labels, ce_mask = model.fused_labels(batch["input_ids"], b, batch["byte_mask"])
+        q, mask = model._dense_targets(tp, ends, ce_mask)
+    assert mask.sum() > 100
+    student = q.clamp_min(1e-30).log().log_softmax(-1)  # the student's distribution is the target
+    assert float(losses.byte_kl(q, student, mask)) == pytest.approx(0.0, abs=1e-5)
+    assert float(losses.byte_kl(q, torch.full_like(q, -math.log(FUSED_VOCAB)), mask)) > 1.0
+
+
+def test_soft_boundary_target_mixes_the_teachers_end_mass(setup):
+    """boundary_soft=a: BCE target at byte t = (1-a) subword end + a q(x_t ends)/(q(x_t ends)+q(x_t goes on))
+    from the target at t-1; bytes without a target and the byte before a separator keep the hard label."""
+    from bolmo_core import losses
+    from bolmo_core.byte_tokenizer import BOS
+    from bolmo_core.pooling import boundaries_from_patch_lens
+
+    preset, vocab, batch, model = setup
+    ids, byte_mask = batch["input_ids"], batch["byte_mask"]
+    w = copy.deepcopy(preset.stage1.losses)
+    _, hard = model.stage1_loss(batch, w)
+    w.boundary_soft = 0.7
+    _, soft = model.stage1_loss(batch, w)
+    targets = _explicit_targets(model, vocab, batch)
+    with torch.no_grad():
+        _, logp, _ = model.encode(ids, batch["expanded_ids"])
+    b = boundaries_from_patch_lens(batch["patch_lens"], ids.shape[1]) & byte_mask
+    labels, mask = model.boundary_targets(ids, b, byte_mask)
+    want = labels.double()
+    n_soft = 0
+    for (r, t), q in targets.items():
+        x = int(ids[r, t + 1])
+        if t + 2 < ids.shape[1] and int(ids[r, t + 2]) == BOS:
+            continue
+        want[r, t + 1] = 0.3 * want[r, t + 1] + 0.7 * q[x + 260] / (q[x + 260] + q[x])
+        n_soft += 1
+    assert n_soft > 100
+    assert soft["loss_boundary"] == pytest.approx(float(losses.boundary_bce(logp, want, mask)), rel=1e-5)
+    assert hard["loss_boundary"] == pytest.approx(float(losses.boundary_bce(logp, labels, mask)), rel=1e-6)
+    assert soft["boundary_acc"] == hard["boundary_acc"]  # metrics stay against the subword ends
+
+
+def test_boundary_context_widens_without_lookahead(setup):
+    """boundary_context=c: starts as the spec's predictor, reads c previous bytes once trained, never byte t+2."""
+    from bolmo_core.boundary_predictor import BoundaryPredictor
+
+    torch.manual_seed(0)
+    plain, wide = BoundaryPredictor(16), BoundaryPredictor(16, context=3)
+    h = torch.randn(2, 12, 16)
+    assert torch.equal(plain(h), wide(h))  # zero-initialised context: identical at the start
+    with torch.no_grad():
+        wide.widen.weight.normal_(std=0.3)
+    base = wide(h)
+    t = 6
+    later, earlier = h.clone(), h.clone()
+    later[:, t + 2 :] += 1.0
+    earlier[:, t - 3] += 1.0
+    assert torch.equal(wide(later)[:, : t + 1], base[:, : t + 1])  # p_t reads bytes <= t+1 only
+    assert not torch.allclose(wide(earlier)[:, t], base[:, t])  # ... and byte t-3
+    assert torch.equal(wide(earlier)[:, : t - 4], base[:, : t - 4])  # p_s, s < t-4, never reads byte t-3
+    with pytest.raises(ValueError, match="boundary_context"):
+        BoundaryPredictor(16, context=-1)
+
+    preset, vocab, batch, _ = setup
+    cfg = copy.deepcopy(preset.model)
+    cfg.boundary_context = 2
+    torch.manual_seed(0)
+    model = BolmoModel.from_source(cfg, vocab=vocab)
+    assert model.boundary_predictor.widen.weight.abs().sum() == 0  # init_from_source keeps it at zero
+    model.configure_stage(preset.stage1)
+    loss, _ = model.stage1_loss(batch, preset.stage1.losses)
+    loss.backward()
+    assert model.boundary_predictor.widen.weight.grad.abs().sum() > 0

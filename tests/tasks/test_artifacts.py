@@ -52,19 +52,6 @@ def test_progress_is_one_artifact_updated_in_place_with_text_and_eta(prefect_api
     assert seen[0].startswith("Stage 9 training: step 20/40 · ETA ") and seen[0].endswith(" s")
 
 
-def test_shards_text_counts_what_the_finished_shards_hold():
-    results = [
-        {
-            "entries": [
-                {"rows": 900, "bytes": 2_000_000, "tokens": 500_000},
-                {"rows": 100, "bytes": 1, "tokens": 2},
-            ]
-        },
-        {"entries": [{"rows": 204, "bytes": 3_600_000, "tokens": 810_000}]},
-    ]
-    assert artifacts.shards_text(results, 8) == "2/8 shards · 1,204 documents · 5.6 MB · 1.31 M tokens"
-
-
 REPORT = {
     "source": {
         "bits_per_byte": 1.5,
@@ -103,7 +90,10 @@ def test_evaluation_table_artifact(prefect_api, tmp_path):
     path = tmp_path / "report.json"
     path.write_text(json.dumps(REPORT))
     markdown, metrics = artifacts.evaluation_table(str(path))
-    assert "| bits per byte | 1.5 | 1.75 |" in markdown and "| boundary accuracy | — | 0.97 |" in markdown
+    assert (
+        "| bits per byte | 1.5 | 1.75 |" in markdown
+        and "| boundary accuracy (predictor) | — | 0.97 |" in markdown
+    )
     assert metrics["byte_model/bytes_per_patch"] == 4.3
     rows = json.loads(_artifacts("evaluation")[0].data)
     assert rows[0] == {"metric": "bits per byte", "source": 1.5, "byte_model": 1.75}
