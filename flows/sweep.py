@@ -67,6 +67,10 @@ class Speed(BaseModel):
     repeats: int = Field(2, ge=1, description="interleaved rounds, best of each")
     prompts: int = Field(8, ge=1, description="held-out prompts (their first prompt_bytes)")
     prompt_bytes: int = Field(160, ge=16)
+    clock: Literal["wall", "cpu"] = Field(
+        "wall",
+        description="table and plot in bytes per wall-clock or per CPU second (steadier on a shared box)",
+    )
 
 
 def _slug(name: str) -> str:
@@ -270,10 +274,10 @@ def byteify_sweep(
         {r["name"]: r["stage2_hash"] for r in results},
         s1["manifest_uri"],
         root,
-        {**speed.model_dump(), "precision": evaluation.precision},
+        {**speed.model_dump(exclude={"clock"}), "precision": evaluation.precision},
     )
     title = f"Compression sweep of {Preset.from_dict(s1['preset']).model.source.name_or_path}"
-    pub = sweep_tasks.publish(results, speed_uri, sweep_tasks.folder_of(speed_uri), title)
+    pub = sweep_tasks.publish(results, speed_uri, sweep_tasks.folder_of(speed_uri), title, speed.clock)
     mlflow_tasks.log_to_run(
         uri, run_id, metrics=sweep_tasks.run_metrics(pub["rows"]), artifacts={"sweep": pub["folder"]}
     )
@@ -331,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-bytes", type=int, default=8000)
     ap.add_argument("--new-bytes", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--model-name", default=None)
     args = ap.parse_args(argv)
     overrides = dict(_split(kv) for kv in args.set)
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides=overrides,
         parallel=args.parallel,
         evaluation=Evaluation(max_bytes=args.eval_bytes),
-        speed=Speed(new_bytes=args.new_bytes, repeats=args.repeats),
+        speed=Speed(new_bytes=args.new_bytes, repeats=args.repeats, clock=args.clock),
         tracking=Tracking(
             experiment=f"byteify-sweep-{args.preset}",
             model_name=args.model_name or f"byteify-sweep-{args.preset}",

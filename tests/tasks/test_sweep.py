@@ -13,9 +13,12 @@ def test_pareto_front():
 
 
 def _speed():
-    rates = lambda s, bpp: {"bytes_per_s": s, "bytes_per_cpu_s": s, "bytes_per_patch": bpp}  # noqa: E731
+    rates = lambda s, bpp: {"bytes_per_s": s, "bytes_per_cpu_s": 2 * s, "bytes_per_patch": bpp}  # noqa: E731
     return {
-        "source": {"1": {"bytes_per_s": 50.0, "bytes_per_token": 4.4}, "8": {"bytes_per_s": 160.0}},
+        "source": {
+            "1": {"bytes_per_s": 50.0, "bytes_per_cpu_s": 55.0, "bytes_per_token": 4.4},
+            "8": {"bytes_per_s": 160.0, "bytes_per_cpu_s": 170.0},
+        },
         "1x": {"1": rates(30.0, 4.5), "8": rates(90.0, 4.5)},
         "1.5x": {"1": rates(42.0, 6.6), "8": rates(120.0, 6.6)},
         "config": {"batches": [1, 8]},
@@ -55,6 +58,8 @@ def test_rows_table_and_plot():
     assert md.splitlines()[0].startswith("| point | Stage 1 | changes |") and "`models:/m/2`" in md
     assert "| 1.5x | shared | stage2.target_bytes_per_patch=6.6 | 6.60 | 6.40 | 2.100 | 42.0 | 0.84 |" in md
     assert pareto_png(rows, ["1", "8"], "t")[:4] == b"\x89PNG"
+    cpu = sweep_rows(points, _speed(), clock="cpu")  # per CPU second both points are faster than the source
+    assert cpu[2]["bytes_per_s_b1"] == 84.0 and [r["pareto_b1"] for r in cpu] == [True, True, True]
 
 
 def test_bytes_per_token_from_manifest():
