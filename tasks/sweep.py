@@ -13,6 +13,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 from typing import Any
 
 from prefect import task
@@ -38,6 +39,8 @@ def stage1_info(checkpoint_uri: str) -> dict[str, Any]:
     from bolmo_core.data import read_manifest
 
     uri = ckpt.resolve_checkpoint(checkpoint_uri)
+    if storage.is_local(uri):  # lineage names it wherever the flow runs
+        uri = os.path.abspath(storage.local_path(uri))
     cfg = ckpt.read_config(uri)
     if cfg.get("stage") != 1 or "preset" not in cfg or not cfg.get("manifest_uri"):
         raise ValueError(
