@@ -21,14 +21,6 @@ STAGE2 = {"stage2.steps": 2, "stage2.checkpoint_every": 0, "stage2.eval_batches"
 
 
 @pytest.fixture(scope="module")
-def prefect_api_patient():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=300):
-        yield
-
-
-@pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     """A Stage-1 checkpoint of the shrunk tiny preset (2 steps, in this process)."""
     import torch
@@ -63,7 +55,7 @@ def _sweep(stage1, root: Path, store: str):
 
 
 @pytest.fixture(scope="module")
-def swept(stage1, tmp_path_factory, prefect_api_patient):
+def swept(stage1, tmp_path_factory, prefect_api):
     root = tmp_path_factory.mktemp("sweep")
     store = f"sqlite:///{root / 'mlflow.db'}"
     state = _sweep(stage1, root / "runs", store)
