@@ -183,7 +183,10 @@ def quality(args, presets: dict, init_from: str, manifest: str) -> dict:
         )
         f["bpb"] = rep["byte_model"]["bits_per_byte"]
         f["source_bpb"] = rep["source"]["bits_per_byte"]
-        f["bytes_per_patch"] = rep["byte_model"].get("bytes_per_patch")
+        f["bpb_lookahead"] = rep["byte_model"].get("bits_per_byte_lookahead")  # None before causal scoring
+        f["bytes_per_patch"] = rep["byte_model"].get(
+            "bytes_per_patch_causal", rep["byte_model"].get("bytes_per_patch")
+        )
         f["eval_bytes"] = rep["text"]["bytes"]
     return finals
 
@@ -204,6 +207,7 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, default=20_000)
     ap.add_argument("--work", default=str(ROOT / "var" / "bench" / "lora"))
     ap.add_argument("--skip-quality", action="store_true", help="part 1 only")
+    ap.add_argument("--skip-cost", action="store_true", help="part 2 only (e.g. to re-score finished arms)")
     args = ap.parse_args()
 
     presets = {"full": _preset(args, False), "lora": _preset(args, True)}
@@ -211,7 +215,7 @@ def main() -> None:
     init_from = (
         args.init_from or _train(presets["full"], 1, manifest, str(Path(args.work) / "stage1"))["final"]
     )
-    cost = step_cost(args, presets, init_from, manifest)
+    cost = None if args.skip_cost else step_cost(args, presets, init_from, manifest)
     qual = None if args.skip_quality else quality(args, presets, init_from, manifest)
     result = {"args": vars(args), "init_from": init_from, "manifest": manifest, "cost": cost, "quality": qual}
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -219,16 +223,35 @@ def main() -> None:
     _print_table(args, cost, qual)
 
 
-def _print_table(args, cost: dict, qual: dict | None) -> None:
+def _print_table(args, cost: dict | None, qual: dict | None) -> None:
     mb = 1 / 2**20
-    f, lo = cost["full"], cost["lora"]
     print(
         f"threads={torch.get_num_threads()} {args.preset} Stage 2, micro-batch as the preset, fp32; "
         f"LoRA rank {args.rank} alpha {args.alpha} on the default targets; {args.timed_steps} timed steps each"
     )
     print("| | full Stage 2 | LoRA Stage 2 | LoRA / full |")
     print("|---|---|---|---|")
-    rows = [
+    rows = [] if cost is None else _cost_rows(cost, mb)
+    if qual:
+        for key, label in (
+            ("bpb", "bits per byte"),
+            ("bpb_lookahead", "bits per byte, look-ahead boundaries"),
+        ):
+            if qual["full"].get(key) is not None:
+                rows.append(
+                    (f"{label} after {args.steps} steps", qual["full"][key], qual["lora"][key], "{:.4f}")
+                )
+    for name, a, b, fmt in rows:
+        print(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {b / a:.3f}x |")
+    if qual:
+        print(
+            f"source bits per byte on the same {qual['full']['eval_bytes']} bytes: {qual['full']['source_bpb']:.4f}"
+        )
+
+
+def _cost_rows(cost: dict, mb: float) -> list[tuple]:
+    f, lo = cost["full"], cost["lora"]
+    return [
         ("trainable parameters", f["trainable_params"], lo["trainable_params"], "{:,}"),
         ("gradients MB", f["grad_bytes"] * mb, lo["grad_bytes"] * mb, "{:.1f}"),
         ("AdamW state MB", f["optimizer_state_bytes"] * mb, lo["optimizer_state_bytes"] * mb, "{:.1f}"),
@@ -241,16 +264,6 @@ def _print_table(args, cost: dict, qual: dict | None) -> None:
         ),
         ("step time s (median)", f["step_s_median"], lo["step_s_median"], "{:.2f}"),
     ]
-    if qual:
-        rows.append(
-            (f"bits per byte after {args.steps} steps", qual["full"]["bpb"], qual["lora"]["bpb"], "{:.4f}")
-        )
-    for name, a, b, fmt in rows:
-        print(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {b / a:.3f}x |")
-    if qual:
-        print(
-            f"source bits per byte on the same {qual['full']['eval_bytes']} bytes: {qual['full']['source_bpb']:.4f}"
-        )
 
 
 if __name__ == "__main__":
