@@ -158,6 +158,7 @@ def step_cost(args, presets: dict, init_from: str, manifest: str) -> dict:
 
 
 def quality(args, presets: dict, init_from: str, manifest: str) -> dict:
+    from bolmo_core import checkpoint as ckpt
     from bolmo_core.evaluate import EvalConfig, evaluate
     from bolmo_core.load import load_checkpoint_model
     from bolmo_core.source import load_source_model, load_tokenizer
@@ -165,8 +166,13 @@ def quality(args, presets: dict, init_from: str, manifest: str) -> dict:
 
     finals = {}
     for name, preset in presets.items():
-        t = time.perf_counter()
-        summary = _train(preset, 2, manifest, str(Path(args.work) / f"stage2-{name}"), init_from)
+        t, out = time.perf_counter(), str(Path(args.work) / f"stage2-{name}")
+        if args.rescore:  # the arm's finished checkpoint as it is (made by an earlier version, say)
+            finals[name] = {"final": ckpt.final_checkpoint(out), "train_wall_s": None, "val": {}}
+            if finals[name]["final"] is None:
+                raise SystemExit(f"--rescore: {out} has no finished checkpoint")
+            continue
+        summary = _train(preset, 2, manifest, out, init_from)
         finals[name] = {
             "final": summary["final"],
             "train_wall_s": time.perf_counter() - t if not summary["skipped"] else None,
@@ -207,7 +213,10 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, default=20_000)
     ap.add_argument("--work", default=str(ROOT / "var" / "bench" / "lora"))
     ap.add_argument("--skip-quality", action="store_true", help="part 1 only")
-    ap.add_argument("--skip-cost", action="store_true", help="part 2 only (e.g. to re-score finished arms)")
+    ap.add_argument("--skip-cost", action="store_true", help="part 2 only")
+    ap.add_argument(
+        "--rescore", action="store_true", help="part 2: score the arms' finished checkpoints, no training"
+    )
     args = ap.parse_args()
 
     presets = {"full": _preset(args, False), "lora": _preset(args, True)}
