@@ -147,6 +147,9 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     losses: LossConfig = field(default_factory=LossConfig)
     precision: str = knob("fp32", choices=("fp32", "bf16"))  # bf16: autocast; master weights stay fp32
+    # Recompute each block's activations in backward (global decoder layers and local blocks):
+    # memory for compute, same math (docs/training.md "Activation checkpointing").
+    activation_checkpointing: bool = False
     checkpoint_every: int = knob(1000, ge=0)  # 0: only the final checkpoint
     keep_last: int = knob(2, ge=1)
     eval_every: int = knob(0, ge=0)  # 0: only at the end
@@ -227,6 +230,9 @@ class TrainConfig:
     callbacks: list[str] = field(default_factory=list)  # extra "module:Class" callbacks on rank 0
     callback_kwargs: dict[str, dict] = field(default_factory=dict)  # constructor kwargs per callback spec
     ddp_find_unused: bool = False
+    # "fsdp": the trainer shards with FSDP2 (docs/training.md "Sharding"); "ddp": whole model per
+    # rank; "auto": fsdp when launched by accelerate with an FSDP config (ACCELERATE_USE_FSDP=true).
+    sharding: str = knob("auto", choices=("auto", "ddp", "fsdp"))
 
     def check(self, key: str) -> None:
         for name in ("manifest_uri", "out_uri"):
@@ -446,6 +452,7 @@ def olmo2_1b() -> Preset:
         checkpoint_every=1000,
         optim=OptimConfig(lr=7e-4, betas=(0.9, 0.999)),
         precision="bf16",
+        activation_checkpointing=True,
     )
     s2 = _stage2_from(
         s1,

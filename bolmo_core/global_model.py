@@ -65,9 +65,13 @@ class GlobalModelError(ValueError):
 
 
 def source_config(src: SourceConfig):
-    """The source's transformers config; falls back to KNOWN_ARCHITECTURES when it can't be fetched."""
+    """The source's transformers config; falls back to KNOWN_ARCHITECTURES when it can't be fetched.
+
+    A released model in KNOWN_ARCHITECTURES is read from the local cache only: its shapes are
+    known, and a plan made offline should not wait ~30 s on the hub client's retries first.
+    """
     try:
-        return load_source_config(src)
+        return load_source_config(src, local_only=src.name_or_path in KNOWN_ARCHITECTURES)
     except (SourceError, OSError, ValueError) as e:
         if src.name_or_path not in KNOWN_ARCHITECTURES:
             if isinstance(e, SourceError):

@@ -3,7 +3,8 @@
 * `load_byte_model(path)`: a committed checkpoint (``step-NNNNNN/``, ``final/``, or a stage output
   folder holding them) or an exported folder written by `bolmo_core.export`; the model is rebuilt
   around its source architecture without the source initialisation, then the saved weights are
-  loaded.
+  loaded. Both checkpoint formats: a single-file one, or a sharded (FSDP) DCP one written by any
+  number of ranks, consolidated in this process by `checkpoint.load_model_state`.
 * `load_weights(model, state, where)`: the one place weights go into a model: every tensor
   must exist and fit, with one line naming the file and the first tensors that do not.
 

@@ -1,4 +1,4 @@
-"""The byteify flow: prepare data -> Stage 1 -> Stage 2 -> evaluate -> export -> register.
+"""The byteify flow: plan -> prepare data -> Stage 1 -> Stage 2 -> evaluate -> export -> register.
 
 Parameters are pydantic models, so the Prefect UI shows a form. The flow only chains
 tasks: every read and write happens inside a task, and tasks hand each other URIs and
@@ -21,6 +21,7 @@ from tasks import tracking as mlflow_tasks
 from tasks.data import data_out_uri, prepare_data, token_budget
 from tasks.evaluation import evaluate_model
 from tasks.export import export_model
+from tasks.plan import plan_run
 from tasks.training import curve_uri, stage_done, stage_out_uri, train_stage
 
 
@@ -102,6 +103,8 @@ def byteify(
     root = storage_root or _default_root()
     p = get_preset(preset, overrides)  # one line naming the key, the value and the rule, if bad
     cfg = p.to_dict()
+    # Plan first: memory per device and hours per stage (artifact "plan"); refuses what cannot fit.
+    plan_run(cfg, compute.processes, compute.accelerate_config)
     uri = tracking.tracking_uri or mlflow_tasks.default_tracking_uri()
     fr_id = str(flow_run.id or "local")
     fr_url = _flow_run_url(fr_id)

@@ -57,6 +57,16 @@ def test_config_rules():
         get_preset("tiny", {"stage2.lora": {"target_modules": []}})
 
 
+def test_lora_under_fsdp_is_refused_in_one_line():
+    from bolmo_core.train import check_lora_sharding
+
+    lora = get_preset("tiny", {"stage2.lora": {"rank": 8}}).stage2
+    check_lora_sharding(lora, sharded=False)  # whole model per rank: adapters are added
+    check_lora_sharding(get_preset("tiny").stage2, sharded=True)
+    with pytest.raises(TrainError, match=r"stage2\.lora: not supported with FSDP sharding yet"):
+        check_lora_sharding(lora, sharded=True)
+
+
 def test_only_adapters_and_local_modules_train(runs):
     s1, s2 = ckpt.load_model_state(runs["s1"]), ckpt.load_model_state(runs["s2"])
     adapters = [k for k in s2 if is_adapter_param(k)]
