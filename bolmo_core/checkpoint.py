@@ -171,10 +171,7 @@ def load_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
     try:
         return state_from_bytes(data)
     except Exception as e:  # truncated or damaged: safetensors' own error, or a bad header
-        raise DamagedCheckpoint(
-            f"{uri}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:160]}); delete {ckpt_uri} "
-            "and resume from the previous committed checkpoint"
-        ) from None
+        raise _damaged_file(uri, f"damaged ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
 
 
 # ---------------------------------------------------------------- RNG and torch-saved state
@@ -227,6 +224,12 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def _damaged_file(uri: str, what: str) -> DamagedCheckpoint:
+    """One line: the file of a committed checkpoint, what is wrong with it, and what to do."""
+    folder = storage.dirname(uri)
+    return DamagedCheckpoint(f"{uri}: {what}; delete {folder} and resume from the previous committed one")
+
+
 def _read_file(uri: str) -> bytes:
     """A file of a committed checkpoint: one that is missing there makes the checkpoint damaged."""
     try:
@@ -234,11 +237,7 @@ def _read_file(uri: str) -> bytes:
     except storage.StorageError:
         if storage.exists(uri):  # unreadable for another reason (permissions, network): not damage
             raise
-        folder = storage.dirname(uri)
-        raise DamagedCheckpoint(
-            f"{uri}: missing from a committed checkpoint; delete {folder} and resume from the "
-            "previous committed one"
-        ) from None
+        raise _damaged_file(uri, "missing from a committed checkpoint") from None
 
 
 def _read_json(uri: str) -> Any:
@@ -246,11 +245,7 @@ def _read_json(uri: str) -> Any:
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        folder = storage.dirname(uri)
-        raise DamagedCheckpoint(
-            f"{uri}: damaged (not valid JSON: {_first_line(e)}); delete {folder} and resume from "
-            "the previous committed one"
-        ) from None
+        raise _damaged_file(uri, f"damaged (not valid JSON: {_first_line(e)})") from None
 
 
 def _torch_load(uri: str) -> Any:
@@ -258,9 +253,8 @@ def _torch_load(uri: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: one line, not a pickle traceback
-        raise DamagedCheckpoint(
-            f"{uri}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete its "
-            "checkpoint folder and resume from the previous committed one"
+        raise _damaged_file(
+            uri, f"cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
 
 

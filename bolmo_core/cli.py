@@ -152,14 +152,9 @@ def cmd_generate(args) -> int:
     from .load import load_byte_model
 
     prompt = _prompt_bytes(args)
-    kw = dict(
-        max_new_bytes=args.max_new_bytes,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        precision=args.precision,
-    )
+    kw = {
+        k: getattr(args, k) for k in ("max_new_bytes", "temperature", "top_k", "top_p", "seed", "precision")
+    }
     GenerationConfig(**kw).check()  # before the model loads
     if args.output_file is not None and os.path.isdir(args.output_file):
         raise CLIError(f"--output-file '{args.output_file}': is a folder")

@@ -412,34 +412,21 @@ def tiny() -> Preset:
 def smollm2_135m() -> Preset:
     """The CPU demo on real weights: SmolLM2-135M-Instruct (d=576, 30 layers) as the global model.
 
-    The local width is smaller than the global one (a projection on each side) so the
-    byte-level parts train fast on two cores. fp32: on CPUs without native bf16 (no
-    AVX512-BF16/AMX, like the 2-core CI box) bf16 matmuls measured ~40x slower than fp32.
+    The tiny recipe on a real source: the local width is smaller than the global one (a
+    projection on each side) so the byte-level parts train fast on two cores. fp32: on CPUs
+    without native bf16 (no AVX512-BF16/AMX, like the 2-core CI box) bf16 matmuls measured
+    ~40x slower than fp32.
     """
+    p = tiny()
+    p.name = "smollm2-135m"
+    p.model.source = SourceConfig("smollm2-135m")
+    p.model.local = LocalConfig(d_local=256, n_heads=4, ffn_hidden=352, chunk_size=64)
+    p.data.shard_docs, p.data.validation_fraction = 1024, 0.02
     # 64-token windows (384 byte slots), 4 per step: ~5 s a Stage-1 step on one core here.
-    s1 = StageConfig(
-        stage=1,
-        steps=300,
-        global_batch=4,
-        micro_batch=4,
-        checkpoint_every=50,
-        keep_last=2,
-        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.999)),
-        precision="fp32",
-        eval_every=100,
-        eval_batches=4,
-    )
-    s2 = _stage2_from(s1, steps=60, seed=1234, optim=OptimConfig(lr=1e-4, betas=(0.9, 0.95)))
-    return Preset(
-        name="smollm2-135m",
-        model=ModelConfig(
-            source=SourceConfig("smollm2-135m"),
-            local=LocalConfig(d_local=256, n_heads=4, ffn_hidden=352, chunk_size=64),
-        ),
-        data=DataConfig(window_tokens=64, byte_expansion=6, shard_docs=1024, validation_fraction=0.02),
-        stage1=s1,
-        stage2=s2,
-    )
+    s1 = dataclasses.replace(p.stage1, steps=300, global_batch=4, eval_every=100, eval_batches=4)
+    p.stage1 = s1
+    p.stage2 = _stage2_from(s1, steps=60, seed=1234, optim=OptimConfig(lr=1e-4, betas=(0.9, 0.95)))
+    return p
 
 
 def olmo2_1b() -> Preset:

@@ -323,6 +323,26 @@ class _BoundaryCounts:
         }
 
 
+class _WindowTally:
+    """Bits, patches and boundary agreement of windows under one kind of boundaries, summed over batches."""
+
+    def __init__(self):
+        self.bits, self.patches, self.counts = 0.0, 0, _BoundaryCounts()
+
+    def add(self, chunk: Sequence[Window], lp: torch.Tensor, mask: torch.Tensor) -> None:
+        lp, mask = lp.double().cpu(), mask.cpu()
+        for r, w in enumerate(chunk):
+            n = len(w.data)
+            self.bits -= float(lp[r, :n].sum()) / LN2
+            # Position p (1-based byte index) ends a token when p is one of the token ends.
+            label = torch.zeros(n + 1, dtype=torch.bool)
+            label[torch.from_numpy(w.token_ends.astype(np.int64))] = True
+            pred = mask[r, : n + 1]
+            # A window's bytes form this many patches: boundaries before its last byte, plus the last.
+            self.patches += int(pred[1:n].sum()) + 1
+            self.counts.add(pred[1:n], label[1:n])  # BOS is forced, the last byte is undecidable
+
+
 @torch.no_grad()
 def byte_model_stats(
     model,
@@ -345,9 +365,7 @@ def byte_model_stats(
     retained = retained or RetainedIndex(vocab)
     device = next(model.parameters()).device
     kinds = ("", "_lookahead") if boundaries == "predicted" else ("",)
-    bits = dict.fromkeys(kinds, 0.0)
-    patches = dict.fromkeys(kinds, 0)
-    counts = {k: _BoundaryCounts() for k in kinds}
+    tally = {k: _WindowTally() for k in kinds}
     n_bytes, passes = 0, 0
     for b in range(0, len(windows), batch_size):
         chunk = windows[b : b + batch_size]
@@ -362,28 +380,18 @@ def byte_model_stats(
         if forced is None:
             got["_lookahead"] = (sc.logp_lookahead, sc.boundary_lookahead)
         for kind, (lp, mask) in got.items():
-            lp, mask = lp.double().cpu(), mask.cpu()
-            for r, w in enumerate(chunk):
-                n = len(w.data)
-                bits[kind] -= float(lp[r, :n].sum()) / LN2
-                # Position p (1-based byte index) ends a token when p is one of the token ends.
-                label = torch.zeros(n + 1, dtype=torch.bool)
-                label[torch.from_numpy(w.token_ends.astype(np.int64))] = True
-                pred = mask[r, : n + 1]
-                # A window's bytes form this many patches: boundaries before its last byte, plus the last.
-                patches[kind] += int(pred[1:n].sum()) + 1
-                counts[kind].add(pred[1:n], label[1:n])  # BOS is forced, the last byte is undecidable
+            tally[kind].add(chunk, lp, mask)
         n_bytes += sum(len(w.data) for w in chunk)
     out = {"bytes": n_bytes}
     # bits: the headline is causal (or forced); patches and boundary agreement keep their old
     # names for the predictor's boundaries and get "_causal" for the causal ones.
-    for kind in kinds:
+    for kind, t in tally.items():
         pk = "_causal" if kind == "" and boundaries == "predicted" else ""
-        out[f"bits{kind}"] = bits[kind]
-        out[f"bits_per_byte{kind}"] = bits[kind] / n_bytes
-        out[f"patches{pk}"] = patches[kind]
-        out[f"bytes_per_patch{pk}"] = n_bytes / patches[kind]
-        out[f"boundary{pk}"] = counts[kind].report()
+        out[f"bits{kind}"] = t.bits
+        out[f"bits_per_byte{kind}"] = t.bits / n_bytes
+        out[f"patches{pk}"] = t.patches
+        out[f"bytes_per_patch{pk}"] = n_bytes / t.patches
+        out[f"boundary{pk}"] = t.counts.report()
     if boundaries == "predicted":
         out["causal_passes"] = passes
     return out
@@ -618,6 +626,23 @@ def evaluate(
     vocab = get_vocab(tok)
     window = cfg.window_bytes or ((byte_length - 1) if byte_length else 2048)
     windows = make_windows(tok, docs, window, vocab)
+    report = _report_header(cfg, docs, windows, window)
+    tasks = (
+        cute.load_tasks(cfg.cute_tasks, cfg.cute_items, cfg.cute_seed, cfg.cute_data_dir, cfg.word_source)
+        if cfg.cute_tasks
+        else {}
+    )
+    if source_model is not None:
+        report["source"] = _source_report(source_model, tok, vocab, windows, tasks, cfg, phase)
+    if byte_model is not None:
+        report["byte_model"] = _byte_report(
+            byte_model, vocab, windows, tasks, cfg, phase, byte_gen_kwargs, report["notes"]
+        )
+    return report
+
+
+def _report_header(cfg: EvalConfig, docs: list[bytes], windows: list[Window], window: int) -> dict:
+    """The report's text, CUTE and config sections and its notes; the models' sections are None."""
     notes = [
         f"windows of at most {window} bytes cut at source-token ends, no overlap: each window is scored "
         "without the previous window's context (BOS / document separator only)",
@@ -631,7 +656,7 @@ def evaluate(
         ),
         "CUTE-style prompts are plain text for both models (no chat template), answers greedy",
     ]
-    report: dict = {
+    return {
         "text": {
             "documents": len(docs),
             "bytes": sum(map(len, docs)),
@@ -651,39 +676,34 @@ def evaluate(
         "config": asdict(cfg),
         "notes": notes,
     }
-    tasks = (
-        cute.load_tasks(cfg.cute_tasks, cfg.cute_items, cfg.cute_seed, cfg.cute_data_dir, cfg.word_source)
-        if cfg.cute_tasks
-        else {}
-    )
-    n_items = sum(len(v) for v in tasks.values())
-    if source_model is not None:
-        phase(f"source model: bits per byte on {len(windows)} windows")
-        src = source_bits(source_model, vocab, windows, cfg.batch_size, cfg.precision)
-        if tasks:
-            phase(f"source model: {n_items} character-task items")
-            src["cute"] = cute.run_tasks(
-                source_generate_fn(source_model, tok, vocab), tasks, cfg.cute_batch_size
-            )
-            src["cute_mean"] = cute.mean_accuracy(src["cute"])
-        report["source"] = src
-    if byte_model is not None:
-        phase(f"byte model: bits per byte and boundaries on {len(windows)} windows")
-        byt = byte_model_stats(
-            byte_model, vocab, windows, cfg.batch_size, cfg.precision, boundaries=cfg.boundaries
-        )
-        byt["boundaries"] = cfg.boundaries
-        if tasks:
-            if byte_generation_available():
-                phase(f"byte model: {n_items} character-task items")
-                fn = byte_generate_fn(byte_model, **(byte_gen_kwargs or {}))
-                byt["cute"] = cute.run_tasks(fn, tasks, cfg.cute_batch_size)
-                byt["cute_mean"] = cute.mean_accuracy(byt["cute"])
-            else:
-                byt["cute"] = None
-                notes.append("byte-model CUTE-style tasks not run: bolmo_core.generate is not available yet")
-        report["byte_model"] = byt
-    return report
+
+
+def _source_report(model, tok, vocab, windows, tasks: dict, cfg: EvalConfig, phase) -> dict:
+    """The source model's section: bits per byte, then the character tasks (when any)."""
+    phase(f"source model: bits per byte on {len(windows)} windows")
+    src = source_bits(model, vocab, windows, cfg.batch_size, cfg.precision)
+    if tasks:
+        phase(f"source model: {sum(len(v) for v in tasks.values())} character-task items")
+        src["cute"] = cute.run_tasks(source_generate_fn(model, tok, vocab), tasks, cfg.cute_batch_size)
+        src["cute_mean"] = cute.mean_accuracy(src["cute"])
+    return src
+
+
+def _byte_report(model, vocab, windows, tasks: dict, cfg: EvalConfig, phase, gen_kwargs, notes: list) -> dict:
+    """The byte model's section: bits per byte and boundaries, then the character tasks (when any)."""
+    phase(f"byte model: bits per byte and boundaries on {len(windows)} windows")
+    byt = byte_model_stats(model, vocab, windows, cfg.batch_size, cfg.precision, boundaries=cfg.boundaries)
+    byt["boundaries"] = cfg.boundaries
+    if tasks:
+        if byte_generation_available():
+            phase(f"byte model: {sum(len(v) for v in tasks.values())} character-task items")
+            fn = byte_generate_fn(model, **(gen_kwargs or {}))
+            byt["cute"] = cute.run_tasks(fn, tasks, cfg.cute_batch_size)
+            byt["cute_mean"] = cute.mean_accuracy(byt["cute"])
+        else:
+            byt["cute"] = None
+            notes.append("byte-model CUTE-style tasks not run: bolmo_core.generate is not available yet")
+    return byt
 
 
 def _truncate(docs: list[bytes], max_bytes: int) -> list[bytes]:

@@ -11,6 +11,7 @@ last block's residual stream, which the decoder's `initial_norm` normalises.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -21,43 +22,27 @@ from .source import SourceConfig, SourceError, load_source_config
 
 # Architectures of the released sources (spec §6), used when their config cannot be fetched
 # (offline): class name in transformers + constructor arguments.
+_OLMO_FAMILY = dict(  # what OLMo 2 1B and Olmo 3 7B share: tokenizer, norm, RoPE, untied head
+    vocab_size=100278,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    tie_word_embeddings=False,
+    eos_token_id=100257,
+    pad_token_id=100277,
+)
 KNOWN_ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "allenai/OLMo-2-0425-1B": (
         "Olmo2Config",
-        dict(
-            hidden_size=2048,
-            num_hidden_layers=16,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            intermediate_size=8192,
-            vocab_size=100278,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            tie_word_embeddings=False,
-            eos_token_id=100257,
-            pad_token_id=100277,
-        ),
+        dict(_OLMO_FAMILY, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+             num_key_value_heads=16, intermediate_size=8192, max_position_embeddings=4096),
     ),
     "allenai/Olmo-3-1025-7B": (
         "Olmo3Config",
-        dict(
-            hidden_size=4096,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            intermediate_size=11008,
-            vocab_size=100278,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=65536,
-            sliding_window=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            tie_word_embeddings=False,
-            eos_token_id=100257,
-            pad_token_id=100277,
-        ),
+        dict(_OLMO_FAMILY, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=65536,
+             sliding_window=4096),
     ),
-}
+}  # fmt: skip
 
 
 class GlobalModelError(ValueError):
@@ -81,7 +66,7 @@ def source_config(src: SourceConfig):
     import transformers
 
     cls_name, kwargs = KNOWN_ARCHITECTURES[src.name_or_path]
-    return getattr(transformers, cls_name)(**kwargs)
+    return getattr(transformers, cls_name)(**copy.deepcopy(kwargs))  # the table's dicts stay as written
 
 
 def build_source_skeleton(src: SourceConfig, device: str | torch.device = "meta"):

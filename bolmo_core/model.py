@@ -209,6 +209,9 @@ class BolmoModel(nn.Module):
                 "bytes_per_patch": float(byte_mask.sum() / (used & byte_mask).sum().clamp(min=1)),
             }
 
+    # Long on purpose: one loss formula, its terms in docs/architecture.md §8's order (encoder L2,
+    # fused CE, distillation, byte KL, boundary BCE), each sharing the teacher pass and the patches;
+    # split up, the intermediates would travel between helpers as a dozen arguments.
     def stage1_loss(self, batch: dict, loss_cfg: LossConfig | None = None):
         """Stage 1 (spec §8): (loss, metrics) with teacher-forced boundaries and oracle global states."""
         w = loss_cfg or LossConfig()

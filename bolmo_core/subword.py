@@ -294,27 +294,7 @@ def label_flat(
     per document is one UTF-8 decode and a few list appends.
     """
     vocab = vocab or get_vocab(tok)
-    unspellable = vocab.unspellable
-    missing = bytes(np.nonzero(vocab.single_byte_ids < 0)[0].tolist())
-    texts: list[str] = []
-    first_part = []  # per document: index in `texts` of its first text part (plus one past the end)
-    plans: dict[int, list] = {}  # documents that are not exactly one text part: part indices and raw runs
-    for n, doc in enumerate(docs):
-        if not isinstance(doc, bytes | bytearray):
-            raise TokenizerError(f"label_documents: documents must be bytes, got {type(doc).__name__}")
-        first_part.append(len(texts))
-        parts = _split_valid_utf8(bytes(doc), unspellable, missing)
-        if len(parts) == 1 and isinstance(parts[0], str):  # the common case: one valid, spellable run
-            texts.append(parts[0])
-            continue
-        plan = plans[n] = []
-        for part in parts:
-            if isinstance(part, str):
-                plan.append(len(texts))
-                texts.append(part)
-            else:
-                plan.append(part)
-    first_part.append(len(texts))
+    texts, first_part, plans = _text_parts(docs, vocab)
     encs = tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
     # All text parts' ids in one array (each .ids access builds a Python list: once per part).
     part_off = np.zeros(len(encs) + 1, np.int64)
@@ -348,6 +328,37 @@ def label_flat(
     spelled_len = cum[doc_off[1:]] - base
     _check_spelling(vocab, docs, spelled_len, first_part, plans, text_ids, part_off, tok)
     return ids.astype(np.uint32), ends.astype(np.uint32), doc_off
+
+
+def _text_parts(docs: list[bytes], vocab: SubwordVocab) -> tuple[list[str], list[int], dict[int, list]]:
+    """Split documents into the text parts the encoder sees and the raw runs it must not see.
+
+    Returns (texts, first_part, plans): first_part[n] is the index in `texts` of document n's
+    first text part (plus one entry past the end); plans[n], only for documents that are not
+    exactly one text part, lists its parts in order: text part indices (int) and raw runs (bytes).
+    """
+    unspellable = vocab.unspellable
+    missing = bytes(np.nonzero(vocab.single_byte_ids < 0)[0].tolist())
+    texts: list[str] = []
+    first_part = []
+    plans: dict[int, list] = {}
+    for n, doc in enumerate(docs):
+        if not isinstance(doc, bytes | bytearray):
+            raise TokenizerError(f"label_documents: documents must be bytes, got {type(doc).__name__}")
+        first_part.append(len(texts))
+        parts = _split_valid_utf8(bytes(doc), unspellable, missing)
+        if len(parts) == 1 and isinstance(parts[0], str):  # the common case: one valid, spellable run
+            texts.append(parts[0])
+            continue
+        plan = plans[n] = []
+        for part in parts:
+            if isinstance(part, str):
+                plan.append(len(texts))
+                texts.append(part)
+            else:
+                plan.append(part)
+    first_part.append(len(texts))
+    return texts, first_part, plans
 
 
 def _spelled(vocab: SubwordVocab, plan: list, part_ids: list[list[int]]) -> list:

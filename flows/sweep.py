@@ -39,11 +39,10 @@ from prefect.runtime import flow_run  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from bolmo_core.config import Preset, get_preset  # noqa: E402
-from flows.byteify import Compute, Evaluation, Tracking, _default_root, _flow_run_url  # noqa: E402
+from flows.byteify import Compute, Evaluation, Tracking, _default_root, _flow_run_url, _prepare  # noqa: E402
 from tasks import artifacts, registry  # noqa: E402
 from tasks import sweep as sweep_tasks  # noqa: E402
 from tasks import tracking as mlflow_tasks  # noqa: E402
-from tasks.data import data_out_uri, prepare_data  # noqa: E402
 from tasks.evaluation import evaluate_model  # noqa: E402
 from tasks.export import export_model  # noqa: E402
 from tasks.training import stage_done, stage_out_uri, train_stage  # noqa: E402
@@ -225,7 +224,7 @@ def byteify_sweep(
     uri = tracking.tracking_uri or mlflow_tasks.default_tracking_uri()
     fr_id = str(flow_run.id or "local")
     if stage1_checkpoint is None:
-        stage1_checkpoint = _stage1_here(preset, overrides, data_sources, root, compute)
+        stage1_checkpoint = _stage1_here(preset, overrides, data_sources, root, compute, evaluation)
     s1 = sweep_tasks.stage1_info(stage1_checkpoint)
     todo = target_points(targets, relative, s1["bytes_per_token"]) + [(p, None) for p in points]
     if parallel < 0:
@@ -293,18 +292,13 @@ def byteify_sweep(
     }
 
 
-def _stage1_here(preset: str, overrides: dict, data_sources: list[str], root: str, compute: Compute) -> str:
-    """Data + Stage 1 for `preset` with the main flow's tasks (the same folders, so its cache is shared)."""
+def _stage1_here(
+    preset: str, overrides: dict, data_sources: list[str], root: str, compute: Compute, evaluation: Evaluation
+) -> str:
+    """Data + Stage 1 for `preset` with the main flow's steps (the same folders, so its cache is shared)."""
     p = get_preset(preset, overrides)
     cfg = p.to_dict()
-    manifest_uri, manifest_hash = prepare_data(
-        data_sources,
-        p.model.source,
-        data_out_uri(root, data_sources, p),
-        p.data,
-        workers=compute.data_workers,
-        world_size=compute.processes,
-    )
+    manifest_uri, manifest_hash = _prepare(data_sources, p, root, compute, evaluation)
     out1 = stage_out_uri(root, 1, cfg, manifest_hash, None, compute.processes)
     ckpt1, _ = train_stage.with_options(refresh_cache=not stage_done(out1))(
         stage=1,

@@ -20,13 +20,12 @@ import copy
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import yaml
+from procs import finish, launch, step_losses, trainer_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = "bolmo_core.callbacks:MemoryProbe"
@@ -110,76 +109,6 @@ def test_rehearsal_changes_only_size_and_steps():
 # ---------------------------------------------------------------- helpers
 
 
-def _descendants(root_pid: int) -> list[int]:
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    out, frontier = [], [root_pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        frontier += kids
-    return out
-
-
-def _rank_pid(root_pid: int, rank: int, config_suffix: bytes = b".json") -> int | None:
-    """The trainer process of `rank` below `root_pid` (never a process this test did not start)."""
-    for pid in _descendants(root_pid):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"bolmo_core.train" in argv and b"launch" not in argv and f"RANK={rank}".encode() in env:
-            if any(a.endswith(config_suffix) for a in argv):
-                return pid
-    return None
-
-
-def _losses(text: str) -> dict[int, float]:
-    from bolmo_core.callbacks import parse_progress_line
-
-    return {
-        e["step"]: e["metrics"]["loss"]
-        for e in map(parse_progress_line, text.splitlines())
-        if e and e["event"] == "step"
-    }
-
-
-def _launch(config_file: str) -> subprocess.Popen:
-    """Two ranks as accelerate launches them with cpu_fsdp.yaml: torchrun with the variable that
-    yaml sets (ACCELERATE_USE_FSDP=true; the flow test goes through accelerate itself). torchrun
-    directly saves accelerate's ~8 s start on this busy box."""
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-           "-m", "bolmo_core.train", "--config", config_file]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_FSDP": "true"}
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _finish(proc: subprocess.Popen, timeout: int = 600) -> str:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, err[-3000:]
-    return out
-
-
 def _tiny_olmo3_manifest(folder: Path) -> str:
     from bolmo_core.config import get_preset
     from bolmo_core.data import prepare_dataset
@@ -217,16 +146,18 @@ def test_fsdp_rank_killed_then_resumed_in_one_process(s3_server, tmp_path, capsy
     cfg_file = tmp_path / "stage1.json"
     cfg_file.write_text(json.dumps(cfg))
 
-    proc = _launch(str(cfg_file))
+    # Two ranks as accelerate launches them with cpu_fsdp.yaml: torchrun with the variable that
+    # yaml sets (the flow test goes through accelerate itself); torchrun saves accelerate's ~8 s start.
+    proc = launch(str(cfg_file), 2, env={"ACCELERATE_USE_FSDP": "true"})
     seen = ""
     for line in proc.stdout:
         seen += line
         if '"event": "step"' in line and '"step": 3,' in line:
-            os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+            os.kill(trainer_pids(proc.pid, rank=1)[0], signal.SIGKILL)
             break
     rest, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and ckpt.final_checkpoint(out) is None, err[-2000:]
-    two = _losses(seen + rest)
+    two = step_losses(seen + rest)
     latest = ckpt.latest_checkpoint(out)
     assert latest.endswith("step-000002") and ckpt.checkpoint_format(latest) == "dcp"
     assert sorted(ckpt.read_commit(latest)["sha256"]) == ["dcp/__0_0.distcp", "dcp/__1_0.distcp"]
@@ -234,7 +165,7 @@ def test_fsdp_rank_killed_then_resumed_in_one_process(s3_server, tmp_path, capsy
     capsys.readouterr()
     summary = train(TrainConfig.from_dict({**cfg, "allow_mismatch": True}))
     events = capsys.readouterr().out
-    one = _losses(events)
+    one = step_losses(events)
     start = next(e for e in map(parse_progress_line, events.splitlines()) if e and e["event"] == "start")
     assert (
         start["info"]["resumed_from"] == latest
@@ -250,27 +181,12 @@ def test_fsdp_rank_killed_then_resumed_in_one_process(s3_server, tmp_path, capsy
 
 @pytest.fixture(scope="module")
 def flow_env(tmp_path_factory, s3_server):
-    from prefect.settings import (
-        PREFECT_LOCAL_STORAGE_PATH,
-        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
-        temporary_settings,
-    )
+    from conftest import flow_run_env
     from prefect.testing.utilities import prefect_test_harness
 
-    tmp = tmp_path_factory.mktemp("rehearsal")
-    saved = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_server
-    with (
-        prefect_test_harness(server_startup_timeout=300),
-        temporary_settings(
-            {PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"), PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
-        ),
-    ):
-        yield {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
-    if saved is None:
-        os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
-    else:
-        os.environ["MLFLOW_S3_ENDPOINT_URL"] = saved
+    with flow_run_env(tmp_path_factory.mktemp("rehearsal"), s3_server) as e:
+        with prefect_test_harness(server_startup_timeout=300):
+            yield e
 
 
 def _kill_one_rank_after(root: str, step_dir: str, killed: list, stop: threading.Event) -> None:
@@ -282,8 +198,7 @@ def _kill_one_rank_after(root: str, step_dir: str, killed: list, stop: threading
     while not stop.is_set() and not killed:
         fs.invalidate_cache()  # s3fs caches listings: look again each time
         if fs.glob(pattern):
-            pid = _rank_pid(os.getpid(), 1, b"/stage1.json")
-            if pid:
+            for pid in trainer_pids(os.getpid(), b"/stage1.json", rank=1)[:1]:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
@@ -355,7 +270,9 @@ def _check_stage1_against_uninterrupted(out: dict, tracking_uri: str, ref_out: s
     saved = ckpt.read_config(out["stage1_checkpoint"])
     ref = {"preset": saved["preset"], "stage": 1, "manifest_uri": out["manifest_uri"], "out_uri": ref_out}
     (tmp_path / "stage1.json").write_text(json.dumps(ref))
-    reference = _losses(_finish(_launch_accelerate(str(tmp_path / "stage1.json")), timeout=1200))
+    reference = step_losses(
+        finish(launch(str(tmp_path / "stage1.json"), 2, "accelerate", "cpu_fsdp.yaml"), timeout=1200)
+    )
     client = MlflowClient(tracking_uri)
     parent = client.get_run(out["mlflow_run_id"])
     children = client.search_runs(
@@ -391,24 +308,6 @@ def _check_registered_and_planned(out: dict, params: dict, tracking_uri: str, fl
         )
     plan_md = next(a for a in arts if a.key == "plan").data
     assert "FSDP" in plan_md and "| fits | yes | yes |" in plan_md
-
-
-def _launch_accelerate(config_file: str) -> subprocess.Popen:
-    from conftest import free_port
-
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch",
-           "--config_file", str(ROOT / "deployments/accelerate/cpu_fsdp.yaml"), "--num_processes", "2",
-           "--main_process_port", str(free_port()), "-m", "bolmo_core.train", "--config", config_file]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def _check_plan_against_curve(params: dict, out: dict) -> None:

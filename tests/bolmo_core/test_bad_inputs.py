@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import OVERRIDES, REPO, make_manifest, run_config
+from procs import REPO
+from train_helpers import OVERRIDES, make_manifest, run_config
 
 from bolmo_core import checkpoint as ckpt
 from bolmo_core import cli, storage

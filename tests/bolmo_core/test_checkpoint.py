@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from model_helpers import save_parts
 from train_helpers import OVERRIDES, make_manifest
 
 from bolmo_core import checkpoint as ckpt
@@ -44,20 +45,23 @@ def _trained(setup, steps=2):
     return model, opt, sched, loader
 
 
-def _save(out, name, model, opt, sched, loader, config=None, keep_last=2):
-    return ckpt.save_checkpoint(
-        str(out),
+def _save(out, name, model, opt, sched, loader, config=None, keep_last=2, sharded=False):
+    """A checkpoint from this one process; `sharded`: the DCP format (the multi-rank path: tests/test_rehearsal.py)."""
+    if sharded:
+        from bolmo_core.train import sharded_state
+
+        weights = {"sharded_state": sharded_state(model, opt)}
+    else:
+        weights = {"model_state": model.state_dict(), "optimizer_state": opt.state_dict()}
+    return save_parts(
+        out,
         name,
-        rank=0,
-        world_size=1,
-        barrier=lambda: None,
+        config or {"stage": 1},
         rank_state={"rng": ckpt.capture_rng(), "loader": loader.state_dict()},
-        model_state=model.state_dict(),
-        optimizer_state=opt.state_dict(),
         scheduler_state=sched.state_dict(),
         trainer_state={"step": 2},
-        config=config or {"stage": 1},
         keep_last=keep_last,
+        **weights,
     )
 
 
@@ -220,30 +224,11 @@ def test_s3_checkpoint(setup, s3_server, tmp_path):
 # ---------------------------------------------------------------- sharded (DCP) checkpoints
 
 
-def _save_sharded(out, name, model, opt, sched, loader, keep_last=2):
-    """A DCP checkpoint from this one process (the multi-rank path: tests/test_rehearsal.py)."""
-    from bolmo_core.train import sharded_state
-
-    return ckpt.save_checkpoint(
-        str(out),
-        name,
-        rank=0,
-        world_size=1,
-        barrier=lambda: None,
-        rank_state={"rng": ckpt.capture_rng(), "loader": loader.state_dict()},
-        sharded_state=sharded_state(model, opt),
-        scheduler_state=sched.state_dict(),
-        trainer_state={"step": 2},
-        config={"stage": 1},
-        keep_last=keep_last,
-    )
-
-
 def test_dcp_round_trip_and_consolidation(setup, tmp_path):
     from bolmo_core.train import load_sharded_state, sharded_state
 
     model, opt, sched, loader = _trained(setup)
-    uri = _save_sharded(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader, sharded=True)
     commit = ckpt.read_commit(uri)
     assert (
         commit["format"] == "dcp" and "dcp" in commit["files"] and "model.safetensors" not in commit["files"]
@@ -281,7 +266,7 @@ def test_damaged_dcp_checkpoint_is_damaged_for_the_resume_fallback(setup, tmp_pa
     from bolmo_core.train import sharded_state
 
     model, opt, sched, loader = _trained(setup)
-    uri = _save_sharded(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader, sharded=True)
     f = tmp_path / "step-000002" / "dcp" / file
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(ckpt.DamagedCheckpoint) as e:
@@ -294,7 +279,7 @@ def test_dcp_metadata_never_unpickles_foreign_objects(setup, tmp_path):
     import pickle
 
     model, opt, sched, loader = _trained(setup, steps=1)
-    uri = _save_sharded(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader, sharded=True)
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -311,7 +296,7 @@ def test_dcp_metadata_never_unpickles_foreign_objects(setup, tmp_path):
 def test_dcp_keep_last_prunes_after_commit(setup, tmp_path):
     model, opt, sched, loader = _trained(setup, steps=1)
     for s in (2, 4, 6):
-        _save_sharded(tmp_path, ckpt.step_name(s), model, opt, sched, loader, keep_last=2)
+        _save(tmp_path, ckpt.step_name(s), model, opt, sched, loader, keep_last=2, sharded=True)
     assert [s for s, _ in ckpt.committed_steps(str(tmp_path))] == [4, 6]
     # a DCP save that died before COMMIT: its shards are ignored, then cleaned
     (tmp_path / "step-000008" / "dcp").mkdir(parents=True)
@@ -325,7 +310,7 @@ def test_s3_dcp_checkpoint(setup, s3_server):
 
     model, opt, sched, loader = _trained(setup, steps=1)
     out = f"s3://{S3_BUCKET}/ckpt-test/dcp"
-    uri = _save_sharded(out, ckpt.step_name(2), model, opt, sched, loader)
+    uri = _save(out, ckpt.step_name(2), model, opt, sched, loader, sharded=True)
     assert sorted(storage.listdir(storage.join(uri, "dcp"))) == [".metadata", "__0_0.distcp"]
     full = ckpt.load_model_state(uri)
     assert all(torch.equal(full[k], v) for k, v in model.state_dict().items())
