@@ -151,3 +151,34 @@ def test_ablation_switches_give_different_configs():
     assert point_preset(base, {}, p2).stage2.target_bytes_per_patch == 5.0
     with pytest.raises(ValueError, match=r"model\.boundary_lookahead=2: must be one of 0, 1"):
         point_preset(base, {}, SweepPoint(name="bad", overrides={"model.boundary_lookahead": 2}))
+
+
+@pytest.mark.slow
+def test_without_a_stage1_checkpoint_the_main_flows_stage1_is_trained(tmp_path, prefect_api):
+    """The deployments' path: no `stage1_checkpoint`, so data and Stage 1 come from the main flow's
+    steps, into the folders the main flow would use (its cache is shared)."""
+    from bolmo_core.config import get_preset
+    from flows.byteify import Evaluation, Tracking
+    from flows.sweep import Speed, byteify_sweep
+    from tasks.sweep import stage1_info
+    from tasks.training import stage_out_uri
+
+    overrides = {**OVERRIDES, **STAGE2}
+    root = tmp_path / "runs"
+    out = byteify_sweep(
+        preset="tiny",
+        targets=[1.0],
+        overrides=overrides,
+        storage_root=str(root),
+        evaluation=Evaluation(max_bytes=1000, cute_items=0),
+        speed=Speed(batches=[1], new_bytes=8, repeats=1, prompts=1, prompt_bytes=24),
+        tracking=Tracking(
+            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="sweep-s1", model_name="sweep-s1"
+        ),
+    )
+    s1 = stage1_info.fn(out["stage1_checkpoint"])
+    main_flows = stage_out_uri(
+        str(root), 1, get_preset("tiny", overrides).to_dict(), s1["manifest_hash"], None, 1
+    )
+    assert Path(out["stage1_checkpoint"]).parent == Path(main_flows)
+    assert [p["name"] for p in out["points"]] == ["1x"] and out["points"][0]["bits_per_byte"] > 0
