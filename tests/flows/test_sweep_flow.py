@@ -21,6 +21,16 @@ STAGE2 = {"stage2.steps": 2, "stage2.checkpoint_every": 0, "stage2.eval_batches"
 
 
 @pytest.fixture(scope="module")
+def prefect_api_own():
+    """A Prefect API of this module's own: the sweep's artifacts (evaluation tables, progress) must
+    not be seen by later tests that read the latest artifact of a key from the session API."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield
+
+
+@pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     """A Stage-1 checkpoint of the shrunk tiny preset (2 steps, in this process)."""
     import torch
@@ -55,7 +65,7 @@ def _sweep(stage1, root: Path, store: str):
 
 
 @pytest.fixture(scope="module")
-def swept(stage1, tmp_path_factory, prefect_api):
+def swept(stage1, tmp_path_factory, prefect_api_own):
     root = tmp_path_factory.mktemp("sweep")
     store = f"sqlite:///{root / 'mlflow.db'}"
     state = _sweep(stage1, root / "runs", store)
@@ -154,7 +164,7 @@ def test_ablation_switches_give_different_configs():
 
 
 @pytest.mark.slow
-def test_without_a_stage1_checkpoint_the_main_flows_stage1_is_trained(tmp_path, prefect_api):
+def test_without_a_stage1_checkpoint_the_main_flows_stage1_is_trained(tmp_path, prefect_api_own):
     """The deployments' path: no `stage1_checkpoint`, so data and Stage 1 come from the main flow's
     steps, into the folders the main flow would use (its cache is shared)."""
     from bolmo_core.config import get_preset
