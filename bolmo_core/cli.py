@@ -3,6 +3,8 @@
     byteify eval MODEL_DIR --text FILE [--source SOURCE]    prints the JSON evaluation report
     byteify generate MODEL_DIR --prompt TEXT | --prompt-file PATH     streams the continuation (exact bytes)
     byteify export CKPT_DIR OUT_DIR                        HF folder, then the parity check (JSON report)
+    byteify transfer BYTE_MODEL --base B --instruct I --out DIR   adds (instruct - base) to the global
+                                                           blocks, exports, checks parity [, evaluates]
     byteify plan --preset P --gpus N --gpu-memory 80GB     memory per GPU and hours per stage, before the spend
     byteify prepare SOURCES... --out URI [--preset P]      byte shards + manifest (JSON summary)
 
@@ -221,6 +223,67 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_transfer(args) -> int:
+    """Task arithmetic (bolmo_core/transfer.py); with --text, the result is scored next to the instruct model."""
+    from .transfer import transfer_export
+
+    text = _read_text(args.text) if args.text else None  # a bad --text fails before any work
+    model, preset, report = transfer_export(
+        args.byte_model,
+        _source_arg(args.base, args.base_revision),
+        _source_arg(args.instruct, args.instruct_revision),
+        args.out,
+        alpha=args.alpha,
+        retained_embeddings=args.retained_embeddings,
+        overwrite=args.overwrite,
+    )
+    if text is not None:
+        from .evaluate import EvalConfig, evaluate
+        from .source import load_source_model, load_tokenizer
+
+        report["evaluation"] = _nan_to_none(
+            evaluate(
+                [text],
+                load_tokenizer(preset.model.source),
+                source_model=load_source_model(_source_arg(args.instruct, args.instruct_revision)),
+                byte_model=model,
+                cfg=EvalConfig(max_bytes=args.max_bytes, cute_tasks=()),
+                byte_length=preset.data.byte_slots,
+            )
+        )
+    print(json.dumps(report, indent=1, default=_json_default))
+    return 0
+
+
+def _source_arg(name: str, revision: str | None):
+    from .source import SourceConfig
+
+    return SourceConfig(name, revision=revision)
+
+
+def _add_transfer(sub) -> None:
+    p = sub.add_parser(
+        "transfer",
+        help="add a source's (instruct - base) weight delta to a byte model's global blocks, export it",
+    )
+    p.add_argument("byte_model", metavar="BYTE_MODEL", help="checkpoint folder or exported byte model")
+    p.add_argument("--base", required=True, help="the base source: hub id, HF folder, .gguf or built-in")
+    p.add_argument("--instruct", required=True, help="the post-trained source (same architecture)")
+    p.add_argument("--out", required=True, help="local folder for the exported result")
+    p.add_argument("--alpha", type=float, default=1.0, help="scale of the delta (default 1)")
+    p.add_argument("--base-revision")
+    p.add_argument("--instruct-revision")
+    p.add_argument(
+        "--retained-embeddings",
+        action="store_true",
+        help="also add the input-embedding delta to the retained-subword table",
+    )
+    p.add_argument("--text", help="held-out text: score the result next to the instruct model")
+    p.add_argument("--max-bytes", type=int, default=20_000, help="bytes of --text to score")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier byteify export at --out")
+    p.set_defaults(func=cmd_transfer)
+
+
 def cmd_plan(args) -> int:
     from .config import ConfigError
     from .plan import PlanError
@@ -345,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_generate(sub)
     _add_export(sub)
+    _add_transfer(sub)
     _add_plan(sub)
     _add_prepare(sub)
     return parser
@@ -362,6 +426,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from .source import SourceError
     from .storage import StorageError
     from .subword import TokenizerError
+    from .transfer import TransferError
 
     return (
         CLIError,
@@ -376,6 +441,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
         TokenizerError,
         ExportError,
         GenerationError,
+        TransferError,
     )
 
 

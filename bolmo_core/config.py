@@ -119,6 +119,25 @@ class LossConfig:
     boundary_soft: float = knob(0.0, ge=0.0, le=1.0)  # Stage 1: BCE target mixes in the teacher's end mass
 
 
+# The Linear layers of a Llama/OLMo decoder block (attention and MLP projections).
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """Stage 2 through LoRA adapters on the global blocks (bolmo_core/lora.py); local modules train fully."""
+
+    rank: int = knob(16, ge=1)
+    alpha: float = knob(32.0, gt=0.0)  # update scale alpha / rank (PEFT's lora_alpha)
+    dropout: float = knob(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # module-name suffixes
+    lr_ratio: float = knob(1.0, gt=0.0)  # adapters' LR = optim.lr * lr_ratio (the local modules' LR at 1)
+
+    def check(self, key: str) -> None:
+        if not self.target_modules or not all(t.strip() for t in self.target_modules):
+            _fail(f"{key}.target_modules", self.target_modules, "needs at least one non-empty module name")
+
+
 @dataclass
 class StageConfig:
     stage: int = knob(1, choices=(1, 2))
@@ -141,8 +160,15 @@ class StageConfig:
     train_global: bool = False  # Stage 1: frozen global model; Stage 2: trained
     teacher_forced_boundaries: bool = True  # Stage 1: subword boundaries; Stage 2: predicted
     callbacks: list[str] = field(default_factory=list)  # "module:Class" on rank 0
+    lora: LoraConfig | None = None  # Stage 2: global blocks trained through LoRA adapters (None: fully)
 
     def check(self, key: str) -> None:
+        if self.lora is not None and not self.train_global:
+            _fail(
+                f"{key}.lora",
+                dataclasses.asdict(self.lora),
+                "needs train_global=true (a trained global model)",
+            )
         if self.global_batch % self.micro_batch:
             _fail(
                 f"{key}.global_batch",

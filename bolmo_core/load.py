@@ -20,6 +20,7 @@ import torch
 
 from . import checkpoint, storage
 from .config import ConfigError, Preset
+from .lora import add_adapters, merge_adapters, stage_lora
 
 EXPORT_META = "byteify_export.json"
 
@@ -91,7 +92,12 @@ def load_checkpoint_model(path: str, device: str | torch.device = "cpu") -> tupl
     preset = _preset(cfg["preset"], f"checkpoint '{uri}'")
     # init=False: the saved weights replace everything the source initialisation would set.
     model = BolmoModel.from_source(preset.model, init=False)
+    lora_cfg = stage_lora(preset, cfg.get("stage"))
+    if lora_cfg is not None:  # saved unmerged (exact resume); merged here, so every reader sees plain weights
+        add_adapters(model, lora_cfg)
     load_weights(model, checkpoint.load_model_state(uri), f"checkpoint '{uri}'")
+    if lora_cfg is not None:
+        merge_adapters(model)
     return model.to(device).eval(), preset
 
 

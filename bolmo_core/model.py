@@ -418,25 +418,36 @@ class BolmoModel(nn.Module):
         """Set requires_grad per stage: teacher always frozen; global blocks only when trained (spec §8.1, §9.1)."""
         self.requires_grad_(True)
         self.teacher.requires_grad_(False)
-        self.global_model.requires_grad_(bool(stage_cfg.train_global))
+        lora = stage_cfg.lora is not None and stage_cfg.train_global
+        self.global_model.requires_grad_(bool(stage_cfg.train_global) and not lora)
+        if lora:  # only the adapters of the global blocks train (bolmo_core/lora.py)
+            from .lora import is_adapter_param
+
+            for n, p in self.global_model.named_parameters():
+                p.requires_grad_(is_adapter_param(n))
         if stage_cfg.freeze_boundary_predictor:
             self.boundary_predictor.requires_grad_(False)
 
     def param_groups(self, stage_cfg: StageConfig) -> list[dict]:
-        """AdamW groups: local (decay), local no-decay (embeddings, norms, biases), global (lr x ratio)."""
+        """AdamW groups: local (decay), local no-decay (embeddings, norms, biases), global (lr x ratio);
+        with LoRA, the adapters (lr x lora.lr_ratio) instead of the global weights."""
+        from .lora import is_adapter_param
+
         self.configure_stage(stage_cfg)
         opt = stage_cfg.optim
         emb = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         teacher = {id(p) for p in self.teacher.parameters()}
         glob = {id(p) for p in self.global_model.parameters()}
-        groups = {k: [] for k in ("local", "local_no_decay", "global", "global_no_decay")}
-        for p in self.parameters():
+        groups = {k: [] for k in ("local", "local_no_decay", "global", "global_no_decay", "lora")}
+        for name, p in self.named_parameters():
             if not p.requires_grad or id(p) in teacher:
                 continue
             no_decay = p.ndim < 2 or id(p) in emb
             key = ("global" if id(p) in glob else "local") + ("_no_decay" if no_decay else "")
-            groups[key].append(p)
+            groups["lora" if is_adapter_param(name) else key].append(p)
         lr = {"local": opt.lr, "global": opt.lr * opt.global_lr_ratio}
+        if stage_cfg.lora is not None:
+            lr["lora"] = opt.lr * stage_cfg.lora.lr_ratio
         return [
             {
                 "name": k,

@@ -119,7 +119,24 @@ def build_model(cfg: TrainConfig, vocab):
         # A Stage-1 checkpoint holds the whole model (teacher included); nothing may be missing.
         skipped = load_weights(model, ckpt.load_model_state(src), f"init_from {src}", may_add=True)
         info = {"init_from": src, "init_from_hash": ckpt.checkpoint_hash(src), "ignored_keys": skipped}
+    if cfg.stage_cfg.lora is not None:  # after the Stage-1 weights: the adapters wrap them (lora.py)
+        from .lora import LoraError, add_adapters
+
+        try:
+            info["lora_params"] = add_adapters(model, cfg.stage_cfg.lora)
+        except LoraError as e:
+            raise TrainError(str(e)) from None
     return model, info
+
+
+def check_lora_sharding(stage_cfg, sharded: bool) -> None:
+    """LoRA adapters are added to a whole model (build_model); the FSDP2 path builds a meta-device
+    skeleton without them, so LoRA there would silently train every weight: refuse it."""
+    if sharded and stage_cfg.lora is not None:
+        raise TrainError(
+            f"stage{stage_cfg.stage}.lora: not supported with FSDP sharding yet; "
+            "train it with sharding ddp (one whole model per rank) or without lora"
+        )
 
 
 def skeleton_model(cfg: TrainConfig, vocab):
@@ -302,6 +319,7 @@ class Trainer:
         self.accelerator = accelerator or build_accelerator(cfg)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.sharded = fsdp.resolve_sharding(cfg.sharding, self.world) == "fsdp"
+        check_lora_sharding(self.stage_cfg, self.sharded)
         self.out = cfg.out_uri
         self.step = 0  # optimizer steps done
         self.stop_reason: str | None = None  # set by a callback (a time budget) to end the stage early

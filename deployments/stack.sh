@@ -84,7 +84,7 @@ up() {
   "$BIN/prefect" work-pool inspect byteify-gpu >/dev/null 2>&1 || "$BIN/prefect" work-pool create byteify-gpu --type process >/dev/null
   (cd "$ROOT" && "$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml >"$VAR/logs/deploy.log" 2>&1) \
     || { echo "deploy failed; see $VAR/logs/deploy.log" >&2; tail -20 "$VAR/logs/deploy.log" >&2; exit 1; }
-  echo "deployments: $(grep -o "byteify/[a-z0-9.-]*" "$VAR/logs/deploy.log" | sort -u | tr '\n' ' ')"
+  echo "deployments: $(grep -oE "byteify(-[a-z]+)?/[a-z0-9.-]*" "$VAR/logs/deploy.log" | sort -u | tr '\n' ' ')"
   start worker "" "$BIN/prefect" worker start --pool "$POOL" --type process
   echo
   echo "Prefect UI: http://127.0.0.1:$PREFECT_PORT    MLflow UI: http://127.0.0.1:$MLFLOW_PORT"

@@ -87,8 +87,8 @@ class _RunIds:
 class _Stages:
     """The two stages' final checkpoints, their weights hashes and the plot of their curves."""
 
-    ckpt1: str
-    hash1: str
+    ckpt1: str | None  # None: Stage 1 skipped (the skip_stage1 ablation)
+    hash1: str | None
     ckpt2: str
     hash2: str
     curves_png: str
@@ -108,6 +108,7 @@ def byteify(
     overrides: dict[str, Any] = {},  # noqa: B006 - pydantic copies defaults
     data_sources: list[str] = ["builtin:wiki"],  # noqa: B006
     storage_root: str | None = None,
+    skip_stage1: bool = False,
     compute: Compute = Compute(),
     evaluation: Evaluation = Evaluation(),
     tracking: Tracking = Tracking(),
@@ -116,7 +117,9 @@ def byteify(
 
     `preset` names a preset of bolmo_core.config; `overrides` are dotted keys into it, checked by
     the same validator as every other entry point, e.g. {"stage1.steps": 200,
-    "model.source.name_or_path": "allenai/OLMo-2-0425-1B"}.
+    "model.source.name_or_path": "allenai/OLMo-2-0425-1B"}. The paper's ablations are parameters:
+    `skip_stage1` trains Stage 2 straight from the source ("Stage 2 without Stage 1"), and
+    {"model.boundary_lookahead": 0} gives the causal boundary predictor.
     """
     root = storage_root or _default_root()
     p = get_preset(preset, overrides)  # one line naming the key, the value and the rule, if bad
@@ -126,7 +129,7 @@ def byteify(
     ids = _start_tracking(preset, p, data_sources, root, compute, tracking)
     # The pipeline: prepare data -> Stage 1 -> Stage 2 -> evaluate -> export -> register.
     manifest_uri, manifest_hash = _prepare(data_sources, p, root, compute, evaluation)
-    st = _train_stages(cfg, manifest_uri, manifest_hash, root, compute, ids)
+    st = _train_stages(cfg, manifest_uri, manifest_hash, root, compute, ids, skip_stage1)
     report_uri, report_hash, table_md, metrics = _evaluate(
         st, manifest_uri, manifest_hash, root, evaluation, ids
     )
@@ -134,7 +137,7 @@ def byteify(
     lineage = {
         **registry.source_lineage(p.model.source),
         "manifest_hash": manifest_hash,
-        "stage1_checkpoint_hash": st.hash1,
+        "stage1_checkpoint_hash": st.hash1 or "skipped",
         "stage2_checkpoint_hash": st.hash2,
         "export_hash": export_hash,
         "flow_run_id": ids.flow_run_id,
@@ -212,9 +215,17 @@ def _prepare(
 
 
 def _train_stages(
-    cfg: dict, manifest_uri: str, manifest_hash: str, root: str, compute: Compute, ids: _RunIds
+    cfg: dict,
+    manifest_uri: str,
+    manifest_hash: str,
+    root: str,
+    compute: Compute,
+    ids: _RunIds,
+    skip_stage1: bool = False,
 ) -> _Stages:
-    """Stage 1, then Stage 2 from its checkpoint; a stage's cache is refreshed when its final checkpoint is gone."""
+    """Stage 1, then Stage 2 from its checkpoint; a stage's cache is refreshed when its final checkpoint is gone.
+
+    `skip_stage1`: Stage 2 starts from the source (a stage folder of its own: no init hash)."""
     common = dict(
         preset=cfg,
         manifest_uri=manifest_uri,
@@ -228,13 +239,16 @@ def _train_stages(
         parent_run_id=ids.mlflow_run_id,
     )
     out1 = stage_out_uri(root, 1, cfg, manifest_hash, None, compute.processes)
-    ckpt1, hash1 = train_stage.with_options(refresh_cache=not stage_done(out1))(stage=1, **common)
+    ckpt1 = hash1 = None
+    if not skip_stage1:
+        ckpt1, hash1 = train_stage.with_options(refresh_cache=not stage_done(out1))(stage=1, **common)
     out2 = stage_out_uri(root, 2, cfg, manifest_hash, hash1, compute.processes)
     ckpt2, hash2 = train_stage.with_options(refresh_cache=not stage_done(out2))(
         stage=2, init_from=ckpt1, init_hash=hash1, **common
     )
     curves_png = artifacts.training_curves(
-        {"stage 1": curve_uri(ckpt1), "stage 2": curve_uri(ckpt2)}, artifacts.plots_uri(root, hash2)
+        {**({"stage 1": curve_uri(ckpt1)} if ckpt1 else {}), "stage 2": curve_uri(ckpt2)},
+        artifacts.plots_uri(root, hash2),
     )
     return _Stages(ckpt1, hash1, ckpt2, hash2, curves_png)
 
@@ -289,7 +303,7 @@ def _register(
     reused = mlflow_tasks.finish_flow_run(
         ids.tracking_uri,
         ids.mlflow_run_id,
-        {"stage1": st.hash1, "stage2": st.hash2},
+        {**({"stage1": st.hash1} if st.hash1 else {}), "stage2": st.hash2},
         f"{ids.made_by} · preset `{preset}` · registered {version}\n\n{table_md}",
     )
     if reused:
