@@ -1,4 +1,4 @@
-"""Hugging Face export of a byte model (spec §12, done right) and the parity check that gates it.
+"""Hugging Face export of a byte model (docs/architecture.md §12, done right) and the parity check that gates it.
 
 The folder holds `config.json` (model_type "bolmo", `auto_map` to the remote code, the FULL source
 config as `global_config` so the global blocks are rebuilt offline by transformers' own class for
@@ -38,7 +38,7 @@ PARITY_PROMPTS = (
     "def f(x):\n    return x * 2  # code\n",
     "",
 )
-# Source-config fields that must survive the export unchanged (spec §12: rope_theta was lost there).
+# Source-config fields that must survive the export unchanged (docs/architecture.md §12: rope_theta was lost there).
 CRITICAL_FIELDS = (
     "rope_parameters",
     "rope_scaling",

@@ -67,7 +67,7 @@ def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
 
 
 def build_optimizer(model, stage_cfg: StageConfig):
-    """AdamW over the model's parameter groups (per-group lr/weight decay; spec §8.6, §9.2)."""
+    """AdamW over the model's parameter groups (per-group lr/weight decay; docs/architecture.md §8.6, §9.2)."""
     o = stage_cfg.optim
     groups = [g for g in model.param_groups(stage_cfg) if any(p.requires_grad for p in g["params"])]
     if not groups:
@@ -108,7 +108,7 @@ class StageObjective(torch.nn.Module):
 
 
 def build_model(cfg: TrainConfig, vocab):
-    """Stage 1: from the source (initialised per spec §2.3). Stage 2: the Stage-1 weights on top."""
+    """Stage 1: from the source (initialised per docs/architecture.md §2.3). Stage 2: the Stage-1 weights on top."""
     from .model import BolmoModel
 
     from_stage1 = cfg.stage == 2 and bool(cfg.init_from)
@@ -158,7 +158,7 @@ def init_sharded_weights(trainer: Trainer, load: bool) -> dict:
     """Fill a sharded model's shards with its starting weights (`load`); the init info either way.
 
     Stage 2 from a DCP Stage-1 checkpoint: each rank reads its own shards (resharded as needed).
-    Otherwise rank 0 builds the whole model (source + spec §2.3 initialisation, or a Stage-1
+    Otherwise rank 0 builds the whole model (source + docs/architecture.md §2.3 initialisation, or a Stage-1
     ``model.safetensors``) and the shards are broadcast from it, one tensor at a time.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict

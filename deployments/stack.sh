@@ -24,7 +24,7 @@ mkdir -p "$VAR/logs" "$VAR/pids" "$VAR/prefect" "$VAR/mlflow"
 # Everything the servers, the worker and the flow runs it starts share.
 export PREFECT_HOME="$VAR/prefect"
 export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false          # no internet: telemetry would kill --background (P2)
+export PREFECT_SERVER_ANALYTICS_ENABLED=false          # no internet: its telemetry call kills --background
 export PREFECT_LOCAL_STORAGE_PATH="$VAR/prefect/results"
 export PREFECT_RESULTS_PERSIST_BY_DEFAULT=true
 export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-2}"
