@@ -34,7 +34,7 @@ import torch
 from bolmo_core.config import get_preset
 from bolmo_core.generate import generate_ids
 from bolmo_core.model import BolmoModel
-from bolmo_core.source import load_source_model, load_tokenizer
+from bolmo_core.source import load_source_config, load_source_model, load_tokenizer
 
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -90,13 +90,17 @@ def olmo3_of_smollm2_shape(preset, window: int = 16) -> BolmoModel:
     from transformers import AutoModelForCausalLM, Olmo3Config
 
     tok = load_tokenizer(preset.model.source)
+    smol = load_source_config(preset.model.source)  # SmolLM2-135M's own config: its shape, not restated
+    shape = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    )
     cfg = Olmo3Config(
+        **{k: getattr(smol, k) for k in shape},
         vocab_size=len(tok),
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
         sliding_window=window,
         max_position_embeddings=8192,
         tie_word_embeddings=True,

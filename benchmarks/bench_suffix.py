@@ -17,7 +17,7 @@ from bolmo_core.subword import RetainedIndex, SubwordVocab, label_documents
 
 
 class TrieWalkBaseline:
-    """The reference algorithm (spec §2.2): a reverse trie of nested dicts, walked back from every byte."""
+    """The reference algorithm (docs/architecture.md §2.2): a reverse trie of nested dicts, walked back from every byte."""
 
     def __init__(self, vocab: SubwordVocab):
         self.root: dict = {}

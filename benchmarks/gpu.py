@@ -1,4 +1,5 @@
-"""Device benchmark in one command (issue 7): training throughput, memory, MFU, generation speed, Triton numerics.
+"""Device benchmark in one command (issues 7, 12): training throughput, memory, MFU, generation speed,
+Triton numerics, and the FSDP2 + sharded-checkpoint path.
 
     python benchmarks/gpu.py            # CUDA: olmo2-1b architecture; CPU: the tiny preset
     python benchmarks/gpu.py --device cpu --preset tiny
@@ -8,11 +9,15 @@ from `KNOWN_ARCHITECTURES` or the local tiny source), a synthetic subword vocabu
 source's size, and synthetic windows in the real batch format (docs/internals.md), then runs
 Stage-1 and Stage-2 optimizer steps (fwd + bwd + clip + AdamW, fp32 master weights, bf16
 autocast on CUDA; fp32 on the CPU, whose bf16 matmuls run ~80x slower than fp32 on the dev box), batch-1 and batch-8 generation, and (on CUDA) the Triton mLSTM against ours.
+Then `fsdp_dcp`: the trainer's FSDP2 path on a one-rank process group (NCCL on CUDA, gloo on the
+CPU): Stage-2 steps with bf16 parameters / fp32 reduction and activation checkpointing, a
+sharded DCP checkpoint written, read back into the shards (bit-exact) and consolidated, with its
+size and seconds, and the plan's per-step memory next to the measured peak (CUDA).
 Prints ONE JSON line. Figures on random weights measure speed only, never quality. On a shared
 CPU set OMP_NUM_THREADS=1: with busy cores, two spinning intra-op threads run ~10x slower.
 
-FLOP model (per optimizer step, B windows of P tokens / L byte slots; N_g = global block
-parameters, N_loc = local non-embedding parameters, attention per PaLM: 12 * layers * d * P^2
+FLOP model (bolmo_core.plan.window_flops; per optimizer step, B windows of P tokens / L byte slots; N_g = global block
+parameters, N_loc = local weight matrices (no embeddings), attention per PaLM: 12 * layers * d * P^2
 per window for fwd+bwd):
   Stage 1: teacher fwd 2*N_g*P + 1/3 attn; student through k frozen blocks fwd + activation grads
            4*N_g*(k/n)*P + 2/3 attn*(k/n); local 6*N_loc*L; teacher logits 2*d*V*P.
@@ -43,20 +48,8 @@ from bolmo_core.global_model import build_source_skeleton  # noqa: E402
 from bolmo_core.loader import finish_batch  # noqa: E402
 from bolmo_core.mlstm import get_mlstm_backend, mlstm_chunkwise  # noqa: E402
 from bolmo_core.model import BolmoModel  # noqa: E402
+from bolmo_core.plan import datasheet_peak, measured_matmul_flops, shapes, window_flops  # noqa: E402
 from bolmo_core.subword import RetainedIndex, SubwordVocab  # noqa: E402
-
-# bf16 dense tensor-core peaks (FLOP/s) from the vendors' datasheets, matched on the device name
-GPU_PEAKS = {
-    "H200": 989.4e12,
-    "H100": 989.4e12,
-    "GH200": 989.4e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 70e12,
-    "L4": 121e12,
-    "B200": 2250e12,
-}
-
 
 # ---------------------------------------------------------------- synthetic inputs
 
@@ -120,29 +113,14 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def measured_peak(dev: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
-    """Best matmul FLOP/s of n x n x n products on this device in `dtype`."""
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    a @ b
-    best = 0.0
-    for _ in range(reps):
-        _sync(dev)
-        t = time.perf_counter()
-        a @ b
-        _sync(dev)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
-
-
 def peak_flops(dev: torch.device, bf16: bool) -> tuple[float, str]:
     if dev.type == "cuda" and bf16:
         name = torch.cuda.get_device_name(dev)
-        for key in sorted(GPU_PEAKS, key=len, reverse=True):
-            if key in name:
-                return GPU_PEAKS[key], f"datasheet bf16 dense ({key})"
+        peak = datasheet_peak(name)
+        if peak:
+            return peak, f"datasheet bf16 dense ({name})"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return measured_peak(dev, dtype), f"measured best {str(dtype)[6:]} 1024^3 matmul on this device"
+    return measured_matmul_flops(dev, dtype), f"measured best {str(dtype)[6:]} 1024^3 matmul on this device"
 
 
 def param_counts(model: BolmoModel) -> dict:
@@ -155,18 +133,9 @@ def param_counts(model: BolmoModel) -> dict:
     return {"global_blocks": glob, "local_non_embedding": local, "total_trainable_stage2": model.num_params()}
 
 
-def step_flops(model: BolmoModel, stage: int, B: int, P: int, L: int) -> float:
-    c = param_counts(model)
-    cfg = model.global_model.config
-    n, d = cfg.num_hidden_layers, cfg.hidden_size
-    attn = 12 * n * d * P * P  # fwd+bwd per window
-    local = 6 * c["local_non_embedding"] * L
-    if stage == 2:
-        return B * (6 * c["global_blocks"] * P + attn + local)
-    k = model.cfg.encoder_loss_layer / n
-    teacher = 2 * c["global_blocks"] * P + attn / 3 + 2 * d * model.teacher.embed_tokens.weight.shape[0] * P
-    student = 4 * c["global_blocks"] * k * P + 2 * attn / 3 * k
-    return B * (teacher + student + local)
+def step_flops(model: BolmoModel, stage_cfg, B: int, P: int, L: int) -> float:
+    """Model FLOPs of one step of B windows: the plan's count (bolmo_core.plan.window_flops)."""
+    return B * window_flops(shapes(model, stage_cfg), stage_cfg.stage, P, L)[0]
 
 
 def train_stage(model, stage_cfg, vocab, index, P, L, micro, steps, warmup, dev, rng, bf16) -> dict:
@@ -204,7 +173,7 @@ def _train(model, stage_cfg, vocab, index, P, L, micro, steps, warmup, dev, rng,
     _sync(dev)
     dt = time.perf_counter() - t0
     del opt
-    flops = step_flops(model, stage_cfg.stage, micro, P, L)
+    flops = step_flops(model, stage_cfg, micro, P, L)
     out = {
         "micro_batch": micro,
         "steps": steps,
@@ -283,6 +252,134 @@ def triton_check(dev: torch.device, H: int, Dqk: int, Dv: int, chunk: int, L: in
     return out
 
 
+# ---------------------------------------------------------------- FSDP + sharded checkpoints
+
+
+def _process_group(dev: torch.device) -> bool:
+    """A one-process group (NCCL on CUDA, gloo on the CPU) unless one exists; True if started here."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return True
+
+
+def fsdp_model(preset, full_state: dict, vocab, dev: torch.device, stage_cfg):
+    """The trainer's FSDP2 path (bolmo_core.fsdp): meta build, activation checkpointing, shard, load."""
+    from transformers import AutoModelForCausalLM
+
+    from bolmo_core import fsdp
+    from bolmo_core.global_model import source_config
+    from bolmo_core.train import StageObjective
+
+    with fsdp.meta_parameters():
+        lm = AutoModelForCausalLM.from_config(source_config(preset.model.source), attn_implementation="sdpa")
+        model = BolmoModel(preset.model, lm, vocab)
+    model.configure_stage(stage_cfg)
+    fsdp.apply_activation_checkpointing(model)
+    objective = StageObjective(model, stage_cfg.stage, stage_cfg.losses)
+    fsdp.shard(objective, model, fsdp.device_mesh(dev, 1), stage_cfg.precision)
+    fsdp.materialize(objective, dev)
+    fsdp.load_full_state(model, full_state)
+    return model, objective
+
+
+def fsdp_dcp_check(preset, full_model, vocab, index, dev, steps: int, rng, bf16: bool) -> dict:
+    """Stage-2 steps under FSDP2 (bf16 parameters, fp32 reduce, activation checkpointing), a sharded
+    DCP checkpoint written, read back into the same shards and consolidated; timings, sizes, and
+    the plan's per-step memory next to the measured one (CUDA)."""
+    import copy
+
+    import torch.distributed as dist
+
+    from bolmo_core import fsdp
+    from bolmo_core.plan import Hardware, plan
+    from bolmo_core.train import build_optimizer
+
+    started = _process_group(dev)
+    stage_cfg = copy.deepcopy(preset.stage2)
+    stage_cfg.precision, stage_cfg.activation_checkpointing = ("bf16" if bf16 else "fp32"), True
+    model, objective = fsdp_model(preset, full_model.state_dict(), vocab, dev, stage_cfg)
+    opt = build_optimizer(model, stage_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    P, L, B = preset.data.window_tokens, preset.data.byte_slots, stage_cfg.micro_batch
+    batch = {k: v.to(dev) for k, v in synthetic_batch(vocab, index, B, P, L, rng).items()}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = objective(batch)
+        loss.backward()
+        fsdp.clip_grad_norm(params, stage_cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(dev)
+    out = {"steps": steps, "step_s": (time.perf_counter() - t0) / steps, "loss": float(loss.detach())}
+    if dev.type == "cuda":
+        out["step_peak_mem_bytes"] = torch.cuda.max_memory_allocated(dev) - base
+    st = plan(preset.with_overrides({"stage2.activation_checkpointing": True, "stage2.precision": stage_cfg.precision}),
+              Hardware(gpus=1, device=dev.type), sharding="fsdp").stages[1]  # fmt: skip
+    out["plan_step_mem_bytes"] = sum(
+        st.memory[k] for k in ("activations", "gradients", "weights (working copies)")
+    )
+    out.update(dcp_round_trip(model, opt, dev))
+    if started:
+        dist.destroy_process_group()
+    return out
+
+
+def dcp_round_trip(model, opt, dev) -> dict:
+    """Save the sharded state through DCP, overwrite the shards, load them back, consolidate."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from bolmo_core import checkpoint as ckpt
+    from bolmo_core.train import load_sharded_state, sharded_state
+
+    with tempfile.TemporaryDirectory(prefix="byteify-dcp-") as tmp:
+        kept = {n: p.detach().to_local().clone() for n, p in model.named_parameters()}
+        _sync(dev)
+        t = time.perf_counter()
+        uri = ckpt.save_checkpoint(tmp, "step-000001", rank=0, world_size=1, barrier=dist.barrier,
+                                   rank_state={}, sharded_state=sharded_state(model, opt), scheduler_state={},
+                                   trainer_state={"step": 1}, config={})  # fmt: skip
+        save_s = time.perf_counter() - t
+        size = sum(f.stat().st_size for f in Path(uri, "dcp").iterdir())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.to_local().zero_()
+        t = time.perf_counter()
+        target = sharded_state(model, opt)
+        ckpt.load_checkpoint(uri, 0, target)
+        load_sharded_state(model, opt, target)
+        _sync(dev)
+        load_s = time.perf_counter() - t
+        same = all(torch.equal(kept[n], p.detach().to_local()) for n, p in model.named_parameters())
+        t = time.perf_counter()
+        full = ckpt.consolidated_model_state(uri)
+        consolidate_s = time.perf_counter() - t
+    return {
+        "dcp_bytes": size,
+        "dcp_save_s": save_s,
+        "dcp_load_s": load_s,
+        "dcp_consolidate_s": consolidate_s,
+        "dcp_save_gb_per_s": size / save_s / 1e9,
+        "dcp_round_trip_exact": same,
+        "dcp_consolidated_tensors": len(full),
+    }
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -356,6 +453,7 @@ def main(argv=None) -> dict:
         torch.cuda.empty_cache()
     new = a.gen_bytes or (128 if dev.type == "cuda" else 16)
     out["generation"] = {f"batch{b}": generation_speed(model, vocab, b, new, rng, precision) for b in (1, 8)}
+    out["fsdp_dcp"] = fsdp_dcp_check(preset, model, vocab, index, dev, steps, rng, bf16)
     m = model.local_encoder.blocks[0].mlstm
     out["triton_check"] = triton_check(dev, m.h, m.dqk // m.h, m.d // m.h, preset.model.local.chunk_size)
     # headline fields (Stage 2: the whole model trains)

@@ -1,4 +1,4 @@
-"""Boundary predictor (spec §4): p_t = (1 - cos(W_q h_t, W_k h_{t+1})) / 2, in log space.
+"""Boundary predictor (docs/architecture.md §4): p_t = (1 - cos(W_q h_t, W_k h_{t+1})) / 2, in log space.
 
 lookahead=1 is the released non-causal predictor (byte t's boundary depends on byte t+1).
 lookahead=0 is the causal ablation: compare h_{t-1} with h_t, so p_t never sees byte t+1.
@@ -6,7 +6,7 @@ lookahead=0 is the causal ablation: compare h_{t-1} with h_t, so p_t never sees 
 context=c > 0 widens what the predictor reads (an option for the boundary plateau, docs/results.md):
 both sides see h~_t = h_t + U [h_{t-1}; ...; h_{t-c}] (zeros before the row's start), a causal
 convolution over the encoder states with U initialised to 0, so a fresh or converted predictor
-starts as exactly the spec's and learns how much the previous bytes matter. It adds no lookahead:
+starts as exactly docs/architecture.md's and learns how much the previous bytes matter. It adds no lookahead:
 p_t still reads positions <= t+1 (lookahead 1) or <= t (lookahead 0).
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NEG = -1e5  # log p for positions with no future byte (spec §4.1)
+NEG = -1e5  # log p for positions with no future byte (docs/architecture.md §4.1)
 COS_MAX = 1.0 - 1e-3  # clip so log(1 - cos) stays finite
 
 
@@ -80,5 +80,5 @@ class BoundaryPredictor(nn.Module):
         return torch.log1p(-(q * k).sum(-1).clamp(max=COS_MAX)) - math.log(2.0)
 
     def decide(self, logp: torch.Tensor) -> torch.Tensor:
-        """Boundary where p_t > threshold (spec §4.2)."""
+        """Boundary where p_t > threshold (docs/architecture.md §4.2)."""
         return logp > self.log_threshold

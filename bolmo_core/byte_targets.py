@@ -123,51 +123,11 @@ def build_table(vocab) -> TargetTable:
     Vectorised over the entries, one loop over prefix depth (<= the longest entry, 81 in SmolLM2).
     """
     V = len(vocab.token_bytes)
-    keep = [
-        i
-        for i in range(min(V, vocab.vocab_size))
-        if i not in vocab.special_ids and len(vocab.token_bytes[i]) > 0
-    ]
-    keep.sort(key=lambda i: vocab.token_bytes[i])  # bytes order: a prefix sorts before its extensions
-    ids = np.asarray(keep, dtype=np.int64)
+    ids, lens, M, lcp = _sorted_entries(vocab)
     N = len(ids)
-    lens = np.asarray([len(vocab.token_bytes[i]) for i in keep], dtype=np.int64)
-    maxlen = int(lens.max())
-    # M[i, d] = byte d of sorted entry i, plus 1 (0 past the end), so rows compare like the bytes.
-    M = np.zeros((N, maxlen), dtype=np.int16)
-    starts = np.cumsum(lens) - lens
-    row = np.repeat(np.arange(N), lens)
-    col = np.arange(int(lens.sum())) - np.repeat(starts, lens)
-    M[row, col] = (
-        np.frombuffer(b"".join(vocab.token_bytes[i] for i in keep), dtype=np.uint8).astype(np.int16) + 1
-    )
-    neq = M[1:] != M[:-1]
-    lcp = np.concatenate([[0], np.where(neq.any(1), neq.argmax(1), maxlen)])  # with the previous entry
-
-    # Prefix nodes: root (depth 0, the whole range), then depth 1, 2, ... each sorted by range start.
-    node_lo, node_mid, node_hi, node_parent, node_byte = [0], [0], [N], [-1], [0]
-    depth_starts = [np.zeros(1, dtype=np.int64)]  # per depth: range starts, for the parent lookup
-    depth_base = [0]
-    path = np.zeros((N, maxlen), dtype=np.int64)  # path[i, d] = node of entry i's first d bytes
-    for d in range(1, maxlen + 1):
-        new = np.flatnonzero((lens >= d) & (lcp < d))  # entries that start a depth-d prefix
-        breaks = np.flatnonzero(lcp < d)  # an entry not sharing the previous one's first d bytes
-        hi = np.append(breaks, N)[np.searchsorted(breaks, new, side="right")]
-        exact = np.concatenate([[0], np.cumsum(lens == d)])  # entries equal to the prefix come first
-        mid = new + (exact[hi] - exact[new])
-        parent = depth_base[d - 1] + np.searchsorted(depth_starts[d - 1], new, side="right") - 1
-        base = len(node_lo)
-        node_lo += new.tolist()
-        node_mid += mid.tolist()
-        node_hi += hi.tolist()
-        node_parent += parent.tolist()
-        node_byte += (M[new, d - 1] - 1).tolist()
-        depth_starts.append(new)
-        depth_base.append(base)
-        if d < maxlen:
-            longer = np.flatnonzero(lens > d)
-            path[longer, d] = base + np.searchsorted(new, longer, side="right") - 1
-    first = np.asarray(node_byte[1 : depth_base[2] if maxlen > 1 else None])  # depth-1 nodes' bytes
+    nodes, path, depth_base = _prefix_nodes(M, lens, lcp)
+    node_lo, node_mid, node_hi, node_parent, node_byte = nodes
+    first = np.asarray(node_byte[1 : depth_base[2] if M.shape[1] > 1 else None])  # depth-1 nodes' bytes
     ws = [1 + int(k) for k in np.flatnonzero(np.isin(first, WHITESPACE_STARTS))]
     parent = np.asarray(node_parent[1:], dtype=np.int64)  # edges = non-root nodes, parents non-decreasing
     n_nodes = len(node_lo)
@@ -197,6 +157,67 @@ def build_table(vocab) -> TargetTable:
         ws_hi=torch.tensor([node_hi[k] for k in ws], dtype=torch.long),
         sep_id=int(vocab.doc_separator_id),
     )
+
+
+def _sorted_entries(vocab) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The spelled, non-special entries in bytes order: (vocab ids, byte lengths, byte matrix, lcp).
+
+    Row i of the byte matrix holds sorted entry i's bytes plus 1 (0 past the end), so rows
+    compare like the bytes; lcp[i] is its common prefix length with entry i - 1.
+    """
+    keep = [
+        i
+        for i in range(min(len(vocab.token_bytes), vocab.vocab_size))
+        if i not in vocab.special_ids and len(vocab.token_bytes[i]) > 0
+    ]
+    keep.sort(key=lambda i: vocab.token_bytes[i])  # bytes order: a prefix sorts before its extensions
+    ids = np.asarray(keep, dtype=np.int64)
+    N = len(ids)
+    lens = np.asarray([len(vocab.token_bytes[i]) for i in keep], dtype=np.int64)
+    maxlen = int(lens.max())
+    M = np.zeros((N, maxlen), dtype=np.int16)
+    starts = np.cumsum(lens) - lens
+    row = np.repeat(np.arange(N), lens)
+    col = np.arange(int(lens.sum())) - np.repeat(starts, lens)
+    M[row, col] = (
+        np.frombuffer(b"".join(vocab.token_bytes[i] for i in keep), dtype=np.uint8).astype(np.int16) + 1
+    )
+    neq = M[1:] != M[:-1]
+    lcp = np.concatenate([[0], np.where(neq.any(1), neq.argmax(1), maxlen)])  # with the previous entry
+    return ids, lens, M, lcp
+
+
+def _prefix_nodes(M: np.ndarray, lens: np.ndarray, lcp: np.ndarray):
+    """Every distinct prefix of the sorted entries as a node: root (depth 0, the whole range), then
+    depth 1, 2, ... each sorted by range start.
+
+    Returns ((lo, mid, hi, parent, byte) lists per node, path, depth_base): path[i, d] is the
+    node of entry i's first d bytes, depth_base[d] the first node of depth d.
+    """
+    N, maxlen = M.shape
+    node_lo, node_mid, node_hi, node_parent, node_byte = [0], [0], [N], [-1], [0]
+    depth_starts = [np.zeros(1, dtype=np.int64)]  # per depth: range starts, for the parent lookup
+    depth_base = [0]
+    path = np.zeros((N, maxlen), dtype=np.int64)
+    for d in range(1, maxlen + 1):
+        new = np.flatnonzero((lens >= d) & (lcp < d))  # entries that start a depth-d prefix
+        breaks = np.flatnonzero(lcp < d)  # an entry not sharing the previous one's first d bytes
+        hi = np.append(breaks, N)[np.searchsorted(breaks, new, side="right")]
+        exact = np.concatenate([[0], np.cumsum(lens == d)])  # entries equal to the prefix come first
+        mid = new + (exact[hi] - exact[new])
+        parent = depth_base[d - 1] + np.searchsorted(depth_starts[d - 1], new, side="right") - 1
+        base = len(node_lo)
+        node_lo += new.tolist()
+        node_mid += mid.tolist()
+        node_hi += hi.tolist()
+        node_parent += parent.tolist()
+        node_byte += (M[new, d - 1] - 1).tolist()
+        depth_starts.append(new)
+        depth_base.append(base)
+        if d < maxlen:
+            longer = np.flatnonzero(lens > d)
+            path[longer, d] = base + np.searchsorted(new, longer, side="right") - 1
+    return (node_lo, node_mid, node_hi, node_parent, node_byte), path, depth_base
 
 
 def _segments(counts: torch.Tensor):

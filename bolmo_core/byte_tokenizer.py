@@ -1,4 +1,4 @@
-"""Byte ids (spec §1.1): 4 specials, then the 256 bytes at offset 4; the fused output adds 260.
+"""Byte ids (docs/architecture.md §1.1): 4 specials, then the 256 bytes at offset 4; the fused output adds 260.
 
 | id | meaning |
 |---|---|
@@ -18,7 +18,7 @@ import torch
 
 PAD = 0
 BOS = 1
-EOS = 1  # bos = eos (spec §1.1)
+EOS = 1  # bos = eos (docs/architecture.md §1.1)
 EOS_STRING_ID = 2  # exists as a name, never emitted
 EOP = 3
 OFFSET = 4
@@ -51,7 +51,7 @@ def is_boundary(ids):
 
 
 def fold_logprobs(logp: torch.Tensor) -> torch.Tensor:
-    """(..., 520) fused log-probs -> (..., 260) log-probs with p(v) = p(v) + p(v + 260) (spec §1.1)."""
+    """(..., 520) fused log-probs -> (..., 260) log-probs with p(v) = p(v) + p(v + 260) (docs/architecture.md §1.1)."""
     if logp.shape[-1] != FUSED_VOCAB:
         raise ByteTokenizerError(f"fold_logprobs: last dimension must be {FUSED_VOCAB}, got {logp.shape[-1]}")
     return torch.logaddexp(logp[..., :FUSED_OFFSET], logp[..., FUSED_OFFSET:])

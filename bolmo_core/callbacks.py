@@ -108,6 +108,61 @@ class TimeBudget(Callback):
             self.trainer.stop_reason = "max_cpu_minutes" if hit == ["cpu_s"] else "max_minutes"
 
 
+class MemoryProbe(Callback):
+    """Measures the memory one training step allocates above what was allocated before it.
+
+    Adds ``mem_step_peak_bytes`` to that step's metrics: the peak of the bytes allocated during
+    step `step` above those allocated at its start (activations, this rank's gradients, gathered
+    shards, optimizer temporaries).
+    CUDA: the caching allocator's own counters. CPU: torch's profiler records every allocation
+    and free of the CPU allocator with its size; their running sum over the step is the
+    allocated-bytes curve, and its maximum the peak (exact, no sampling; allocator caching and
+    fragmentation are not in it). One step only: profiling slows that step down.
+    Named in a stage's ``callbacks`` (rank 0); the plan's activation estimate is checked against it.
+    """
+
+    def __init__(self, step: int = 2):
+        self.step = step  # not step 1: AdamW allocates its state there
+        self.prof = None
+        self.device = None
+
+    def on_step_start(self, step):
+        if step + 1 != self.step:
+            return
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.prof.__enter__()
+
+    def on_step_end(self, step, metrics):
+        if step != self.step:
+            return
+        import torch
+
+        if self.prof is None:
+            torch.cuda.synchronize()
+            metrics["mem_step_peak_bytes"] = float(torch.cuda.max_memory_allocated() - self.base)
+            return
+        self.prof.__exit__(None, None, None)
+        events = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in self.prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+        )
+        self.prof, total, peak = None, 0, 0
+        for _, n in events:
+            total += n
+            peak = max(peak, total)
+        metrics["mem_step_peak_bytes"] = float(peak)
+
+
 PROGRESS_PREFIX = "BYTEIFY_PROGRESS "
 
 

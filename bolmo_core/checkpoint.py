@@ -1,4 +1,4 @@
-"""Training checkpoints: one folder per checkpoint, atomic, local or ``s3://`` (DESIGN.md).
+"""Training checkpoints: one folder per checkpoint, atomic, local or ``s3://`` (docs/internals.md).
 
 Layout of ``<stage out>/step-000123/`` (or ``<stage out>/final/`` when the stage is done)::
 
@@ -9,6 +9,15 @@ Layout of ``<stage out>/step-000123/`` (or ``<stage out>/final/`` when the stage
     trainer_state.json  step, samples, elapsed time, finished flag
     config.json         the resolved preset, stage, world size, data manifest hash, source identity
     COMMIT              written last; a folder without it is not a checkpoint
+
+A sharded (FSDP) run writes ``dcp/`` instead of ``model.safetensors`` and ``optimizer.pt``: a
+``torch.distributed.checkpoint`` folder (``.metadata`` + ``__<rank>_0.distcp``) holding the
+model (``model.*``) and optimizer (``optim.*``) state, each rank writing only its own shards,
+nothing gathered anywhere. COMMIT then says ``"format": "dcp"`` and holds the sha256 of each
+shard file (hashed by the rank that wrote it). DCP reshards on load: a checkpoint written by N
+ranks loads into M ranks, or into one process (`consolidated_model_state`, what evaluation
+and export use). Its ``.metadata`` is a pickle: it is read with an unpickler that only knows
+DCP's own metadata classes, and non-tensor values load with ``weights_only=True``.
 
 Atomicity: locally every file goes into ``.tmp-<name>/``, COMMIT last, then the folder is
 renamed into place (a rename is atomic on one file system). On S3, where renames are
@@ -21,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -39,7 +49,16 @@ FINAL = "final"
 MODEL_FILE = "model.safetensors"
 _STEP_RE = re.compile(r"^step-(\d{6,})$")
 # Preset fields that do not change the training math: a resume may differ in them.
-IGNORED_FIELDS = ("callbacks", "checkpoint_every", "keep_last", "eval_every", "eval_batches")
+IGNORED_FIELDS = (
+    "callbacks",
+    "checkpoint_every",
+    "keep_last",
+    "eval_every",
+    "eval_batches",
+    "activation_checkpointing",  # recomputes the same activations: same math, less memory
+)
+FORMAT_FILES, FORMAT_DCP = "files", "dcp"
+DCP_DIR = "dcp"
 
 
 class CheckpointError(ValueError):
@@ -144,16 +163,15 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 
 
 def load_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
+    """Every weight of a checkpoint as one state dict, whatever its format (the one entry point)."""
+    if checkpoint_format(ckpt_uri) == FORMAT_DCP:
+        return consolidated_model_state(ckpt_uri)
     uri = storage.join(ckpt_uri, MODEL_FILE)
+    data = _read_file(uri)
     try:
-        return state_from_bytes(storage.read_bytes(uri))
-    except storage.StorageError:
-        raise
+        return state_from_bytes(data)
     except Exception as e:  # truncated or damaged: safetensors' own error, or a bad header
-        raise DamagedCheckpoint(
-            f"{uri}: damaged ({type(e).__name__}: {str(e).splitlines()[0][:160]}); delete {ckpt_uri} "
-            "and resume from the previous committed checkpoint"
-        ) from None
+        raise _damaged_file(uri, f"damaged ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
 
 
 # ---------------------------------------------------------------- RNG and torch-saved state
@@ -206,15 +224,37 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _torch_load(uri: str) -> Any:
+def _damaged_file(uri: str, what: str) -> DamagedCheckpoint:
+    """One line: the file of a committed checkpoint, what is wrong with it, and what to do."""
+    folder = storage.dirname(uri)
+    return DamagedCheckpoint(f"{uri}: {what}; delete {folder} and resume from the previous committed one")
+
+
+def _read_file(uri: str) -> bytes:
+    """A file of a committed checkpoint: one that is missing there makes the checkpoint damaged."""
     try:
-        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        return storage.read_bytes(uri)
     except storage.StorageError:
-        raise
+        if storage.exists(uri):  # unreadable for another reason (permissions, network): not damage
+            raise
+        raise _damaged_file(uri, "missing from a committed checkpoint") from None
+
+
+def _read_json(uri: str) -> Any:
+    data = _read_file(uri)
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _damaged_file(uri, f"damaged (not valid JSON: {_first_line(e)})") from None
+
+
+def _torch_load(uri: str) -> Any:
+    data = _read_file(uri)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: one line, not a pickle traceback
-        raise DamagedCheckpoint(
-            f"{uri}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete its "
-            "checkpoint folder and resume from the previous committed one"
+        raise _damaged_file(
+            uri, f"cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
 
 
@@ -231,6 +271,7 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict | None = None,
+    sharded_state: dict | None = None,
     scheduler_state: dict | None = None,
     trainer_state: dict | None = None,
     config: dict | None = None,
@@ -238,9 +279,11 @@ def save_checkpoint(
 ) -> str:
     """Write checkpoint ``name`` under ``out_uri`` from every rank; returns its URI.
 
-    Every rank calls this (it contains barriers). Each rank writes its own RNG/loader file;
-    rank 0 writes the shared files (``model_state`` etc. are only needed on rank 0), then
-    COMMIT, then (locally) renames the folder into place and prunes old step folders.
+    Every rank calls this (it contains barriers). Each rank writes its own RNG/loader file.
+    With ``sharded_state`` (``{"model": ..., "optim": ...}`` of DTensors, every rank) the weights
+    and optimizer go through DCP, each rank writing its shards; otherwise rank 0 writes
+    ``model_state``/``optimizer_state`` (only needed there). Rank 0 then writes the shared
+    files and COMMIT, renames the folder into place (locally) and prunes old step folders.
     """
     final_uri = storage.join(out_uri, name)
     local = storage.is_local(out_uri)
@@ -253,16 +296,18 @@ def save_checkpoint(
             os.makedirs(storage.local_path(staging), exist_ok=True)
     barrier()
     storage.write_bytes_atomic(storage.join(staging, rank_file(rank)), _torch_bytes(rank_state))
+    commit: dict[str, Any] = {"format": FORMAT_FILES, "world_size": world_size}
+    if sharded_state is not None:
+        commit.update(format=FORMAT_DCP, sha256=save_sharded(staging, sharded_state, rank))
     barrier()
     if rank == 0:
-        storage.write_bytes_atomic(storage.join(staging, MODEL_FILE), state_to_bytes(model_state))
-        storage.write_bytes_atomic(storage.join(staging, "optimizer.pt"), _torch_bytes(optimizer_state))
+        files = _write_shared(staging, model_state, optimizer_state, sharded_state is not None)
         storage.write_bytes_atomic(storage.join(staging, "scheduler.pt"), _torch_bytes(scheduler_state))
         storage.write_json_atomic(storage.join(staging, "trainer_state.json"), trainer_state or {})
         storage.write_json_atomic(storage.join(staging, "config.json"), config or {})
-        files = [MODEL_FILE, "optimizer.pt", "scheduler.pt", "trainer_state.json", "config.json"]
-        files += [rank_file(r) for r in range(world_size)]
-        storage.write_json_atomic(storage.join(staging, COMMIT), {"files": files, "world_size": world_size})
+        files += ["scheduler.pt", "trainer_state.json", "config.json"]
+        commit["files"] = files + [rank_file(r) for r in range(world_size)]
+        storage.write_json_atomic(storage.join(staging, COMMIT), commit)
         if local:
             dst = storage.local_path(final_uri)
             if os.path.exists(dst):
@@ -273,6 +318,15 @@ def save_checkpoint(
     return final_uri
 
 
+def _write_shared(staging: str, model_state, optimizer_state, sharded: bool) -> list[str]:
+    """Rank 0: the full weights and optimizer files of an unsharded run (a sharded one wrote DCP)."""
+    if sharded:
+        return [DCP_DIR]
+    storage.write_bytes_atomic(storage.join(staging, MODEL_FILE), state_to_bytes(model_state))
+    storage.write_bytes_atomic(storage.join(staging, "optimizer.pt"), _torch_bytes(optimizer_state))
+    return [MODEL_FILE, "optimizer.pt"]
+
+
 def prune(out_uri: str, keep_last: int) -> None:
     """Keep only the newest ``keep_last`` committed step folders (``final`` is never pruned)."""
     steps = committed_steps(out_uri)
@@ -280,30 +334,225 @@ def prune(out_uri: str, keep_last: int) -> None:
         storage.remove(uri, recursive=True)
 
 
-def load_checkpoint(ckpt_uri: str, rank: int | None) -> dict[str, Any]:
-    """Everything a rank needs to resume: model, optimizer, scheduler, its RNG/loader state.
-
-    ``rank=None`` skips the per-rank file (resuming on another world size).
-    """
+def read_commit(ckpt_uri: str) -> dict:
+    """The COMMIT record (older checkpoints wrote ``files``/``world_size`` only: format ``files``)."""
     if not is_committed(ckpt_uri):
         raise CheckpointError(f"{ckpt_uri}: not a committed checkpoint (no {COMMIT} marker)")
+    commit = _read_json(storage.join(ckpt_uri, COMMIT))
+    return {"format": FORMAT_FILES, **(commit if isinstance(commit, dict) else {})}
+
+
+def checkpoint_format(ckpt_uri: str) -> str:
+    return read_commit(ckpt_uri)["format"]
+
+
+def load_checkpoint(ckpt_uri: str, rank: int | None, sharded_state: dict | None = None) -> dict[str, Any]:
+    """Everything a rank needs to resume: model, optimizer, scheduler, its RNG/loader state.
+
+    ``rank=None`` skips the per-rank file (resuming on another world size). A DCP checkpoint is
+    read into ``sharded_state`` in place (the caller's ``{"model", "optim"}`` targets, any
+    sharding: each rank reads what its shards need); "model"/"optimizer" are then None.
+    """
+    fmt = checkpoint_format(ckpt_uri)
+    if fmt == FORMAT_DCP:
+        if sharded_state is None:
+            raise CheckpointError(f"{ckpt_uri}: a sharded (DCP) checkpoint needs target state to load into")
+        load_sharded(ckpt_uri, sharded_state)
+        model, optim = None, None
+    else:
+        model = load_model_state(ckpt_uri)
+        optim = _torch_load(storage.join(ckpt_uri, "optimizer.pt"))
     return {
-        "model": load_model_state(ckpt_uri),
-        "optimizer": _torch_load(storage.join(ckpt_uri, "optimizer.pt")),
+        "format": fmt,
+        "model": model,
+        "optimizer": optim,
         "scheduler": _torch_load(storage.join(ckpt_uri, "scheduler.pt")),
         "rank": None if rank is None else _torch_load(storage.join(ckpt_uri, rank_file(rank))),
-        "trainer_state": storage.read_json(storage.join(ckpt_uri, "trainer_state.json")),
+        "trainer_state": _read_json(storage.join(ckpt_uri, "trainer_state.json")),
         "config": read_config(ckpt_uri),
     }
 
 
 def read_config(ckpt_uri: str) -> dict:
-    return storage.read_json(storage.join(ckpt_uri, "config.json"))
+    return _read_json(storage.join(ckpt_uri, "config.json"))
 
 
 def checkpoint_hash(ckpt_uri: str) -> str:
-    """The identity of a checkpoint in lineage: sha256 of its weights file."""
+    """The identity of a checkpoint in lineage: sha256 of its weights file.
+
+    A DCP checkpoint: sha256 over its shard files' digests (written into COMMIT by the ranks
+    that wrote them, so nothing is read again here).
+    """
+    commit = read_commit(ckpt_uri)
+    if commit["format"] == FORMAT_DCP:
+        return storage.sha256_bytes(json.dumps(commit["sha256"], sort_keys=True).encode())
     return storage.sha256_uri(storage.join(ckpt_uri, MODEL_FILE))
+
+
+# ---------------------------------------------------------------- sharded (DCP) state
+
+
+def _dcp_uri(ckpt_uri: str) -> str:
+    return storage.join(ckpt_uri, DCP_DIR)
+
+
+def save_sharded(ckpt_uri: str, state: dict, rank: int) -> dict[str, str]:
+    """dcp.save from every rank (a collective); {shard file: sha256} of every rank's files.
+
+    Each rank hashes the files it wrote (read back once, in parallel over the ranks).
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    uri = _dcp_uri(ckpt_uri)
+    # fsync on S3 objects means os.sync() of the whole machine; an S3 PUT is durable when it returns.
+    writer = FsspecWriter(uri, sync_files=storage.is_local(uri), **storage.fsspec_options(uri))
+    meta = dcp.save(state, storage_writer=writer)
+    mine = sorted(
+        {i.relative_path for i in meta.storage_data.values() if i.relative_path.startswith(f"__{rank}_")}
+    )
+    digests = {f: storage.sha256_uri(storage.join(uri, f)) for f in mine}
+    if dist.is_initialized():
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, digests)
+        digests = {k: v for d in every for k, v in d.items()}
+    return {f"{DCP_DIR}/{k}": v for k, v in sorted(digests.items())}
+
+
+def load_sharded(ckpt_uri: str, state: dict, no_dist: bool = False) -> None:
+    """dcp.load into `state` in place (resharding as needed); a collective unless `no_dist`."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with (
+            warnings.catch_warnings()
+        ):  # "torch.distributed is disabled ...": a one-process load is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            reader = _SafeReader(_dcp_uri(ckpt_uri))
+            dcp.load(state, storage_reader=reader, planner=_SafePlanner(), no_dist=no_dist)
+    except CheckpointException as e:  # DCP gathers the ranks' failures: report the first one
+        first = next(iter(e.failures.values()))[0] if e.failures else e
+        if isinstance(first, CheckpointError):
+            raise first from None
+        raise _damaged(ckpt_uri, first) from None
+    except CheckpointError:
+        raise
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise _damaged(ckpt_uri, e) from None
+
+
+def _damaged(ckpt_uri: str, e: BaseException) -> DamagedCheckpoint:
+    return DamagedCheckpoint(
+        f"{ckpt_uri}: sharded state cannot be loaded ({_first_line(e)}); "
+        f"delete {ckpt_uri} and resume from the previous committed checkpoint"
+    )
+
+
+def consolidated_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
+    """The full model state dict of a DCP checkpoint, in this process (evaluation, export, Stage-2 init).
+
+    Reads every model shard, whatever the number of ranks that wrote them; no process group needed.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = _SafeReader(_dcp_uri(ckpt_uri)).read_metadata()
+    target = {
+        k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for k, m in meta.state_dict_metadata.items()
+        if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
+    if not target:
+        raise CheckpointError(f"{ckpt_uri}: the sharded checkpoint holds no model weights")
+    load_sharded(ckpt_uri, {"model": {k[len("model.") :]: v for k, v in target.items()}}, no_dist=True)
+    return {k[len("model.") :]: v for k, v in target.items()}
+
+
+def _first_line(e: BaseException) -> str:
+    msg = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+# DCP's .metadata is a pickle of these classes only; anything else is refused, never imported.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", n)
+    for n in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in _DCP_METADATA_GLOBALS and not is_dtype:
+            raise CheckpointError(f"DCP metadata refers to {module}.{name}, which is not DCP metadata")
+        return super().find_class(module, name)
+
+
+def _reader_base():
+    # torch 2.13 keeps DCP's fsspec storage in this module (its own HF storage imports it from here).
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader
+
+
+class _SafeReader(_reader_base()):
+    """FsspecReader whose metadata is unpickled with the allowlist above (and our S3 options)."""
+
+    def __init__(self, uri: str):
+        super().__init__(uri, **storage.fsspec_options(uri))
+        self.uri = uri
+
+    def read_metadata(self, *args, **kwargs):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self.fs.concat_path(self.path, ".metadata")
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                meta = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise DamagedCheckpoint(f"{self.uri}: no .metadata (not a DCP checkpoint)") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError) as e:
+            raise DamagedCheckpoint(f"{self.uri}/.metadata: cannot be read ({_first_line(e)})") from None
+        if getattr(meta, "storage_meta", None) is None:
+            meta.storage_meta = StorageMeta()
+        meta.storage_meta.load_id = self.load_id
+        return meta
+
+
+def _planner_base():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    return DefaultLoadPlanner
+
+
+class _SafePlanner(_planner_base()):
+    """DefaultLoadPlanner that loads non-tensor values (optimizer hyperparameters) weights_only."""
+
+    def load_bytes(self, read_item, value) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 # ---------------------------------------------------------------- compatibility
@@ -324,6 +573,16 @@ def run_identity(preset: dict, stage: int) -> dict[str, Any]:
     return {"model": preset["model"], "data": preset["data"], key: preset[key]}
 
 
+def _normalised(preset: dict, ckpt_uri: str) -> dict:
+    """A saved preset through the config tree: fields added since it was written take their defaults."""
+    from .config import ConfigError, Preset
+
+    try:
+        return Preset.from_dict(preset).to_dict()
+    except ConfigError as e:
+        raise CheckpointMismatch(f"checkpoint {ckpt_uri}: its saved preset no longer loads ({e})") from None
+
+
 def check_compatible(saved: dict, current: dict, ckpt_uri: str, allow_mismatch: bool = False) -> list[str]:
     """Compare two checkpoint configs; raise CheckpointMismatch naming the first difference.
 
@@ -334,8 +593,10 @@ def check_compatible(saved: dict, current: dict, ckpt_uri: str, allow_mismatch: 
     for field in ("stage", "world_size", "manifest_hash", "source"):
         if saved.get(field) != current.get(field):
             diffs.append(f"{field}: {saved.get(field)!r} in the checkpoint, {current.get(field)!r} now")
-    a = _flatten(run_identity(saved["preset"], saved["stage"]) if "preset" in saved else {})
-    b = _flatten(run_identity(current["preset"], current["stage"]))
+    a = _flatten(
+        run_identity(_normalised(saved["preset"], ckpt_uri), saved["stage"]) if "preset" in saved else {}
+    )
+    b = _flatten(run_identity(_normalised(current["preset"], ckpt_uri), current["stage"]))
     for k in sorted(set(a) | set(b)):
         if k.rsplit(".", 1)[-1] in IGNORED_FIELDS:
             continue

@@ -3,6 +3,9 @@
     byteify eval MODEL_DIR --text FILE [--source SOURCE]    prints the JSON evaluation report
     byteify generate MODEL_DIR --prompt TEXT | --prompt-file PATH     streams the continuation (exact bytes)
     byteify export CKPT_DIR OUT_DIR                        HF folder, then the parity check (JSON report)
+    byteify transfer BYTE_MODEL --base B --instruct I --out DIR   adds (instruct - base) to the global
+                                                           blocks, exports, checks parity [, evaluates]
+    byteify plan --preset P --gpus N --gpu-memory 80GB     memory per GPU and hours per stage, before the spend
     byteify prepare SOURCES... --out URI [--preset P]      byte shards + manifest (JSON summary)
 
 A new command is a ``_add_<name>(subparsers)`` that sets ``func`` and one line in ``build_parser``.
@@ -149,14 +152,9 @@ def cmd_generate(args) -> int:
     from .load import load_byte_model
 
     prompt = _prompt_bytes(args)
-    kw = dict(
-        max_new_bytes=args.max_new_bytes,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        precision=args.precision,
-    )
+    kw = {
+        k: getattr(args, k) for k in ("max_new_bytes", "temperature", "top_k", "top_p", "seed", "precision")
+    }
     GenerationConfig(**kw).check()  # before the model loads
     if args.output_file is not None and os.path.isdir(args.output_file):
         raise CLIError(f"--output-file '{args.output_file}': is a folder")
@@ -225,6 +223,127 @@ def _add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_transfer(args) -> int:
+    """Task arithmetic (bolmo_core/transfer.py); with --text, the result is scored next to the instruct model."""
+    from .transfer import transfer_export
+
+    text = _read_text(args.text) if args.text else None  # a bad --text fails before any work
+    model, preset, report = transfer_export(
+        args.byte_model,
+        _source_arg(args.base, args.base_revision),
+        _source_arg(args.instruct, args.instruct_revision),
+        args.out,
+        alpha=args.alpha,
+        retained_embeddings=args.retained_embeddings,
+        overwrite=args.overwrite,
+    )
+    if text is not None:
+        from .evaluate import EvalConfig, evaluate
+        from .source import load_source_model, load_tokenizer
+
+        report["evaluation"] = _nan_to_none(
+            evaluate(
+                [text],
+                load_tokenizer(preset.model.source),
+                source_model=load_source_model(_source_arg(args.instruct, args.instruct_revision)),
+                byte_model=model,
+                cfg=EvalConfig(max_bytes=args.max_bytes, cute_tasks=()),
+                byte_length=preset.data.byte_slots,
+            )
+        )
+    print(json.dumps(report, indent=1, default=_json_default))
+    return 0
+
+
+def _source_arg(name: str, revision: str | None):
+    from .source import SourceConfig
+
+    return SourceConfig(name, revision=revision)
+
+
+def _add_transfer(sub) -> None:
+    p = sub.add_parser(
+        "transfer",
+        help="add a source's (instruct - base) weight delta to a byte model's global blocks, export it",
+    )
+    p.add_argument("byte_model", metavar="BYTE_MODEL", help="checkpoint folder or exported byte model")
+    p.add_argument("--base", required=True, help="the base source: hub id, HF folder, .gguf or built-in")
+    p.add_argument("--instruct", required=True, help="the post-trained source (same architecture)")
+    p.add_argument("--out", required=True, help="local folder for the exported result")
+    p.add_argument("--alpha", type=float, default=1.0, help="scale of the delta (default 1)")
+    p.add_argument("--base-revision")
+    p.add_argument("--instruct-revision")
+    p.add_argument(
+        "--retained-embeddings",
+        action="store_true",
+        help="also add the input-embedding delta to the retained-subword table",
+    )
+    p.add_argument("--text", help="held-out text: score the result next to the instruct model")
+    p.add_argument("--max-bytes", type=int, default=20_000, help="bytes of --text to score")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier byteify export at --out")
+    p.set_defaults(func=cmd_transfer)
+
+
+def cmd_plan(args) -> int:
+    from .config import ConfigError
+    from .plan import PlanError
+
+    try:
+        return _plan(args)
+    except (ConfigError, PlanError) as e:  # one line saying what to change (the table is printed first)
+        raise CLIError(str(e)) from None
+
+
+def _plan(args) -> int:
+    from .config import get_preset
+    from .plan import Hardware, check, markdown, parse_bytes, plan
+
+    preset = get_preset(args.preset, args.set or None)
+    hw = Hardware(
+        gpus=args.gpus,
+        gpu_memory=parse_bytes(args.gpu_memory),
+        peak_flops=args.peak_tflops * 1e12,
+        utilisation=args.utilisation,
+        device=args.device,
+    )
+    ac = None if args.activation_checkpointing == "preset" else args.activation_checkpointing == "on"
+    p = plan(preset, hw, sharding=args.sharding, checkpointing=ac, bytes_per_token=args.bytes_per_token)
+    print(json.dumps(p.to_dict(), indent=1) if args.json else markdown(p), flush=True)
+    check(p)
+    return 0
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="memory per GPU and hours per stage of a preset, before renting GPUs")
+    p.add_argument("--preset", required=True, help="tiny, smollm2-135m, olmo2-1b, olmo3-7b")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="preset override, e.g. stage2.micro_batch=1"
+    )
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in the run (all nodes together)")
+    p.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 141GB, 24GiB")
+    p.add_argument("--sharding", choices=("auto", "ddp", "fsdp"), default="auto", help="auto: DDP if it fits")
+    p.add_argument(
+        "--activation-checkpointing",
+        choices=("preset", "on", "off"),
+        default="preset",
+        help="default: the preset's",
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.4, help="per GPU, compute dtype (H100/H200 bf16: 989)"
+    )
+    p.add_argument(
+        "--utilisation", type=float, default=0.40, help="achieved fraction of the peak, for the hours"
+    )
+    p.add_argument(
+        "--bytes-per-token", type=float, default=4.4, help="text bytes per subword token of the data"
+    )
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the CPU rehearsal's kernels"
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of markdown")
+    p.set_defaults(func=cmd_plan)
+
+
 def cmd_prepare(args) -> int:
     from .config import get_preset
     from .data import TokenBudget, prepare_dataset, read_manifest
@@ -289,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_generate(sub)
     _add_export(sub)
+    _add_transfer(sub)
+    _add_plan(sub)
     _add_prepare(sub)
     return parser
 
@@ -305,6 +426,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from .source import SourceError
     from .storage import StorageError
     from .subword import TokenizerError
+    from .transfer import TransferError
 
     return (
         CLIError,
@@ -319,11 +441,15 @@ def _known_errors() -> tuple[type[Exception], ...]:
         TokenizerError,
         ExportError,
         GenerationError,
+        TransferError,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .source import quiet_progress_bars
+
+    quiet_progress_bars()
     try:
         return args.func(args)
     except _known_errors() as e:

@@ -1,4 +1,4 @@
-"""The Stage-2 compression knob (spec §9.3): coarser label patches than the source's tokens.
+"""The Stage-2 compression knob (docs/architecture.md §9.3): coarser label patches than the source's tokens.
 
 ``stage2.target_bytes_per_patch = r`` merges adjacent label patches of every row until it has
 at least r bytes per patch; the boundary predictor then learns to place fewer boundaries.
@@ -15,7 +15,7 @@ import torch
 def coarsen_patch_lens(patch_lens: torch.Tensor, target: float) -> torch.Tensor:
     """Merge adjacent label patches until each row has at least ``target`` bytes per patch.
 
-    Deterministic "shortest pair first" scheme (a BPE-like variant of spec §9.3): repeatedly
+    Deterministic "shortest pair first" scheme (a BPE-like variant of docs/architecture.md §9.3): repeatedly
     merge the adjacent pair with the smallest combined length (ties: leftmost), never the
     BOS patch 0, until bytes / patches >= target. Merged lengths stay in order, packed
     left; freed slots become 0 (no patch).

@@ -119,6 +119,25 @@ class LossConfig:
     boundary_soft: float = knob(0.0, ge=0.0, le=1.0)  # Stage 1: BCE target mixes in the teacher's end mass
 
 
+# The Linear layers of a Llama/OLMo decoder block (attention and MLP projections).
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """Stage 2 through LoRA adapters on the global blocks (bolmo_core/lora.py); local modules train fully."""
+
+    rank: int = knob(16, ge=1)
+    alpha: float = knob(32.0, gt=0.0)  # update scale alpha / rank (PEFT's lora_alpha)
+    dropout: float = knob(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # module-name suffixes
+    lr_ratio: float = knob(1.0, gt=0.0)  # adapters' LR = optim.lr * lr_ratio (the local modules' LR at 1)
+
+    def check(self, key: str) -> None:
+        if not self.target_modules or not all(t.strip() for t in self.target_modules):
+            _fail(f"{key}.target_modules", self.target_modules, "needs at least one non-empty module name")
+
+
 @dataclass
 class StageConfig:
     stage: int = knob(1, choices=(1, 2))
@@ -128,6 +147,9 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     losses: LossConfig = field(default_factory=LossConfig)
     precision: str = knob("fp32", choices=("fp32", "bf16"))  # bf16: autocast; master weights stay fp32
+    # Recompute each block's activations in backward (global decoder layers and local blocks):
+    # memory for compute, same math (docs/training.md "Activation checkpointing").
+    activation_checkpointing: bool = False
     checkpoint_every: int = knob(1000, ge=0)  # 0: only the final checkpoint
     keep_last: int = knob(2, ge=1)
     eval_every: int = knob(0, ge=0)  # 0: only at the end
@@ -138,8 +160,15 @@ class StageConfig:
     train_global: bool = False  # Stage 1: frozen global model; Stage 2: trained
     teacher_forced_boundaries: bool = True  # Stage 1: subword boundaries; Stage 2: predicted
     callbacks: list[str] = field(default_factory=list)  # "module:Class" on rank 0
+    lora: LoraConfig | None = None  # Stage 2: global blocks trained through LoRA adapters (None: fully)
 
     def check(self, key: str) -> None:
+        if self.lora is not None and not self.train_global:
+            _fail(
+                f"{key}.lora",
+                dataclasses.asdict(self.lora),
+                "needs train_global=true (a trained global model)",
+            )
         if self.global_batch % self.micro_batch:
             _fail(
                 f"{key}.global_batch",
@@ -201,6 +230,9 @@ class TrainConfig:
     callbacks: list[str] = field(default_factory=list)  # extra "module:Class" callbacks on rank 0
     callback_kwargs: dict[str, dict] = field(default_factory=dict)  # constructor kwargs per callback spec
     ddp_find_unused: bool = False
+    # "fsdp": the trainer shards with FSDP2 (docs/training.md "Sharding"); "ddp": whole model per
+    # rank; "auto": fsdp when launched by accelerate with an FSDP config (ACCELERATE_USE_FSDP=true).
+    sharding: str = knob("auto", choices=("auto", "ddp", "fsdp"))
 
     def check(self, key: str) -> None:
         for name in ("manifest_uri", "out_uri"):
@@ -380,39 +412,26 @@ def tiny() -> Preset:
 def smollm2_135m() -> Preset:
     """The CPU demo on real weights: SmolLM2-135M-Instruct (d=576, 30 layers) as the global model.
 
-    The local width is smaller than the global one (a projection on each side) so the
-    byte-level parts train fast on two cores. fp32: on CPUs without native bf16 (no
-    AVX512-BF16/AMX, like the 2-core CI box) bf16 matmuls measured ~40x slower than fp32.
+    The tiny recipe on a real source: the local width is smaller than the global one (a
+    projection on each side) so the byte-level parts train fast on two cores. fp32: on CPUs
+    without native bf16 (no AVX512-BF16/AMX, like the 2-core CI box) bf16 matmuls measured
+    ~40x slower than fp32.
     """
+    p = tiny()
+    p.name = "smollm2-135m"
+    p.model.source = SourceConfig("smollm2-135m")
+    p.model.local = LocalConfig(d_local=256, n_heads=4, ffn_hidden=352, chunk_size=64)
+    p.data.shard_docs, p.data.validation_fraction = 1024, 0.02
     # 64-token windows (384 byte slots), 4 per step: ~5 s a Stage-1 step on one core here.
-    s1 = StageConfig(
-        stage=1,
-        steps=300,
-        global_batch=4,
-        micro_batch=4,
-        checkpoint_every=50,
-        keep_last=2,
-        optim=OptimConfig(lr=1e-3, betas=(0.9, 0.999)),
-        precision="fp32",
-        eval_every=100,
-        eval_batches=4,
-    )
-    s2 = _stage2_from(s1, steps=60, seed=1234, optim=OptimConfig(lr=1e-4, betas=(0.9, 0.95)))
+    s1 = dataclasses.replace(p.stage1, steps=300, global_batch=4, eval_every=100, eval_batches=4)
     # Stage 1 learns from the teacher's byte-level targets instead of the binarised KL, and the
     # boundary predictor also reads 4 previous bytes: issue 13's best arm on a CPU budget
     # (docs/results.md, "Stage-1 losses side by side"). PAPER_RECIPE restores the paper's.
     s1.losses = LossConfig(byte_kl=1.0, distill=0.0)
-    return Preset(
-        name="smollm2-135m",
-        model=ModelConfig(
-            source=SourceConfig("smollm2-135m"),
-            local=LocalConfig(d_local=256, n_heads=4, ffn_hidden=352, chunk_size=64),
-            boundary_context=4,
-        ),
-        data=DataConfig(window_tokens=64, byte_expansion=6, shard_docs=1024, validation_fraction=0.02),
-        stage1=s1,
-        stage2=s2,
-    )
+    p.model.boundary_context = 4
+    p.stage1 = s1
+    p.stage2 = _stage2_from(s1, steps=60, seed=1234, optim=OptimConfig(lr=1e-4, betas=(0.9, 0.95)))
+    return p
 
 
 def olmo2_1b() -> Preset:
@@ -425,6 +444,7 @@ def olmo2_1b() -> Preset:
         checkpoint_every=1000,
         optim=OptimConfig(lr=7e-4, betas=(0.9, 0.999)),
         precision="bf16",
+        activation_checkpointing=True,
     )
     s2 = _stage2_from(
         s1,

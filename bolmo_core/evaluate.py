@@ -224,7 +224,7 @@ class ByteScores:
     passes: int  # full forwards the causal fixed point took (the slowest row)
 
 
-def _next_byte_logp(model, h, input_ids, boundary, byte_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def next_byte_logp(model, h, input_ids, boundary, byte_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Global model + decoder over given boundaries -> (fused logits (B, L, 520) fp32, folded log p (B, L))."""
     P = max(1, int(boundary.sum(1).max()))
     reps, _, _, _ = model.patches(h, boundary, P)
@@ -248,7 +248,7 @@ def causal_flags(logits: torch.Tensor, input_ids: torch.Tensor, byte_mask: torch
 
 @torch.no_grad()
 def score_bytes(
-    model, input_ids, expanded_ids, byte_mask, forced=None, autocast=contextlib.nullcontext
+    model, input_ids, expanded_ids, byte_mask, forced=None, autocast=contextlib.nullcontext, all_done=None
 ) -> ByteScores:
     """The one byte-model scorer (evaluation report and the trainer's validation).
 
@@ -259,6 +259,10 @@ def score_bytes(
     makes at least the first wrong position right, a row whose decisions reproduce its
     boundaries is done (its outputs are exactly those of byte-by-byte decoding), and only
     unfinished rows run again. The encoder does not depend on boundaries: it runs once.
+
+    all_done(done_here) -> bool: whether every rank has converged (the trainer's validation on
+    sharded weights, where every rank must run the same passes: a rank that has converged
+    repeats its last pass, results unchanged, until all have).
     """
     byte_mask = byte_mask.bool()
     with autocast():
@@ -266,11 +270,11 @@ def score_bytes(
     if forced is not None:
         b = forced.bool() & byte_mask
         with autocast():
-            _, lp = _next_byte_logp(model, h, input_ids, b, byte_mask)
+            _, lp = next_byte_logp(model, h, input_ids, b, byte_mask)
         return ByteScores(lp, b, None, None, 1)
     b = model.boundary_predictor.decide(pred_logp) & byte_mask
     with autocast():
-        logits, lp = _next_byte_logp(model, h, input_ids, b, byte_mask)
+        logits, lp = next_byte_logp(model, h, input_ids, b, byte_mask)
     look_lp, look_b = lp, b
     out_lp, out_b = lp.clone(), b.clone()
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -279,13 +283,15 @@ def score_bytes(
         new = causal_flags(logits, input_ids[rows], byte_mask[rows])
         done = (new == cur_b).all(1)
         out_lp[rows[done]], out_b[rows[done]] = lp[done], new[done]
-        if bool(done.all()):
+        finished = bool(done.all())
+        if all_done(finished) if all_done else finished:
             break
         if passes > input_ids.shape[1]:  # cannot happen (each pass fixes a position): never loop forever
             raise EvalError(f"causal boundaries did not converge in {passes} passes")
-        rows, cur_b = rows[~done], new[~done]
+        if not finished:
+            rows, cur_b = rows[~done], new[~done]
         with autocast():
-            logits, lp = _next_byte_logp(model, h[rows], input_ids[rows], cur_b, byte_mask[rows])
+            logits, lp = next_byte_logp(model, h[rows], input_ids[rows], cur_b, byte_mask[rows])
         passes += 1
     return ByteScores(out_lp, out_b, look_lp, look_b, passes)
 
@@ -317,6 +323,26 @@ class _BoundaryCounts:
         }
 
 
+class _WindowTally:
+    """Bits, patches and boundary agreement of windows under one kind of boundaries, summed over batches."""
+
+    def __init__(self):
+        self.bits, self.patches, self.counts = 0.0, 0, _BoundaryCounts()
+
+    def add(self, chunk: Sequence[Window], lp: torch.Tensor, mask: torch.Tensor) -> None:
+        lp, mask = lp.double().cpu(), mask.cpu()
+        for r, w in enumerate(chunk):
+            n = len(w.data)
+            self.bits -= float(lp[r, :n].sum()) / LN2
+            # Position p (1-based byte index) ends a token when p is one of the token ends.
+            label = torch.zeros(n + 1, dtype=torch.bool)
+            label[torch.from_numpy(w.token_ends.astype(np.int64))] = True
+            pred = mask[r, : n + 1]
+            # A window's bytes form this many patches: boundaries before its last byte, plus the last.
+            self.patches += int(pred[1:n].sum()) + 1
+            self.counts.add(pred[1:n], label[1:n])  # BOS is forced, the last byte is undecidable
+
+
 @torch.no_grad()
 def byte_model_stats(
     model,
@@ -339,9 +365,7 @@ def byte_model_stats(
     retained = retained or RetainedIndex(vocab)
     device = next(model.parameters()).device
     kinds = ("", "_lookahead") if boundaries == "predicted" else ("",)
-    bits = dict.fromkeys(kinds, 0.0)
-    patches = dict.fromkeys(kinds, 0)
-    counts = {k: _BoundaryCounts() for k in kinds}
+    tally = {k: _WindowTally() for k in kinds}
     n_bytes, passes = 0, 0
     for b in range(0, len(windows), batch_size):
         chunk = windows[b : b + batch_size]
@@ -356,28 +380,18 @@ def byte_model_stats(
         if forced is None:
             got["_lookahead"] = (sc.logp_lookahead, sc.boundary_lookahead)
         for kind, (lp, mask) in got.items():
-            lp, mask = lp.double().cpu(), mask.cpu()
-            for r, w in enumerate(chunk):
-                n = len(w.data)
-                bits[kind] -= float(lp[r, :n].sum()) / LN2
-                # Position p (1-based byte index) ends a token when p is one of the token ends.
-                label = torch.zeros(n + 1, dtype=torch.bool)
-                label[torch.from_numpy(w.token_ends.astype(np.int64))] = True
-                pred = mask[r, : n + 1]
-                # A window's bytes form this many patches: boundaries before its last byte, plus the last.
-                patches[kind] += int(pred[1:n].sum()) + 1
-                counts[kind].add(pred[1:n], label[1:n])  # BOS is forced, the last byte is undecidable
+            tally[kind].add(chunk, lp, mask)
         n_bytes += sum(len(w.data) for w in chunk)
     out = {"bytes": n_bytes}
     # bits: the headline is causal (or forced); patches and boundary agreement keep their old
     # names for the predictor's boundaries and get "_causal" for the causal ones.
-    for kind in kinds:
+    for kind, t in tally.items():
         pk = "_causal" if kind == "" and boundaries == "predicted" else ""
-        out[f"bits{kind}"] = bits[kind]
-        out[f"bits_per_byte{kind}"] = bits[kind] / n_bytes
-        out[f"patches{pk}"] = patches[kind]
-        out[f"bytes_per_patch{pk}"] = n_bytes / patches[kind]
-        out[f"boundary{pk}"] = counts[kind].report()
+        out[f"bits{kind}"] = t.bits
+        out[f"bits_per_byte{kind}"] = t.bits / n_bytes
+        out[f"patches{pk}"] = t.patches
+        out[f"bytes_per_patch{pk}"] = n_bytes / t.patches
+        out[f"boundary{pk}"] = t.counts.report()
     if boundaries == "predicted":
         out["causal_passes"] = passes
     return out
@@ -408,7 +422,13 @@ def byte_generation_available() -> bool:
 
 
 class Validator:
-    """Validation on the manifest's validation split (rank 0, the stage's precision, fixed windows).
+    """Validation on the manifest's validation split (the stage's precision, fixed windows).
+
+    On several ranks each scores its share (batch k of the first `eval_batches` goes to rank
+    k mod world) and `reduce` sums the counts over ranks, so every rank returns the metrics of
+    the same windows whatever the world size. Every rank runs the same number of forward passes
+    (a short share repeats its last batch with weight 0): sharded (FSDP) weights are gathered
+    collectively, pass by pass.
 
     * ``val_bpb``: byte bits per byte from folded fused probabilities (p(v) + p(v+260)),
       causal boundaries (`score_bytes`: decided by the model's own fused outputs, as it
@@ -419,10 +439,10 @@ class Validator:
     * ``val_boundary_acc`` / precision / recall of the predictor against the (possibly
       coarsened) labels; ``val_boundary_acc_causal`` / ... of the causal boundaries;
     * ``val_patch_cos``: cosine similarity of the pooled patch representations (true
-      boundaries) to the teacher's input embeddings of the same tokens (spec §8: > 0.97).
+      boundaries) to the teacher's input embeddings of the same tokens (docs/architecture.md §8.4: a diagnostic).
     """
 
-    def __init__(self, preset, stage: int, manifest_uri: str, vocab, device):
+    def __init__(self, preset, stage: int, manifest_uri: str, vocab, device, rank=0, world=1, reduce=None):
         self.preset, self.stage, self.manifest_uri, self.vocab, self.device = (
             preset,
             stage,
@@ -430,6 +450,8 @@ class Validator:
             vocab,
             device,
         )
+        self.rank, self.world = rank, world
+        self.reduce = reduce or (lambda xs: xs)  # sums a list of floats over the ranks
         self.stage_cfg = preset.stage1 if stage == 1 else preset.stage2
         stage_cfg = self.stage_cfg
         self.batches: list[dict] | None = None
@@ -457,7 +479,10 @@ class Validator:
                 f"{self.manifest_uri}: the validation split has no window of "
                 f"{self.preset.data.window_tokens} tokens"
             )
-        return out
+        mine = out[self.rank :: self.world]
+        n_mine = -(-len(out) // self.world)
+        self.weights = [1] * len(mine) + [0] * (n_mine - len(mine))
+        return mine + [out[-1]] * (n_mine - len(mine))
 
     @staticmethod
     def _target_mask(batch: dict) -> torch.Tensor:
@@ -472,7 +497,7 @@ class Validator:
 
         src = load_source_model(self.preset.model.source).to(self.device)
         nll, n_bytes = 0.0, 0
-        for b in self.batches:
+        for b, w in zip(self.batches, self.weights):
             ids = b["teacher_ids"].to(self.device)
             with self.autocast():
                 logits = src(input_ids=ids).logits
@@ -480,9 +505,10 @@ class Validator:
             tok = logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             lens = b.get("token_patch_lens", b["patch_lens"])[:, 1:].to(self.device)  # one patch per token
             m = lens > 0  # the loader zeroes the lengths of patches cut by truncation
-            nll -= float(tok[m].sum())
-            n_bytes += int(lens[m].sum())
+            nll -= w * float(tok[m].sum())
+            n_bytes += w * int(lens[m].sum())
         del src
+        nll, n_bytes = self.reduce([nll, float(n_bytes)])
         return nll / max(1, n_bytes) / math.log(2)
 
     @torch.no_grad()
@@ -495,10 +521,11 @@ class Validator:
         model.eval()
         acc = {"nll": 0.0, "nll_lookahead": 0.0, "bytes": 0, "over": 0.0, "passes": 0, "cos": 0.0, "cos_n": 0}
         counts = {"": _BoundaryCounts(), "_causal": _BoundaryCounts()}
-        for b in self.batches:
-            self._add_batch(model, {k: v.to(self.device) for k, v in b.items()}, acc, counts)
+        for b, w in zip(self.batches, self.weights):
+            self._add_batch(model, {k: v.to(self.device) for k, v in b.items()}, acc, counts, w)
         if was_training:
             model.train()
+        self._sum_over_ranks(acc, counts)
         bpb = acc["nll"] / max(1, acc["bytes"]) / math.log(2)
         metrics = {
             "val_bpb": bpb,
@@ -515,30 +542,38 @@ class Validator:
         metrics["val_bytes_per_patch_causal"] = acc["bytes"] / max(
             1, counts["_causal"].tp + counts["_causal"].fp
         )
-        metrics["val_overflow_frac"] = acc["over"] / len(self.batches)
+        metrics["val_overflow_frac"] = acc["over"] / max(1, acc["batches"])
         metrics["val_causal_passes"] = float(acc["passes"])
         metrics["val_bytes"] = float(acc["bytes"])
         if acc["cos_n"]:
             metrics["val_patch_cos"] = acc["cos"] / acc["cos_n"]
         return metrics
 
-    def _add_batch(self, model, d: dict, acc: dict, counts: dict) -> None:
-        """One validation batch into the running sums (bits, boundary agreement, patch cosine)."""
+    def _add_batch(self, model, d: dict, acc: dict, counts: dict, w: int = 1) -> None:
+        """One validation batch into the running sums (bits, boundary agreement, patch cosine).
+
+        w = 0: a padding batch of a short share; its forward passes run (ranks stay in step),
+        nothing is counted.
+        """
         from .pooling import boundaries_from_patch_lens
 
         ids, byte_mask = d["input_ids"], d["byte_mask"].bool()
-        sc = score_bytes(model, ids, d["expanded_ids"], byte_mask, autocast=self.autocast)
+        sc = score_bytes(
+            model, ids, d["expanded_ids"], byte_mask, autocast=self.autocast, all_done=self._all_done
+        )
         tgt = self._target_mask(d)
-        acc["nll"] -= float(sc.logp[tgt].double().sum())
-        acc["nll_lookahead"] -= float(sc.logp_lookahead[tgt].double().sum())
-        acc["bytes"] += int(tgt.sum())
+        acc["nll"] -= w * float(sc.logp[tgt].double().sum())
+        acc["nll_lookahead"] -= w * float(sc.logp_lookahead[tgt].double().sum())
+        acc["bytes"] += w * int(tgt.sum())
         acc["passes"] = max(acc["passes"], sc.passes)
+        acc["batches"] = acc.get("batches", 0) + w
         P = d["patch_lens"].shape[1]  # the training patch slots: rows predicting more overflow there
-        acc["over"] += float((sc.boundary_lookahead.sum(1) > P).float().mean())
+        acc["over"] += w * float((sc.boundary_lookahead.sum(1) > P).float().mean())
         b_true = boundaries_from_patch_lens(d["patch_lens"], ids.shape[1]) & byte_mask
         lab, mask = model.boundary_targets(ids, b_true, byte_mask)
-        counts[""].add(sc.boundary_lookahead[mask], lab[mask])
-        counts["_causal"].add(sc.boundary[mask], lab[mask])
+        if w:
+            counts[""].add(sc.boundary_lookahead[mask], lab[mask])
+            counts["_causal"].add(sc.boundary[mask], lab[mask])
         if self.stage == 1 or not self.stage_cfg.target_bytes_per_patch:
             with self.autocast():
                 h, _, _ = model.encode(ids, d["expanded_ids"])
@@ -546,8 +581,21 @@ class Validator:
             emb = model.teacher.embed(d["teacher_ids"]).float()
             cos = torch.nn.functional.cosine_similarity(reps.float(), emb, dim=-1)
             valid = pmask & d["patch_mask"].bool()
-            acc["cos"] += float(cos[valid].sum())
-            acc["cos_n"] += int(valid.sum())
+            acc["cos"] += w * float(cos[valid].sum())
+            acc["cos_n"] += w * int(valid.sum())
+
+    def _all_done(self, done_here: bool) -> bool:
+        """Every rank's causal-boundary passes converged (a collective when world > 1)."""
+        return done_here if self.world == 1 else self.reduce([0.0 if done_here else 1.0])[0] == 0
+
+    def _sum_over_ranks(self, acc: dict, counts: dict) -> None:
+        """Sum the additive counts over ranks in place (one collective); passes are equal on every rank."""
+        keys = ["nll", "nll_lookahead", "bytes", "over", "cos", "cos_n", "batches"]
+        cs = [(c, f) for c in counts.values() for f in ("tp", "fp", "fn", "tn")]
+        total = self.reduce([float(acc.get(k, 0)) for k in keys] + [float(getattr(c, f)) for c, f in cs])
+        acc.update(zip(keys, total[: len(keys)]))
+        for (c, f), v in zip(cs, total[len(keys) :]):
+            setattr(c, f, int(v))
 
 
 # ---------------------------------------------------------------- the report
@@ -578,6 +626,23 @@ def evaluate(
     vocab = get_vocab(tok)
     window = cfg.window_bytes or ((byte_length - 1) if byte_length else 2048)
     windows = make_windows(tok, docs, window, vocab)
+    report = _report_header(cfg, docs, windows, window)
+    tasks = (
+        cute.load_tasks(cfg.cute_tasks, cfg.cute_items, cfg.cute_seed, cfg.cute_data_dir, cfg.word_source)
+        if cfg.cute_tasks
+        else {}
+    )
+    if source_model is not None:
+        report["source"] = _source_report(source_model, tok, vocab, windows, tasks, cfg, phase)
+    if byte_model is not None:
+        report["byte_model"] = _byte_report(
+            byte_model, vocab, windows, tasks, cfg, phase, byte_gen_kwargs, report["notes"]
+        )
+    return report
+
+
+def _report_header(cfg: EvalConfig, docs: list[bytes], windows: list[Window], window: int) -> dict:
+    """The report's text, CUTE and config sections and its notes; the models' sections are None."""
     notes = [
         f"windows of at most {window} bytes cut at source-token ends, no overlap: each window is scored "
         "without the previous window's context (BOS / document separator only)",
@@ -591,7 +656,7 @@ def evaluate(
         ),
         "CUTE-style prompts are plain text for both models (no chat template), answers greedy",
     ]
-    report: dict = {
+    return {
         "text": {
             "documents": len(docs),
             "bytes": sum(map(len, docs)),
@@ -611,39 +676,34 @@ def evaluate(
         "config": asdict(cfg),
         "notes": notes,
     }
-    tasks = (
-        cute.load_tasks(cfg.cute_tasks, cfg.cute_items, cfg.cute_seed, cfg.cute_data_dir, cfg.word_source)
-        if cfg.cute_tasks
-        else {}
-    )
-    n_items = sum(len(v) for v in tasks.values())
-    if source_model is not None:
-        phase(f"source model: bits per byte on {len(windows)} windows")
-        src = source_bits(source_model, vocab, windows, cfg.batch_size, cfg.precision)
-        if tasks:
-            phase(f"source model: {n_items} character-task items")
-            src["cute"] = cute.run_tasks(
-                source_generate_fn(source_model, tok, vocab), tasks, cfg.cute_batch_size
-            )
-            src["cute_mean"] = cute.mean_accuracy(src["cute"])
-        report["source"] = src
-    if byte_model is not None:
-        phase(f"byte model: bits per byte and boundaries on {len(windows)} windows")
-        byt = byte_model_stats(
-            byte_model, vocab, windows, cfg.batch_size, cfg.precision, boundaries=cfg.boundaries
-        )
-        byt["boundaries"] = cfg.boundaries
-        if tasks:
-            if byte_generation_available():
-                phase(f"byte model: {n_items} character-task items")
-                fn = byte_generate_fn(byte_model, **(byte_gen_kwargs or {}))
-                byt["cute"] = cute.run_tasks(fn, tasks, cfg.cute_batch_size)
-                byt["cute_mean"] = cute.mean_accuracy(byt["cute"])
-            else:
-                byt["cute"] = None
-                notes.append("byte-model CUTE-style tasks not run: bolmo_core.generate is not available yet")
-        report["byte_model"] = byt
-    return report
+
+
+def _source_report(model, tok, vocab, windows, tasks: dict, cfg: EvalConfig, phase) -> dict:
+    """The source model's section: bits per byte, then the character tasks (when any)."""
+    phase(f"source model: bits per byte on {len(windows)} windows")
+    src = source_bits(model, vocab, windows, cfg.batch_size, cfg.precision)
+    if tasks:
+        phase(f"source model: {sum(len(v) for v in tasks.values())} character-task items")
+        src["cute"] = cute.run_tasks(source_generate_fn(model, tok, vocab), tasks, cfg.cute_batch_size)
+        src["cute_mean"] = cute.mean_accuracy(src["cute"])
+    return src
+
+
+def _byte_report(model, vocab, windows, tasks: dict, cfg: EvalConfig, phase, gen_kwargs, notes: list) -> dict:
+    """The byte model's section: bits per byte and boundaries, then the character tasks (when any)."""
+    phase(f"byte model: bits per byte and boundaries on {len(windows)} windows")
+    byt = byte_model_stats(model, vocab, windows, cfg.batch_size, cfg.precision, boundaries=cfg.boundaries)
+    byt["boundaries"] = cfg.boundaries
+    if tasks:
+        if byte_generation_available():
+            phase(f"byte model: {sum(len(v) for v in tasks.values())} character-task items")
+            fn = byte_generate_fn(model, **(gen_kwargs or {}))
+            byt["cute"] = cute.run_tasks(fn, tasks, cfg.cute_batch_size)
+            byt["cute_mean"] = cute.mean_accuracy(byt["cute"])
+        else:
+            byt["cute"] = None
+            notes.append("byte-model CUTE-style tasks not run: bolmo_core.generate is not available yet")
+    return byt
 
 
 def _truncate(docs: list[bytes], max_bytes: int) -> list[bytes]:
@@ -790,6 +850,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     from .checkpoint import CheckpointError
+    from .source import quiet_progress_bars
+
+    quiet_progress_bars()
     from .data import DataError
     from .load import LoadError
     from .storage import StorageError

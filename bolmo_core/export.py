@@ -1,4 +1,4 @@
-"""Hugging Face export of a byte model (spec §12, done right) and the parity check that gates it.
+"""Hugging Face export of a byte model (docs/architecture.md §12, done right) and the parity check that gates it.
 
 The folder holds `config.json` (model_type "bolmo", `auto_map` to the remote code, the FULL source
 config as `global_config` so the global blocks are rebuilt offline by transformers' own class for
@@ -38,7 +38,7 @@ PARITY_PROMPTS = (
     "def f(x):\n    return x * 2  # code\n",
     "",
 )
-# Source-config fields that must survive the export unchanged (spec §12: rope_theta was lost there).
+# Source-config fields that must survive the export unchanged (docs/architecture.md §12: rope_theta was lost there).
 CRITICAL_FIELDS = (
     "rope_parameters",
     "rope_scaling",
@@ -110,12 +110,18 @@ PARITY_FILE = "byteify_parity.json"  # written next to an export by the flow's e
 
 
 def export_model(
-    model_or_dir, out_dir: str | os.PathLike, preset=None, vocab=None, overwrite: bool = False
+    model_or_dir,
+    out_dir: str | os.PathLike,
+    preset=None,
+    vocab=None,
+    overwrite: bool = False,
+    extra_meta: dict | None = None,
 ) -> Path:
     """Write the HF folder for a BolmoModel (or a checkpoint folder) to `out_dir`, atomically.
 
     `overwrite` replaces an earlier byteify export only: a folder holding files byteify did not
-    write there, or a checkpoint, is refused and left as it is.
+    write there, or a checkpoint, is refused and left as it is. `extra_meta` goes into the
+    byteify marker (e.g. what an instruct-delta transfer did, bolmo_core/transfer.py).
     """
     if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
         raise ExportError(
@@ -138,6 +144,7 @@ def export_model(
         "source": model.cfg.source.name_or_path,
         "source_revision": model.cfg.source.revision,
         "preset": preset.to_dict() if preset is not None else None,
+        **(extra_meta or {}),
     }
     with storage.atomic_local_dir(out) as tmp:
         _write_folder(tmp, _hf_config(model, extra), state, meta)

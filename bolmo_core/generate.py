@@ -17,7 +17,7 @@ The engine (`_Engine`) is a few named steps over one `GenState`:
   are carried, never recomputed.
 
 Unlike the reference (one global step only once *every* row is at a boundary, and no patch
-padding mask, §11.4), a global step runs for the rows that are waiting, the others get a masked
+padding mask, §11.2 and §11.4), a global step runs for the rows that are waiting, the others get a masked
 cache slot; each row keeps its own patch count as its RoPE position, and the 2-D attention mask
 hides filler and masked slots. For a source with sliding-window layers (Olmo 3) a window
 counted in cache slots would shrink by the other rows' masked slots, so batched rows get a KV
@@ -565,53 +565,18 @@ def generate_ids(model, prompts: list[bytes | str], trace: bool = False, **kwarg
     raise AssertionError("generation ended without a result")
 
 
-def generate(
-    model,
-    prompts: list[bytes | str],
-    max_new_bytes: int = 256,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop_on_eos: bool = True,
-    **kwargs,
-) -> list[bytes]:
+# The public entry points take GenerationConfig's fields as keywords (max_new_bytes, temperature,
+# top_k, top_p, seed, stop_on_eos, boundary_bias, sync, precision), with its defaults.
+
+
+def generate(model, prompts: list[bytes | str], **cfg) -> list[bytes]:
     """Continuation bytes for each prompt (without the prompt and without EOS)."""
-    return generate_ids(
-        model,
-        prompts,
-        max_new_bytes=max_new_bytes,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_on_eos=stop_on_eos,
-        **kwargs,
-    ).sequences
+    return generate_ids(model, prompts, **cfg).sequences
 
 
-def stream_bytes(
-    model,
-    prompt: bytes | str,
-    max_new_bytes: int = 256,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop_on_eos: bool = True,
-    **kwargs,
-) -> Iterator[bytes]:
+def stream_bytes(model, prompt: bytes | str, **cfg) -> Iterator[bytes]:
     """One prompt's continuation, exactly, one byte at a time as it is generated (no EOS)."""
-    cfg = GenerationConfig(
-        max_new_bytes=max_new_bytes,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_on_eos=stop_on_eos,
-        **kwargs,
-    )
-    for ev in _run(model, [prompt], cfg, trace=False):
+    for ev in _run(model, [prompt], GenerationConfig(**cfg), trace=False):
         if ev[0] == "done":
             return
         v = ev[1] % FUSED_OFFSET
@@ -619,35 +584,13 @@ def stream_bytes(
             yield bytes([v - OFFSET])
 
 
-def stream(
-    model,
-    prompt: bytes | str,
-    max_new_bytes: int = 256,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop_on_eos: bool = True,
-    **kwargs,
-) -> Iterator[str]:
+def stream(model, prompt: bytes | str, **cfg) -> Iterator[str]:
     """Text chunks of one prompt's continuation as they are generated; never a partial UTF-8 character.
 
     Invalid byte sequences come out as U+FFFD (display only; `generate` and `stream_bytes` give the
     exact bytes).
     """
-    yield from utf8_chunks(
-        stream_bytes(
-            model,
-            prompt,
-            max_new_bytes=max_new_bytes,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop_on_eos=stop_on_eos,
-            **kwargs,
-        )
-    )
+    yield from utf8_chunks(stream_bytes(model, prompt, **cfg))
 
 
 def utf8_chunks(chunks) -> Iterator[str]:

@@ -1,4 +1,4 @@
-"""Global model adapter (spec §6): the source decoder's transformer blocks, run on patch embeddings.
+"""Global model adapter (docs/architecture.md §6): the source decoder's transformer blocks, run on patch embeddings.
 
 Works for any HF decoder laid out as `model.model.{embed_tokens, layers, rotary_emb, norm}` +
 `model.lm_head` (Llama/SmolLM2, OLMo 2, Olmo 3). The source's own `model.model(...)` forward is
@@ -11,6 +11,7 @@ last block's residual stream, which the decoder's `initial_norm` normalises.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -19,45 +20,29 @@ from torch import nn
 
 from .source import SourceConfig, SourceError, load_source_config
 
-# Architectures of the released sources (spec §6), used when their config cannot be fetched
+# Architectures of the released sources (docs/architecture.md §6), used when their config cannot be fetched
 # (offline): class name in transformers + constructor arguments.
+_OLMO_FAMILY = dict(  # what OLMo 2 1B and Olmo 3 7B share: tokenizer, norm, RoPE, untied head
+    vocab_size=100278,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    tie_word_embeddings=False,
+    eos_token_id=100257,
+    pad_token_id=100277,
+)
 KNOWN_ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "allenai/OLMo-2-0425-1B": (
         "Olmo2Config",
-        dict(
-            hidden_size=2048,
-            num_hidden_layers=16,
-            num_attention_heads=16,
-            num_key_value_heads=16,
-            intermediate_size=8192,
-            vocab_size=100278,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            tie_word_embeddings=False,
-            eos_token_id=100257,
-            pad_token_id=100277,
-        ),
+        dict(_OLMO_FAMILY, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+             num_key_value_heads=16, intermediate_size=8192, max_position_embeddings=4096),
     ),
     "allenai/Olmo-3-1025-7B": (
         "Olmo3Config",
-        dict(
-            hidden_size=4096,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            intermediate_size=11008,
-            vocab_size=100278,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=65536,
-            sliding_window=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-            tie_word_embeddings=False,
-            eos_token_id=100257,
-            pad_token_id=100277,
-        ),
+        dict(_OLMO_FAMILY, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=65536,
+             sliding_window=4096),
     ),
-}
+}  # fmt: skip
 
 
 class GlobalModelError(ValueError):
@@ -65,9 +50,13 @@ class GlobalModelError(ValueError):
 
 
 def source_config(src: SourceConfig):
-    """The source's transformers config; falls back to KNOWN_ARCHITECTURES when it can't be fetched."""
+    """The source's transformers config; falls back to KNOWN_ARCHITECTURES when it can't be fetched.
+
+    A released model in KNOWN_ARCHITECTURES is read from the local cache only: its shapes are
+    known, and a plan made offline should not wait ~30 s on the hub client's retries first.
+    """
     try:
-        return load_source_config(src)
+        return load_source_config(src, local_only=src.name_or_path in KNOWN_ARCHITECTURES)
     except (SourceError, OSError, ValueError) as e:
         if src.name_or_path not in KNOWN_ARCHITECTURES:
             if isinstance(e, SourceError):
@@ -77,7 +66,7 @@ def source_config(src: SourceConfig):
     import transformers
 
     cls_name, kwargs = KNOWN_ARCHITECTURES[src.name_or_path]
-    return getattr(transformers, cls_name)(**kwargs)
+    return getattr(transformers, cls_name)(**copy.deepcopy(kwargs))  # the table's dicts stay as written
 
 
 def build_source_skeleton(src: SourceConfig, device: str | torch.device = "meta"):
@@ -102,7 +91,7 @@ def _base_of(causal_lm) -> nn.Module:
 
 
 class TeacherHead(nn.Module):
-    """The source's frozen input embedding, final norm and LM head (spec §8.1); blocks are shared."""
+    """The source's frozen input embedding, final norm and LM head (docs/architecture.md §8.1); blocks are shared."""
 
     def __init__(self, embed: nn.Embedding, norm: nn.Module, lm_head: nn.Linear | None):
         super().__init__()
@@ -155,7 +144,7 @@ class GlobalModel(nn.Module):
             raise GlobalModelError(f"source model {type(causal_lm).__name__}: no lm_head")
         tied = lm_head.weight is embed.weight
         base.embed_tokens = None  # the forward only touches it when given input_ids
-        base.norm = nn.Identity()  # global output = raw residual stream (spec §6)
+        base.norm = nn.Identity()  # global output = raw residual stream (docs/architecture.md §6)
         return cls(base), TeacherHead(embed, norm, None if tied else lm_head)
 
     @property

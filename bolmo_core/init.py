@@ -1,10 +1,10 @@
-"""Initialisation of the local parts from the source model (spec §2.3).
+"""Initialisation of the local parts from the source model (docs/architecture.md §2.3).
 
 Retained table <- the teacher's input embeddings; byte embedding <- N(mean_T, std_T) per
 dimension; out_projection rescaled so patch representations of random bytes (each its own
 patch) get the teacher embeddings' per-dimension mean and std. The scale is applied on the
 OUTPUT axis of the projection (the reference broadcasts it over the input axis, which is only
-harmless when d_l = d_g; spec §14 item 9). W_q = W_k = I; input-gate biases -10; head N(0, 0.02).
+harmless when d_l = d_g; docs/architecture.md §14.9). W_q = W_k = I; input-gate biases -10; head N(0, 0.02).
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@
 (lm-eval has no plugin discovery for models, so its own CLI does not see ``byteify``
 unless this module is imported first.)
 
-Scores are byte log-likelihoods with folding, p(byte v) = p(v) + p(v + 260) (spec §1.1,
-§13.1), from a full forward over BOS + context + continuation with the model's predicted
-boundaries. Inputs longer than the model's byte length keep BOS and the last bytes
+Scores are byte log-likelihoods with folding, p(byte v) = p(v) + p(v + 260) (docs/architecture.md §1.1,
+§13.1), over BOS + context + continuation, with the boundaries the model would place while
+generating (causal, `evaluate.score_bytes`, the same figure as the headline bits per byte);
+`boundaries="lookahead"` scores with the predictor's one-byte-ahead boundaries instead. Inputs longer than the model's byte length keep BOS and the last bytes
 (the context is cut from the left); `loglikelihood_rolling` scores disjoint windows of the
 byte length, each after BOS, like `evaluate.py` (no context carried across windows). `generate_until` goes through `bolmo_core.generate`.
 Optional dependency: ``pip install byteify[eval]``.
@@ -23,7 +24,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from .byte_tokenizer import BOS, OFFSET, PAD, fold_logprobs
-from .evaluate import EvalError
+from .evaluate import EvalError, next_byte_logp, score_bytes
 from .subword import RetainedIndex, get_vocab
 
 
@@ -44,6 +45,7 @@ class ByteifyLM(LM):
         batch_size: int | str = 4,
         device: str = "cpu",
         max_gen_bytes: int = 256,
+        boundaries: str = "causal",
         **_ignored,
     ):
         super().__init__()
@@ -64,6 +66,9 @@ class ByteifyLM(LM):
         self.max_length = int(max_length or 4096)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 4
         self.max_gen_bytes = int(max_gen_bytes)
+        if boundaries not in ("causal", "lookahead"):
+            raise EvalError(f"byteify lm-eval model: boundaries={boundaries!r}, expected causal or lookahead")
+        self.boundaries = boundaries
         self._device = next(model.parameters()).device
 
     # ------------------------------------------------------------ scoring
@@ -88,8 +93,7 @@ class ByteifyLM(LM):
             expanded[input_ids == BOS] = self.vocab.doc_separator_id
             expanded[input_ids == PAD] = self.vocab.pad_id
             input_ids, expanded = input_ids.to(self._device), expanded.to(self._device)
-            res = self.model(input_ids, expanded, byte_mask=input_ids != PAD)
-            logp = fold_logprobs(torch.log_softmax(res.logits.float(), dim=-1))
+            logp = self._folded_logp(input_ids, expanded)
             for r, (ids, n) in enumerate(chunk):
                 tgt = input_ids[r, len(ids) - n : len(ids)]
                 lp = logp[r, len(ids) - n - 1 : len(ids) - 1]
@@ -97,6 +101,16 @@ class ByteifyLM(LM):
                 greedy = bool((lp.argmax(-1) == tgt).all())
                 out.append((score, greedy))
         return out
+
+    def _folded_logp(self, input_ids: torch.Tensor, expanded: torch.Tensor) -> torch.Tensor:
+        """(B, L, 260) folded log p of the next byte at every position, on the chosen boundaries."""
+        mask = input_ids != PAD
+        sc = score_bytes(self.model, input_ids, expanded, mask)
+        b = sc.boundary if self.boundaries == "causal" else sc.boundary_lookahead
+        # score_bytes keeps only the true byte's log p; the greedy check needs the whole row.
+        h, _, _ = self.model.encode(input_ids, expanded)
+        logits, _ = next_byte_logp(self.model, h, input_ids, b, mask)
+        return fold_logprobs(torch.log_softmax(logits, dim=-1))
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         rows = []

@@ -1,4 +1,4 @@
-"""The byte LM head (spec §7.1): RMSNorm(d_l, eps 1e-6) then Linear(d_l -> 520, no bias)."""
+"""The byte LM head (docs/architecture.md §7.1): RMSNorm(d_l, eps 1e-6) then Linear(d_l -> 520, no bias)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class LMHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(d_local, eps=eps)
         self.out = nn.Linear(d_local, vocab, bias=False)
-        nn.init.normal_(self.out.weight, std=0.02)  # OLMo's head init (spec §2.3)
+        nn.init.normal_(self.out.weight, std=0.02)  # OLMo's head init (docs/architecture.md §2.3)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.out(self.norm(y))

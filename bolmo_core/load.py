@@ -3,7 +3,8 @@
 * `load_byte_model(path)`: a committed checkpoint (``step-NNNNNN/``, ``final/``, or a stage output
   folder holding them) or an exported folder written by `bolmo_core.export`; the model is rebuilt
   around its source architecture without the source initialisation, then the saved weights are
-  loaded.
+  loaded. Both checkpoint formats: a single-file one, or a sharded (FSDP) DCP one written by any
+  number of ranks, consolidated in this process by `checkpoint.load_model_state`.
 * `load_weights(model, state, where)`: the one place weights go into a model: every tensor
   must exist and fit, with one line naming the file and the first tensors that do not.
 
@@ -19,6 +20,7 @@ import torch
 
 from . import checkpoint, storage
 from .config import ConfigError, Preset
+from .lora import add_adapters, merge_adapters, stage_lora
 
 EXPORT_META = "byteify_export.json"
 
@@ -90,7 +92,12 @@ def load_checkpoint_model(path: str, device: str | torch.device = "cpu") -> tupl
     preset = _preset(cfg["preset"], f"checkpoint '{uri}'")
     # init=False: the saved weights replace everything the source initialisation would set.
     model = BolmoModel.from_source(preset.model, init=False)
+    lora_cfg = stage_lora(preset, cfg.get("stage"))
+    if lora_cfg is not None:  # saved unmerged (exact resume); merged here, so every reader sees plain weights
+        add_adapters(model, lora_cfg)
     load_weights(model, checkpoint.load_model_state(uri), f"checkpoint '{uri}'")
+    if lora_cfg is not None:
+        merge_adapters(model)
     return model.to(device).eval(), preset
 
 

@@ -3,7 +3,7 @@
 The documents of one split (manifest order) are packed into one token stream
 ``doc0 tokens, SEP, doc1 tokens, SEP, ...`` with its byte stream alongside (SEP is the
 single byte id 1). Window w covers P = window_tokens tokens starting at w*P; a window that
-would start on SEP starts after it (spec §1.3 strips leading separators; starting later
+would start on SEP starts after it (docs/architecture.md §1.3 strips leading separators; starting later
 instead of padding keeps every window full, at the cost of overlapping the next window by
 that token). ``state_dict()`` is (epoch, batch) so a restart resumes at the exact next batch.
 
@@ -145,13 +145,20 @@ def finish_batch(
     }
 
 
+def empty_arrays(B: int, P: int, L: int, sep: int) -> tuple[np.ndarray, ...]:
+    """(input_ids, patch_lens, teacher, nxt) of B windows before they are filled: every byte slot
+    PAD, no patches, every teacher position the separator."""
+    return (
+        np.full((B, L), PAD, np.int64),
+        np.zeros((B, P), np.int64),
+        np.full((B, P), sep, np.int64),
+        np.zeros(B, np.int64),
+    )
+
+
 def fill_windows(tok, starts, byte_ids, window_starts, P: int, L: int, sep: int):
     """Byte/patch/teacher arrays of the windows starting at the given token positions of a packed stream."""
-    B = len(window_starts)
-    input_ids = np.full((B, L), PAD, np.int64)
-    patch_lens = np.zeros((B, P), np.int64)
-    teacher = np.full((B, P), sep, np.int64)
-    nxt = np.zeros(B, np.int64)
+    input_ids, patch_lens, teacher, nxt = empty_arrays(len(window_starts), P, L, sep)
     for r, s in enumerate(window_starts):
         s = int(s)
         toks = tok[s : s + P]
@@ -207,7 +214,62 @@ def loader_kind(choice: str, m: dict, split: str, world_size: int) -> str:
     return "streaming" if big and shards >= world_size else "memory"
 
 
-class WindowLoader:
+class _Loader:
+    """What both loaders share: the window shape, the rank, and the position a checkpoint keeps."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        manifest_uri: str,
+        vocab: SubwordVocab,
+        window_tokens: int,
+        batch_size: int,
+        split: str = "train",
+        byte_expansion: int = 6,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        _check_common(rank, world_size, window_tokens)
+        self.manifest = self._open_split(manifest_uri, split)
+        _check_tokenizer(manifest_uri, self.manifest, vocab)
+        self.vocab, self.retained = vocab, RetainedIndex(vocab)
+        self.sep, self.pad = int(vocab.doc_separator_id), int(vocab.pad_id)
+        self.P, self.L, self.B = window_tokens, byte_expansion * window_tokens, batch_size
+        self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
+        self.epoch, self.batch = 0, 0
+
+    def _open_split(self, manifest_uri: str, split: str) -> dict:
+        """The checked manifest; what the loader reads of the split is kept on self."""
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict:
+        """Loader-specific settings a resumed loader must share (checked on load)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {
+            "loader": self.kind,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "seed": self.seed,
+            "split": self.split,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            **self._extra_state(),
+            "manifest_hash": self.manifest["manifest_hash"],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(state, self.manifest, self.seed, self.world_size, self.kind)
+        for key, mine in self._extra_state().items():
+            if state.get(key, mine) != mine:
+                raise DataError(f"loader state has {key} {state[key]}, this loader {mine}")
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class WindowLoader(_Loader):
     """Batches of training windows from a manifest's split, held in memory; resumable and rank-aware."""
 
     kind = "memory"
@@ -230,28 +292,16 @@ class WindowLoader:
             **kw,
         )
 
-    def __init__(
-        self,
-        manifest_uri: str,
-        vocab: SubwordVocab,
-        window_tokens: int,
-        batch_size: int,
-        split: str = "train",
-        byte_expansion: int = 6,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        _check_common(rank, world_size, window_tokens)
-        self.manifest, table = load_split(manifest_uri, split)
-        _check_tokenizer(manifest_uri, self.manifest, vocab)
-        self.vocab, self.retained = vocab, RetainedIndex(vocab)
-        self.sep, self.pad = int(vocab.doc_separator_id), int(vocab.pad_id)
-        self.P, self.L, self.B = window_tokens, byte_expansion * window_tokens, batch_size
-        self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
-        self.tok, self.starts, self.byte_ids = pack_stream(table, self.sep)
+    def __init__(self, *args, **kw):
+        """`_Loader`'s arguments; the split's token stream is packed in memory."""
+        super().__init__(*args, **kw)
+        self.tok, self.starts, self.byte_ids = pack_stream(self._table, self.sep)
+        del self._table
         self.window_starts = self._window_starts()
-        self.epoch, self.batch = 0, 0
+
+    def _open_split(self, manifest_uri: str, split: str) -> dict:
+        manifest, self._table = load_split(manifest_uri, split)
+        return manifest
 
     def _window_starts(self) -> np.ndarray:
         nominal = np.arange(0, len(self.tok), self.P)
@@ -299,22 +349,6 @@ class WindowLoader:
                 self.batch += 1  # advance first: state_dict() after k batches points at batch k
                 yield self.make_batch(idx)
             self.epoch, self.batch = self.epoch + 1, 0
-
-    def state_dict(self) -> dict:
-        return {
-            "loader": self.kind,
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "seed": self.seed,
-            "split": self.split,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "manifest_hash": self.manifest["manifest_hash"],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        _check_state(state, self.manifest, self.seed, self.world_size, self.kind)
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
     def iter_eval(self, batch_size: int | None = None, max_batches: int | None = None):
         """This rank's share of the split's windows, once, in order (the last batch may be short)."""
@@ -376,7 +410,7 @@ class _ShardStream:
         self.pending.clear()
 
 
-class StreamingWindowLoader:
+class StreamingWindowLoader(_Loader):
     """Batches of training windows read lazily from this rank's shards; resumable and rank-aware.
 
     Same batches format and state contract as `WindowLoader`; the order differs (module
@@ -386,37 +420,22 @@ class StreamingWindowLoader:
 
     kind = "streaming"
 
-    def __init__(
-        self,
-        manifest_uri: str,
-        vocab: SubwordVocab,
-        window_tokens: int,
-        batch_size: int,
-        split: str = "train",
-        byte_expansion: int = 6,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle_windows: int = SHUFFLE_WINDOWS,
-        prefetch: int = PREFETCH_SHARDS,
-    ):
-        _check_common(rank, world_size, window_tokens)
+    def __init__(self, *args, shuffle_windows: int = SHUFFLE_WINDOWS, prefetch: int = PREFETCH_SHARDS, **kw):
+        """`_Loader`'s arguments, the windows shuffled in blocks of `shuffle_windows`, `prefetch` shards read ahead."""
+        super().__init__(*args, **kw)
+        self.K, self.prefetch = max(1, shuffle_windows), prefetch
+        self.stream: _ShardStream | None = None  # the current epoch's reader
+
+    def _open_split(self, manifest_uri: str, split: str) -> dict:
         uri = _manifest_json(manifest_uri)
-        self.manifest = _checked_split(uri, split)
-        _check_tokenizer(manifest_uri, self.manifest, vocab)
+        manifest = _checked_split(uri, split)
         # Stream length of a shard: its tokens plus one separator per document.
         self.shards = [
             (_resolve(uri, e["uri"]), e["sha256"], e["tokens"] + e["rows"])
-            for e in self.manifest["shards"]
+            for e in manifest["shards"]
             if e["split"] == split and e["rows"]
         ]
-        self.vocab, self.retained = vocab, RetainedIndex(vocab)
-        self.sep, self.pad = int(vocab.doc_separator_id), int(vocab.pad_id)
-        self.P, self.L, self.B = window_tokens, byte_expansion * window_tokens, batch_size
-        self.split, self.seed, self.rank, self.world_size = split, seed, rank, world_size
-        self.K, self.prefetch = max(1, shuffle_windows), prefetch
-        self.epoch, self.batch = 0, 0
-        self.stream: _ShardStream | None = None  # the current epoch's reader
+        return manifest
 
     def _rank_shards(self, epoch: int) -> list[int]:
         """This rank's shards of one epoch: the split's shards permuted by (seed, epoch), every world-th."""
@@ -481,26 +500,8 @@ class StreamingWindowLoader:
                 stream.close()
             self.epoch, self.batch = self.epoch + 1, 0
 
-    def state_dict(self) -> dict:
-        return {
-            "loader": self.kind,
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "seed": self.seed,
-            "split": self.split,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "shuffle_windows": self.K,
-            "manifest_hash": self.manifest["manifest_hash"],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        _check_state(state, self.manifest, self.seed, self.world_size, self.kind)
-        if state.get("shuffle_windows", self.K) != self.K:
-            raise DataError(
-                f"loader state has shuffle_windows {state['shuffle_windows']}, this loader {self.K}"
-            )
-        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+    def _extra_state(self) -> dict:
+        return {"shuffle_windows": self.K}
 
     def iter_eval(self, batch_size: int | None = None, max_batches: int | None = None):
         """This rank's share of the split's windows, once, in order (the last batch may be short).

@@ -1,4 +1,4 @@
-"""Local (byte-level) blocks (spec §3.1, §3.3): the mLSTM layer, SwiGLU, and the pre-norm block.
+"""Local (byte-level) blocks (docs/architecture.md §3.1, §3.3): the mLSTM layer, SwiGLU, and the pre-norm block.
 
 `forward(x, state=None, reset=None) -> (y, state)` runs a whole sequence (chunkwise kernel,
 continuing from `state` when given) or, for L == 1 with a state, one recurrent step; the
@@ -62,7 +62,9 @@ class MLSTMLayer(nn.Module):
         self.out = nn.Linear(d, d, bias=False)
         self.head_norm_eps = 1e-6
         with torch.no_grad():
-            self.i_gate.bias.fill_(cfg.igate_bias_init)  # "disable the input gate" at start (spec §2.3)
+            self.i_gate.bias.fill_(
+                cfg.igate_bias_init
+            )  # "disable the input gate" at start (docs/architecture.md §2.3)
 
     def _cap(self, x: torch.Tensor) -> torch.Tensor:
         return self.soft_cap * torch.tanh(x / self.soft_cap)

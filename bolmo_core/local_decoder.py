@@ -1,4 +1,4 @@
-"""Local decoder (spec §5.2, §7.1): normalised global output depooled onto bytes, plus InProj(h_byte), 4 blocks."""
+"""Local decoder (docs/architecture.md §5.2, §7.1): normalised global output depooled onto bytes, plus InProj(h_byte), 4 blocks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Local encoder (spec §2, §3.1): byte + retained-subword embeddings, n_enc blocks, RMSNorm -> h_byte."""
+"""Local encoder (docs/architecture.md §2, §3.1): byte + retained-subword embeddings, n_enc blocks, RMSNorm -> h_byte."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .local_blocks import LocalBlock, RMSNorm, run_blocks
 
 
 class LocalEncoder(nn.Module):
-    """h_byte = RMSNorm_1e-5(Blocks(E_byte[x] + E_sub[s])); the sum is unscaled (spec §2.1)."""
+    """h_byte = RMSNorm_1e-5(Blocks(E_byte[x] + E_sub[s])); the sum is unscaled (docs/architecture.md §2.1)."""
 
     def __init__(self, d_local: int, cfg: LocalConfig, retained_vocab: int | None):
         super().__init__()

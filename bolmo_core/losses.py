@@ -1,8 +1,8 @@
-"""Bolmo loss functions (spec §4.3, §7.2, §8.4): pure tensor functions, each a mean per valid element.
+"""Bolmo loss functions (docs/architecture.md §4.3, §7.2, §8.4): pure tensor functions, each a mean per valid element.
 
 Every function takes a boolean `mask` of valid elements and returns sum / max(count, 1), so the
 value does not depend on how much padding a batch carries (the reference scales CE and the
-distillation term by padded-slots / valid-bytes, spec §8.5; see `model.py`).
+distillation term by padded-slots / valid-bytes, docs/architecture.md §8.5; see `model.py`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-LOGP_CLIP = -1e-3  # BCE clips log p below 0 so log(1 - p) stays finite (spec §4.3)
-KL_EPS = 1e-6  # binarised KL shifts both log-probs by -eps (spec §8.4)
+LOGP_CLIP = -1e-3  # BCE clips log p below 0 so log(1 - p) stays finite (docs/architecture.md §4.3)
+KL_EPS = 1e-6  # binarised KL shifts both log-probs by -eps (docs/architecture.md §8.4)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def boundary_bce(logp: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -
 def binarised_kl(
     teacher_logp: torch.Tensor, student_logp: torch.Tensor, mask: torch.Tensor, tau: float = 5.0
 ) -> torch.Tensor:
-    """KL(Bern(p_T^(1/tau)) || Bern(p_S^(1/tau))) per patch from log-likelihoods (spec §8.4)."""
+    """KL(Bern(p_T^(1/tau)) || Bern(p_S^(1/tau))) per patch from log-likelihoods (docs/architecture.md §8.4)."""
     a = teacher_logp.float() / tau - KL_EPS
     b = student_logp.float() / tau - KL_EPS
     pa = a.exp()
@@ -48,14 +48,14 @@ def binarised_kl(
 
 
 def encoder_l2(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Representation distance ||a - b|| / sqrt(d) per position (spec §8.4 `rep_compare_fn="l2"`)."""
+    """Representation distance ||a - b|| / sqrt(d) per position (docs/architecture.md §8.4 `rep_compare_fn="l2"`)."""
     d = student.shape[-1]
     dist = (student.float() - teacher.float()).norm(dim=-1) / math.sqrt(d)
     return masked_mean(dist, mask)
 
 
 def fused_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on fused byte+boundary targets (spec §7.2), mean over valid bytes."""
+    """Cross-entropy on fused byte+boundary targets (docs/architecture.md §7.2), mean over valid bytes."""
     safe = labels.masked_fill(~mask, 0)
     ce = F.cross_entropy(logits.float().flatten(0, -2), safe.flatten(), reduction="none").view_as(labels)
     return masked_mean(ce, mask)

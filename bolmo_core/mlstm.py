@@ -1,4 +1,4 @@
-"""mLSTM cell math (spec §3.3) in the xLSTM kernel convention: parallel, chunkwise, recurrent, step.
+"""mLSTM cell math (docs/architecture.md §3.3) in the xLSTM kernel convention: parallel, chunkwise, recurrent, step.
 
 Convention (same as `mlstm_kernels`): q·k is scaled by 1/sqrt(Dqk); log f = logsigmoid(f̃);
 the state is (C: (B,H,Dqk,Dv), n: (B,H,Dqk), m: (B,H)) in fp32, C and n stored divided by exp(m);
@@ -8,7 +8,7 @@ input dtype. The parallel form includes the zero initial state (m=0) in its stab
 forms agree exactly (mlstm_kernels' own parallel kernel omits it and differs at the eps level).
 
 Left padding / per-row reset: a forget-gate pre-activation of RESET_F (-1e5) makes f ≈ 0, so the
-state before that position is dropped exactly (spec §3.3); `reset_forget_gate` applies it.
+state before that position is dropped exactly (docs/architecture.md §3.3); `reset_forget_gate` applies it.
 In the chunkwise form any log f < -1e3 is treated as such an exact reset: it is kept out of the
 within-chunk cumsum (where -1e5 would cost fp32 precision in every later difference) and cuts
 the chunk into segments instead.

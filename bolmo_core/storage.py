@@ -40,6 +40,11 @@ def _storage_options(protocol: str) -> dict:
     return {}
 
 
+def fsspec_options(uri: str) -> dict:
+    """The filesystem options this module uses for `uri` (for libraries that open URIs themselves)."""
+    return _storage_options(uri.split("://", 1)[0] if "://" in uri else "file")
+
+
 def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path-within-it) for a URI or a plain local path."""
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"

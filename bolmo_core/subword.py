@@ -1,4 +1,4 @@
-"""Source (subword) tokenizer <-> bytes: exact token bytes, boundary labels, retained ids (spec §1.2, §2.2).
+"""Source (subword) tokenizer <-> bytes: exact token bytes, boundary labels, retained ids (docs/architecture.md §1.2, §2.2).
 
 Works for any Hugging Face fast tokenizer that is a byte-level BPE (GPT-2 alphabet:
 SmolLM2, GPT-2, dolma2); anything else is refused by `check_byte_level_bpe`.
@@ -17,7 +17,7 @@ is tokenized as that special token; its bytes are its literal text.
 
 Retained ids (`RetainedIndex`): for each byte position, the id of the longest vocabulary
 entry whose bytes are a suffix of the bytes ending there (may cross token boundaries).
-Instead of the spec's backward reverse-trie walk from every byte (O(L * longest entry)), one
+Instead of docs/architecture.md's backward reverse-trie walk from every byte (O(L * longest entry)), one
 forward Aho-Corasick pass per row gives the same answer in amortised O(L): the automaton
 state is the longest suffix of the bytes so far that is a prefix of an entry, so every entry
 that is a suffix of the bytes is a suffix of the state, and the answer is precomputed per
@@ -43,7 +43,11 @@ from numba import njit
 from bolmo_core.byte_tokenizer import BOS, EOP, FUSED_OFFSET, OFFSET
 
 DOC_SEPARATOR = "<|endoftext|>"
-WHITESPACE_STARTS = (0x20, 0x09, 0x0A)  # space, tab, newline: Ġ, ĉ, Ċ in the GPT-2 alphabet (spec §8.4)
+WHITESPACE_STARTS = (
+    0x20,
+    0x09,
+    0x0A,
+)  # space, tab, newline: Ġ, ĉ, Ċ in the GPT-2 alphabet (docs/architecture.md §8.4)
 
 
 class TokenizerError(ValueError):
@@ -123,7 +127,7 @@ def check_byte_level_bpe(tok) -> None:
 
 @dataclass
 class SubwordVocab:
-    """Exact bytes of every source token id, plus the ids byteify needs (spec §1.2)."""
+    """Exact bytes of every source token id, plus the ids byteify needs (docs/architecture.md §1.2)."""
 
     name: str
     token_bytes: list[bytes]  # id -> exact bytes (special/added tokens: their literal UTF-8 text)
@@ -294,27 +298,7 @@ def label_flat(
     per document is one UTF-8 decode and a few list appends.
     """
     vocab = vocab or get_vocab(tok)
-    unspellable = vocab.unspellable
-    missing = bytes(np.nonzero(vocab.single_byte_ids < 0)[0].tolist())
-    texts: list[str] = []
-    first_part = []  # per document: index in `texts` of its first text part (plus one past the end)
-    plans: dict[int, list] = {}  # documents that are not exactly one text part: part indices and raw runs
-    for n, doc in enumerate(docs):
-        if not isinstance(doc, bytes | bytearray):
-            raise TokenizerError(f"label_documents: documents must be bytes, got {type(doc).__name__}")
-        first_part.append(len(texts))
-        parts = _split_valid_utf8(bytes(doc), unspellable, missing)
-        if len(parts) == 1 and isinstance(parts[0], str):  # the common case: one valid, spellable run
-            texts.append(parts[0])
-            continue
-        plan = plans[n] = []
-        for part in parts:
-            if isinstance(part, str):
-                plan.append(len(texts))
-                texts.append(part)
-            else:
-                plan.append(part)
-    first_part.append(len(texts))
+    texts, first_part, plans = _text_parts(docs, vocab)
     encs = tok.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False) if texts else []
     # All text parts' ids in one array (each .ids access builds a Python list: once per part).
     part_off = np.zeros(len(encs) + 1, np.int64)
@@ -348,6 +332,37 @@ def label_flat(
     spelled_len = cum[doc_off[1:]] - base
     _check_spelling(vocab, docs, spelled_len, first_part, plans, text_ids, part_off, tok)
     return ids.astype(np.uint32), ends.astype(np.uint32), doc_off
+
+
+def _text_parts(docs: list[bytes], vocab: SubwordVocab) -> tuple[list[str], list[int], dict[int, list]]:
+    """Split documents into the text parts the encoder sees and the raw runs it must not see.
+
+    Returns (texts, first_part, plans): first_part[n] is the index in `texts` of document n's
+    first text part (plus one entry past the end); plans[n], only for documents that are not
+    exactly one text part, lists its parts in order: text part indices (int) and raw runs (bytes).
+    """
+    unspellable = vocab.unspellable
+    missing = bytes(np.nonzero(vocab.single_byte_ids < 0)[0].tolist())
+    texts: list[str] = []
+    first_part = []
+    plans: dict[int, list] = {}
+    for n, doc in enumerate(docs):
+        if not isinstance(doc, bytes | bytearray):
+            raise TokenizerError(f"label_documents: documents must be bytes, got {type(doc).__name__}")
+        first_part.append(len(texts))
+        parts = _split_valid_utf8(bytes(doc), unspellable, missing)
+        if len(parts) == 1 and isinstance(parts[0], str):  # the common case: one valid, spellable run
+            texts.append(parts[0])
+            continue
+        plan = plans[n] = []
+        for part in parts:
+            if isinstance(part, str):
+                plan.append(len(texts))
+                texts.append(part)
+            else:
+                plan.append(part)
+    first_part.append(len(texts))
+    return texts, first_part, plans
 
 
 def _spelled(vocab: SubwordVocab, plan: list, part_ids: list[list[int]]) -> list:
@@ -390,7 +405,7 @@ def _check_spelling(
 
 
 # ---------------------------------------------------------------------------------------------
-# Retained subword ids (spec §2.2)
+# Retained subword ids (docs/architecture.md §2.2)
 
 
 @njit(cache=True, nogil=True)
@@ -444,7 +459,7 @@ _DENSE_STATES = 256  # 256 KB of int32 transitions (cache-resident); more measur
 
 
 class RetainedIndex:
-    """Longest vocabulary entry that is a suffix of the bytes ending at each position (spec §2.2)."""
+    """Longest vocabulary entry that is a suffix of the bytes ending at each position (docs/architecture.md §2.2)."""
 
     def __init__(self, vocab: SubwordVocab):
         self.vocab = vocab

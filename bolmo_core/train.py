@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import storage
+from . import fsdp, storage
 from .callbacks import (
     Callback,
     CallbackList,
@@ -67,7 +67,7 @@ def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
 
 
 def build_optimizer(model, stage_cfg: StageConfig):
-    """AdamW over the model's parameter groups (per-group lr/weight decay; spec §8.6, §9.2)."""
+    """AdamW over the model's parameter groups (per-group lr/weight decay; docs/architecture.md §8.6, §9.2)."""
     o = stage_cfg.optim
     groups = [g for g in model.param_groups(stage_cfg) if any(p.requires_grad for p in g["params"])]
     if not groups:
@@ -108,7 +108,7 @@ class StageObjective(torch.nn.Module):
 
 
 def build_model(cfg: TrainConfig, vocab):
-    """Stage 1: from the source (initialised per spec §2.3). Stage 2: the Stage-1 weights on top."""
+    """Stage 1: from the source (initialised per docs/architecture.md §2.3). Stage 2: the Stage-1 weights on top."""
     from .model import BolmoModel
 
     from_stage1 = cfg.stage == 2 and bool(cfg.init_from)
@@ -119,7 +119,69 @@ def build_model(cfg: TrainConfig, vocab):
         # A Stage-1 checkpoint holds the whole model (teacher included); nothing may be missing.
         skipped = load_weights(model, ckpt.load_model_state(src), f"init_from {src}", may_add=True)
         info = {"init_from": src, "init_from_hash": ckpt.checkpoint_hash(src), "ignored_keys": skipped}
+    if cfg.stage_cfg.lora is not None:  # after the Stage-1 weights: the adapters wrap them (lora.py)
+        from .lora import LoraError, add_adapters
+
+        try:
+            info["lora_params"] = add_adapters(model, cfg.stage_cfg.lora)
+        except LoraError as e:
+            raise TrainError(str(e)) from None
     return model, info
+
+
+def check_lora_sharding(stage_cfg, sharded: bool) -> None:
+    """LoRA adapters are added to a whole model (build_model); the FSDP2 path builds a meta-device
+    skeleton without them, so LoRA there would silently train every weight: refuse it."""
+    if sharded and stage_cfg.lora is not None:
+        raise TrainError(
+            f"stage{stage_cfg.stage}.lora: not supported with FSDP sharding yet; "
+            "train it with sharding ddp (one whole model per rank) or without lora"
+        )
+
+
+def skeleton_model(cfg: TrainConfig, vocab):
+    """The stage's model with its parameters on the meta device (shapes only) and real buffers."""
+    from transformers import AutoModelForCausalLM
+
+    from .global_model import source_config
+    from .model import BolmoModel
+    from .source import ATTN_IMPLEMENTATION
+
+    with fsdp.meta_parameters():
+        lm = AutoModelForCausalLM.from_config(
+            source_config(cfg.preset.model.source), attn_implementation=ATTN_IMPLEMENTATION
+        )
+        return BolmoModel.from_source(cfg.preset.model, source_model=lm, init=False, vocab=vocab)
+
+
+def init_sharded_weights(trainer: Trainer, load: bool) -> dict:
+    """Fill a sharded model's shards with its starting weights (`load`); the init info either way.
+
+    Stage 2 from a DCP Stage-1 checkpoint: each rank reads its own shards (resharded as needed).
+    Otherwise rank 0 builds the whole model (source + docs/architecture.md §2.3 initialisation, or a Stage-1
+    ``model.safetensors``) and the shards are broadcast from it, one tensor at a time.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    cfg, model = trainer.cfg, trainer.model
+    if cfg.stage == 2 and cfg.init_from:
+        src = ckpt.resolve_checkpoint(cfg.init_from)
+        info = {"init_from": src, "init_from_hash": ckpt.checkpoint_hash(src), "ignored_keys": 0}
+        if ckpt.checkpoint_format(src) == ckpt.FORMAT_DCP:
+            if load:
+                state = {"model": get_model_state_dict(model)}
+                ckpt.load_sharded(src, state)
+                set_model_state_dict(model, state["model"])
+            return info
+    else:
+        info = {}
+    if load:
+        full = None
+        if trainer.rank == 0:
+            full_model, info = build_model(cfg, trainer.vocab)
+            full = full_model.state_dict()
+        fsdp.load_full_state(model, full)
+    return info
 
 
 def _batch_to(batch: dict, device) -> dict:
@@ -133,50 +195,30 @@ def _scalar(v) -> float:
 # ---------------------------------------------------------------- distributed state
 
 
-def _is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
-
-
 def _full_states(accelerator, objective, optimizer) -> tuple[dict | None, dict | None]:
-    """(model state, optimizer state) gathered in full on rank 0 (None elsewhere under FSDP)."""
-    if _is_fsdp(accelerator):  # every rank must take part in the gather
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.state_dict_type(
-            objective,
-            StateDictType.FULL_STATE_DICT,
-            FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
-            FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
-        ):
-            msd = objective.state_dict()
-            osd = FSDP.optim_state_dict(objective, optimizer)
-        if accelerator.process_index != 0:
-            return None, None
-        return {k.removeprefix("model."): v for k, v in msd.items()}, osd
+    """(model state, optimizer state) of an unsharded run on rank 0 (None elsewhere)."""
     if accelerator.process_index != 0:
         return None, None
     return accelerator.unwrap_model(objective).model.state_dict(), optimizer.state_dict()
 
 
 def _load_full_states(accelerator, objective, optimizer, model_state: dict, optim_state: dict) -> None:
-    if _is_fsdp(accelerator):
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.state_dict_type(
-            objective,
-            StateDictType.FULL_STATE_DICT,
-            FullStateDictConfig(offload_to_cpu=True, rank0_only=False),
-            FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=False),
-        ):
-            objective.load_state_dict({"model." + k: v for k, v in model_state.items()})
-            optimizer.load_state_dict(FSDP.optim_state_dict_to_load(objective, optimizer, optim_state))
-        return
     accelerator.unwrap_model(objective).model.load_state_dict(model_state)
     optimizer.load_state_dict(optim_state)
+
+
+def sharded_state(model, optimizer) -> dict:
+    """{"model", "optim"} state dicts keyed by parameter name (DTensors under FSDP), for DCP."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": osd}
+
+
+def load_sharded_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def _reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
@@ -191,16 +233,17 @@ def _reduce_mean(accelerator, values: dict[str, float]) -> dict[str, float]:
 
 def build_callbacks(trainer: Trainer) -> CallbackList:
     """Every rank: validation, checkpoints and time budgets (they take part in collectives).
-    Rank 0 only, before them: the progress stream and every named callback."""
+    Rank 0 only, before them: every named callback, then the progress stream."""
     cfg, stage_cfg = trainer.cfg, trainer.stage_cfg
     cbs: list[Callback] = []
     if trainer.rank == 0:
-        cbs.append(ProgressStreamCallback())
         for spec in list(cfg.callbacks) + [s for s in stage_cfg.callbacks if s not in cfg.callbacks]:
             try:
                 cbs.append(load_callback(spec, **cfg.callback_kwargs.get(spec, {})))
             except ValueError as e:
                 raise TrainError(str(e)) from None
+        # After the named ones: a callback may add to a step's metrics (MemoryProbe), the stream carries them.
+        cbs.append(ProgressStreamCallback())
     cbs.append(PeriodicValidation(trainer, stage_cfg.eval_every))
     cbs.append(PeriodicCheckpoint(trainer, stage_cfg.checkpoint_every))
     if cfg.max_minutes or cfg.max_cpu_minutes:
@@ -236,13 +279,27 @@ def accumulation_steps(stage_cfg: StageConfig, world_size: int) -> int:
 
 
 def build_accelerator(cfg: TrainConfig):
+    """accelerate for the process group, device and collectives; never for FSDP (fsdp.py drives it).
+
+    Under an FSDP launch config, accelerate would wrap the model with its own FSDP on a GPU and
+    silently fall back to DDP on a CPU: its FSDP switch is turned off while it is built, so the
+    trainer's FSDP2 is the one path on both.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused)],
-    )
+    saved = os.environ.get(fsdp.LAUNCHER_FSDP)
+    os.environ[fsdp.LAUNCHER_FSDP] = "false"
+    try:
+        return Accelerator(
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused)],
+        )
+    finally:
+        if saved is None:
+            os.environ.pop(fsdp.LAUNCHER_FSDP, None)
+        else:
+            os.environ[fsdp.LAUNCHER_FSDP] = saved
 
 
 # ---------------------------------------------------------------- the trainer
@@ -261,6 +318,8 @@ class Trainer:
         self.cfg, self.preset, self.stage_cfg = cfg, cfg.preset, cfg.stage_cfg
         self.accelerator = accelerator or build_accelerator(cfg)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.sharded = fsdp.resolve_sharding(cfg.sharding, self.world) == "fsdp"
+        check_lora_sharding(self.stage_cfg, self.sharded)
         self.out = cfg.out_uri
         self.step = 0  # optimizer steps done
         self.stop_reason: str | None = None  # set by a callback (a time budget) to end the stage early
@@ -271,16 +330,46 @@ class Trainer:
     # ------------------------------------------------------------ the stage
 
     def fit(self) -> dict:
-        """Run (or resume, or skip) the stage; a summary with the final checkpoint URI."""
+        """Run (or resume, or skip) the stage holding its folder's lock; a summary with the final checkpoint URI."""
+        self.lock = None
         try:
+            # Checks that read only (the global batch split, the data manifest) come before the lock.
+            self.accum = accumulation_steps(self.stage_cfg, self.world)
+            self.identity = run_identity(self.cfg, self.world)
+            self.lock = self.take_lock()
             return self._fit()
         except BaseException as e:  # tell the callbacks (MLflow run -> FAILED), then fail loudly
             self.callbacks.on_error(self.step, e)
             raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def take_lock(self) -> storage.FolderLock | None:
+        """Rank 0 locks the output folder before anything there is read or written (a collective).
+
+        A second trainer on the same folder would resume from the first one's half-written step
+        or overwrite its ``final``: it is refused with one line naming the folder and the holder.
+        The other ranks learn the outcome from rank 0, so either every rank goes on or none does.
+        """
+        lock, err = None, None
+        if self.rank == 0:
+            try:
+                lock = storage.lock_folder(self.out, f"stage {self.cfg.stage} training")
+            except storage.StorageError as e:
+                err = e
+        if self.world > 1:
+            import torch.distributed as dist
+
+            msg = [str(err) if err else None]
+            dist.broadcast_object_list(msg, src=0)
+            if msg[0] and err is None:
+                raise TrainError(msg[0])
+        if err is not None:
+            raise err
+        return lock
 
     def _fit(self) -> dict:
-        self.accum = accumulation_steps(self.stage_cfg, self.world)
-        self.identity = run_identity(self.cfg, self.world)
         if self.rank == 0:
             ckpt.clean_uncommitted(self.out)
         self.accelerator.wait_for_everyone()
@@ -298,7 +387,7 @@ class Trainer:
                 break
             metrics = self.train_step()
             self.callbacks.on_step_end(self.step, metrics)
-        self.last_eval = self.evaluate() or self.last_eval
+        self.last_eval = self.evaluate()
         final = self.save(ckpt.FINAL, finished=True, metrics=self.last_eval)
         self.callbacks.on_train_end(self.step, self.last_eval)
         reason = self.stop_reason or "steps"
@@ -328,9 +417,14 @@ class Trainer:
         cfg, stage_cfg, acc = self.cfg, self.stage_cfg, self.accelerator
         set_determinism(stage_cfg.seed, cfg.deterministic)  # same seed on every rank: identical init
         self.vocab = SubwordVocab.from_tokenizer(load_tokenizer(self.preset.model.source))
-        self.model, self.init_info = build_model(cfg, self.vocab)
-        self.model.configure_stage(stage_cfg)  # requires_grad per stage, before DDP registers its hooks
-        self.model.to(acc.device)
+        if self.sharded:
+            self._setup_sharded_model()
+        else:
+            self.model, self.init_info = build_model(cfg, self.vocab)
+            self.model.configure_stage(stage_cfg)  # requires_grad per stage, before DDP registers its hooks
+            if stage_cfg.activation_checkpointing:
+                fsdp.apply_activation_checkpointing(self.model)
+            self.model.to(acc.device)
         self.loader = WindowLoader.from_config(
             self.preset.data,
             cfg.manifest_uri,
@@ -340,17 +434,42 @@ class Trainer:
             rank=self.rank,
             world_size=self.world,
         )
-        self.objective = acc.prepare_model(StageObjective(self.model, cfg.stage, stage_cfg.losses))
+        if not self.sharded:
+            self.objective = acc.prepare_model(StageObjective(self.model, cfg.stage, stage_cfg.losses))
         self.optimizer = build_optimizer(self.model, stage_cfg)
         self.scheduler = build_scheduler(self.optimizer, stage_cfg)
-        on_rank0 = self.rank == 0 and not _is_fsdp(acc)
-        self.validator = (
-            Validator(self.preset, cfg.stage, cfg.manifest_uri, self.vocab, acc.device) if on_rank0 else None
+        # Every rank scores its share of the validation windows; the counts are summed over ranks.
+        self.validator = Validator(
+            self.preset,
+            cfg.stage,
+            cfg.manifest_uri,
+            self.vocab,
+            acc.device,
+            self.rank,
+            self.world,
+            self.sum_over_ranks,
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.autocast = _autocast(stage_cfg.precision, acc.device)
         # Per-rank randomness from here on (the model itself is already identical everywhere).
         set_determinism(stage_cfg.seed + 1 + self.rank, cfg.deterministic)
+
+    def _setup_sharded_model(self) -> None:
+        """FSDP2: a meta-device model, sharded, materialised, then its starting weights (fsdp.py).
+
+        A stage that will resume skips the starting weights: the checkpoint replaces them all.
+        """
+        cfg, stage_cfg = self.cfg, self.stage_cfg
+        self.model = skeleton_model(cfg, self.vocab)
+        self.model.configure_stage(stage_cfg)
+        if stage_cfg.activation_checkpointing:
+            fsdp.apply_activation_checkpointing(self.model)
+        self.objective = StageObjective(self.model, cfg.stage, stage_cfg.losses)
+        mesh = fsdp.device_mesh(self.accelerator.device, self.world)
+        fsdp.shard(self.objective, self.model, mesh, stage_cfg.precision)
+        fsdp.materialize(self.objective, self.accelerator.device)
+        resuming = ckpt.latest_checkpoint(self.out) is not None
+        self.init_info = init_sharded_weights(self, load=not resuming)
 
     def info(self, resumed: str | None) -> dict:
         return {
@@ -380,15 +499,20 @@ class Trainer:
                 batch = coarsen_batch(batch, stage_cfg.target_bytes_per_patch)
             n_bytes += int(batch["byte_mask"].sum())
             batch = _batch_to(batch, acc.device)
-            # Gradients are reduced across ranks only on the last micro-batch.
-            sync = contextlib.nullcontext() if micro == self.accum - 1 else acc.no_sync(self.objective)
+            # DDP reduces gradients on the last micro-batch only; FSDP reduce-scatters every one (its
+            # gradients stay sharded: unsynced ones would be whole-model sized).
+            last = micro == self.accum - 1
+            sync = contextlib.nullcontext() if last or self.sharded else acc.no_sync(self.objective)
             with sync:
                 with self.autocast():
                     loss, metrics = self.objective(batch)
                 acc.backward(loss / self.accum)
             for k, v in {"loss": loss, **metrics}.items():
                 sums[k] = sums.get(k, 0.0) + _scalar(v) / self.accum
-        grad_norm = acc.clip_grad_norm_(self.params, stage_cfg.optim.grad_clip)
+        if self.sharded:
+            grad_norm = fsdp.clip_grad_norm(self.params, stage_cfg.optim.grad_clip)
+        else:
+            grad_norm = acc.clip_grad_norm_(self.params, stage_cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -405,16 +529,19 @@ class Trainer:
     # ------------------------------------------------------------ validation, checkpoints
 
     def evaluate(self) -> dict[str, float]:
-        """Validation on rank 0 with its RNG forked (evaluation never changes the training stream)."""
-        metrics: dict[str, float] = {}
-        if self.validator is not None:
-            with torch.random.fork_rng(devices=[]):
-                metrics = self.validator(self.model)
-            self.callbacks.on_eval(self.step, metrics)
-        self.accelerator.wait_for_everyone()
-        if metrics:
-            self.last_eval = metrics
+        """Validation on every rank (a collective) with the RNG forked: it never changes the training stream."""
+        with torch.random.fork_rng(devices=[]), fsdp.gathered(self.objective, self.sharded):
+            metrics = self.validator(self.model)
+        self.callbacks.on_eval(self.step, metrics)
+        self.last_eval = metrics
         return metrics
+
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks (a collective); float64 so byte counts stay exact."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(t, reduction="sum").tolist()
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when it is True on one (a collective: call it on every rank)."""
@@ -432,7 +559,13 @@ class Trainer:
 
     def save(self, name: str, finished: bool = False, metrics: dict | None = None) -> str:
         """Checkpoint `name` from every rank (collective); its URI."""
-        msd, osd = _full_states(self.accelerator, self.objective, self.optimizer)
+        if self.any_rank(self.lock is not None and self.lock.lost):  # frozen past the lease: not ours now
+            raise TrainError(f"{self.out}: another process took over this folder's lock; {name} not written")
+        if self.sharded:  # every rank writes its own shards through DCP
+            msd, osd, shards = None, None, sharded_state(self.model, self.optimizer)
+        else:
+            msd, osd = _full_states(self.accelerator, self.objective, self.optimizer)
+            shards = None
         trainer_state = {
             "step": self.step,
             **self.spent(),
@@ -450,6 +583,7 @@ class Trainer:
             rank_state={"rng": ckpt.capture_rng(), "loader": self.loader.state_dict()},
             model_state=msd,
             optimizer_state=osd,
+            sharded_state=shards,
             scheduler_state=self.scheduler.state_dict() if self.rank == 0 else None,
             trainer_state=trainer_state,
             config=self.identity,
@@ -459,31 +593,89 @@ class Trainer:
         return uri
 
     def resume(self) -> str | None:
-        """Load the newest committed checkpoint of this stage, if any; its URI."""
+        """Load the newest intact committed checkpoint of this stage, if any; its URI.
+
+        A damaged newest checkpoint (truncated weights, a missing file) is skipped with one
+        warning line naming it, and the one before it is used; it stays where it is (nothing
+        is deleted) and the next save of that step replaces it. Any checkpoint format into any
+        layout: DCP reshards, a full checkpoint loads as is. At another world size
+        (allow_mismatch) the loader continues at the same global position (`_regrid_loader`);
+        the per-rank RNG is not carried over.
+        """
         self._diffs: list[str] = []
-        latest = ckpt.latest_checkpoint(self.out)
-        if not latest:
-            return None
-        saved = ckpt.read_config(latest)
-        self._diffs = ckpt.check_compatible(saved, self.identity, latest, self.cfg.allow_mismatch)
-        # Per-rank RNG/loader positions only mean something for the same world size and data.
-        same_layout = (
-            saved.get("world_size") == self.world
-            and saved.get("manifest_hash") == self.identity["manifest_hash"]
-        )
-        st = ckpt.load_checkpoint(latest, self.rank if same_layout else None)
-        _load_full_states(self.accelerator, self.objective, self.optimizer, st["model"], st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
-        if same_layout:
-            ckpt.restore_rng(st["rank"]["rng"])
-            self.loader.load_state_dict(st["rank"]["loader"])
-        ts = st["trainer_state"]
-        self.step = int(ts["step"])
-        self.spent_before = {
-            "elapsed_s": float(ts.get("elapsed_s", 0.0)),
-            "cpu_s": float(ts.get("cpu_s", 0.0)),
-        }
-        return latest
+        candidates = [uri for _, uri in reversed(ckpt.committed_steps(self.out))]
+        for uri in candidates:
+            err = None
+            try:
+                st, same_layout, same_data, target = self._read_checkpoint(uri)
+            except ckpt.DamagedCheckpoint as e:
+                err = e
+            if self.any_rank(err is not None):  # a collective: every rank skips it, or none does
+                if self.rank == 0:
+                    why = str(err) if err else "damaged on another rank"
+                    print(f"bolmo_core.train: warning: skipping checkpoint {uri}: {why}", file=sys.stderr)
+                continue
+            self._load_weights_and_optimizer(uri, st, target)
+            self.scheduler.load_state_dict(st["scheduler"])
+            if same_layout:
+                ckpt.restore_rng(st["rank"]["rng"])
+                self.loader.load_state_dict(st["rank"]["loader"])
+            elif same_data:
+                self.loader.load_state_dict(
+                    _regrid_loader(st["rank"]["loader"], self.world, self.loader.kind)
+                )
+            ts = st["trainer_state"]
+            self.step = int(ts["step"])
+            self.spent_before = {
+                "elapsed_s": float(ts.get("elapsed_s", 0.0)),
+                "cpu_s": float(ts.get("cpu_s", 0.0)),
+            }
+            return uri
+        if candidates:
+            raise TrainError(
+                f"{self.out}: every committed checkpoint is damaged (newest {candidates[0]}); "
+                "delete them to start the stage over"
+            )
+        return None
+
+    def _read_checkpoint(self, uri: str) -> tuple[dict, bool, bool, dict | None]:
+        """Everything this rank needs from checkpoint `uri`, read before anything is changed.
+
+        A DCP checkpoint is read into the model's own (sharded) state: a damaged one leaves
+        it half-loaded, which the next candidate overwrites completely.
+        """
+        saved = ckpt.read_config(uri)
+        self._diffs = ckpt.check_compatible(saved, self.identity, uri, self.cfg.allow_mismatch)
+        same_data = saved.get("manifest_hash") == self.identity["manifest_hash"]
+        same_layout = saved.get("world_size") == self.world and same_data
+        fmt = ckpt.checkpoint_format(uri)
+        target = sharded_state(self.model, self.optimizer) if fmt == ckpt.FORMAT_DCP else None
+        st = ckpt.load_checkpoint(uri, self.rank if same_layout else 0 if same_data else None, target)
+        return st, same_layout, same_data, target
+
+    def _load_weights_and_optimizer(self, uri: str, st: dict, target: dict | None) -> None:
+        if target is not None:
+            load_sharded_state(self.model, self.optimizer, target)
+        elif self.sharded:  # optimizer.pt is keyed by parameter index, the sharded optimizer by name
+            raise ckpt.CheckpointError(
+                f"{uri}: written by an unsharded (DDP or single-process) run; a sharded run cannot "
+                "resume its optimizer state: resume it with sharding=ddp, or start a new output folder"
+            )
+        else:
+            _load_full_states(self.accelerator, self.objective, self.optimizer, st["model"], st["optimizer"])
+
+
+def _regrid_loader(state: dict, world: int, kind: str) -> dict:
+    """A loader position saved at another world size, for `world` ranks of a `kind` loader.
+
+    At a step boundary every rank has taken the same number of micro-batches, so the global
+    count is batch x saved world; it divides by any world size the global batch allows. The
+    in-memory loader deals global micro-batch k to rank k mod world: the same windows follow.
+    The streaming loader deals shards to ranks, so another world size reads other windows:
+    the same number of windows into the same epoch, not the same windows.
+    """
+    global_batches = int(state["batch"]) * int(state["world_size"])
+    return {**state, "batch": global_batches // world, "world_size": world, "rank": None, "loader": kind}
 
 
 def _autocast(precision: str, device):
@@ -563,7 +755,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     from .data import DataError
-    from .source import SourceError
+    from .load import LoadError
+    from .source import SourceError, quiet_progress_bars
+
+    quiet_progress_bars()
 
     try:
         summary = train(config_from_args(args))
@@ -573,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         EvalError,
         ckpt.CheckpointError,
         DataError,
+        LoadError,  # Stage 2's init_from: weights of another model shape
         SourceError,
         storage.StorageError,
     ) as e:

@@ -24,7 +24,7 @@ mkdir -p "$VAR/logs" "$VAR/pids" "$VAR/prefect" "$VAR/mlflow"
 # Everything the servers, the worker and the flow runs it starts share.
 export PREFECT_HOME="$VAR/prefect"
 export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false          # no internet: telemetry would kill --background (P2)
+export PREFECT_SERVER_ANALYTICS_ENABLED=false          # no internet: its telemetry call kills --background
 export PREFECT_LOCAL_STORAGE_PATH="$VAR/prefect/results"
 export PREFECT_RESULTS_PERSIST_BY_DEFAULT=true
 export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-2}"
@@ -84,7 +84,7 @@ up() {
   "$BIN/prefect" work-pool inspect byteify-gpu >/dev/null 2>&1 || "$BIN/prefect" work-pool create byteify-gpu --type process >/dev/null
   (cd "$ROOT" && "$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml >"$VAR/logs/deploy.log" 2>&1) \
     || { echo "deploy failed; see $VAR/logs/deploy.log" >&2; tail -20 "$VAR/logs/deploy.log" >&2; exit 1; }
-  echo "deployments: $(grep -o "byteify/[a-z0-9.-]*" "$VAR/logs/deploy.log" | sort -u | tr '\n' ' ')"
+  echo "deployments: $(grep -oE "byteify(-[a-z]+)?/[a-z0-9.-]*" "$VAR/logs/deploy.log" | sort -u | tr '\n' ' ')"
   start worker "" "$BIN/prefect" worker start --pool "$POOL" --type process
   echo
   echo "Prefect UI: http://127.0.0.1:$PREFECT_PORT    MLflow UI: http://127.0.0.1:$MLFLOW_PORT"

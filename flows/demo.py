@@ -22,7 +22,7 @@ def _embedded_env() -> None:
     """Settings for the embedded run; set before Prefect is imported so they take effect."""
     defaults = {
         "PREFECT_HOME": str(VAR / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no internet (stack.md P2)
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # its telemetry call hangs without internet
         "PREFECT_LOCAL_STORAGE_PATH": str(VAR / "prefect" / "results"),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # a busy 2-core box needs more than 20 s
@@ -66,32 +66,28 @@ def main(argv: list[str] | None = None) -> int:
         tracking=Tracking(experiment="byteify-demo", model_name=f"byteify-{args.preset}"),
     )
     wall = time.time() - t0
-    summary = {
-        "model_name": out["model_name"],
-        "version": out["version"],
-        "model_uri": out["model_uri"],
-        "alias_uri": out["alias_uri"],
-        "export_folder": out["export_uri"],
-        "metrics": out["metrics"],
-        "tracking_uri": out["tracking_uri"],
-        "mlflow_run_id": out["mlflow_run_id"],
-        "stage1_checkpoint": out["stage1_checkpoint"],
-        "stage2_checkpoint": out["stage2_checkpoint"],
-        "manifest_uri": out["manifest_uri"],
-        "report_uri": out["report_uri"],
-        "flow_run_id": out["flow_run_id"],
-        "wall_seconds": round(wall, 1),
-    }
     path = Path(args.summary)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    path.write_text(json.dumps(_summary(out, wall), indent=1, sort_keys=True) + "\n")
+    _print_result(out, wall, path)
+    return 0
 
+
+def _summary(out: dict, wall: float) -> dict:
+    """The demo's JSON summary: where the model, its data and its tracking ended up."""
+    keys = ["model_name", "version", "model_uri", "alias_uri", "metrics", "tracking_uri", "mlflow_run_id"]
+    keys += ["stage1_checkpoint", "stage2_checkpoint", "manifest_uri", "report_uri", "flow_run_id"]
+    return {**{k: out[k] for k in keys}, "export_folder": out["export_uri"], "wall_seconds": round(wall, 1)}
+
+
+def _print_result(out: dict, wall: float, summary_path: Path) -> None:
+    """The evaluation table, the registered model and how to open both UIs on it."""
     db = os.environ["MLFLOW_TRACKING_URI"]
     print(f"\n== byteify demo finished in {wall:.0f} s ==\n")
     print(out["evaluation_table"])
     print(f"\nRegistered model: {out['model_uri']}  (alias: {out['alias_uri']})")
     print(f"Exported HF folder: {out['export_uri']}")
-    print(f"Summary JSON: {path}")
+    print(f"Summary JSON: {summary_path}")
     print("\nOpen the UIs (each in its own terminal, from this folder):")
     print(
         f"  Prefect: PREFECT_HOME={os.environ['PREFECT_HOME']} PREFECT_SERVER_ANALYTICS_ENABLED=false "
@@ -103,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         f"\nLoad it: mlflow.pyfunc.load_model('{out['alias_uri']}').predict(['Hello'])  "
         f"(with MLFLOW_TRACKING_URI={db})"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A count model (majority vote per context, backing off from 12 to 1 left bytes) is fit on a
 prepared dataset's train split and scored on its validation split, for lookaheads of 1-3
-bytes. It is a floor on what the boundary predictor (spec §4.1: full left context, ONE byte
+bytes. It is a floor on what the boundary predictor (docs/architecture.md §4.1: full left context, ONE byte
 ahead) could reach, and shows how much the lookahead limits it.
 
     .venv/bin/python scripts/boundary_ceiling.py var/fid/data/manifest.json

@@ -3,7 +3,7 @@
 # time (scripts/arms13.py eval skips those already scored). Finals first (the table's rows),
 # then the intermediate checkpoints. Stops when every arm's Stage 2 is final and all are scored.
 # Several can run at once: each claims a checkpoint with an atomic mkdir under <root>/eval/.
-#   scripts/score13.sh [ROOT]
+#   scripts/score13.sh [ROOT]            (FINALS_ONLY=1: only stage finals)
 set -uo pipefail
 ROOT=${1:-var/x13}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -15,7 +15,9 @@ scored() { local c=$1 arm stage step; arm=$(basename "$(dirname "$(dirname "$c")
 claim() { mkdir -p "$ROOT/eval"; mkdir "$ROOT/eval/.claim-$name" 2>/dev/null; }
 while :; do
   todo=()
-  for c in "$ROOT"/*/stage2/final "$ROOT"/*/stage1/final "$ROOT"/e/stage*/step-* "$ROOT"/*/stage*/step-*; do
+  cands=("$ROOT"/*/stage2/final "$ROOT"/*/stage1/final)
+  [ -n "${FINALS_ONLY:-}" ] || cands+=("$ROOT"/e/stage*/step-* "$ROOT"/*/stage*/step-*)
+  for c in "${cands[@]}"; do
     [ -e "$c/trainer_state.json" ] && ! scored "$c" && claim && { todo+=("$c"); break; }
   done
   if [ ${#todo[@]} -eq 0 ]; then

@@ -108,7 +108,10 @@ def manifest_summary(manifest_uri: str) -> str:
     """Markdown summary of the data manifest: sources, tokenizer, splits and shards."""
     m = storage.read_json(manifest_uri)
     lines = [f"# Data manifest\n\n`{manifest_uri}`\n", f"- manifest hash: `{m.get('manifest_hash', '')}`"]
-    shown = {"sources": (m.get("inputs") or {}).get("sources"), **{k: m.get(k) for k in ("budget", "tokenizer", "code_version")}}
+    shown = {
+        "sources": (m.get("inputs") or {}).get("sources"),
+        **{k: m.get(k) for k in ("budget", "tokenizer", "code_version")},
+    }
     for key, v in shown.items():
         if v is not None:
             lines.append(f"- {key}: `{v if isinstance(v, str) else json.dumps(v, sort_keys=True)[:300]}`")

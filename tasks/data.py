@@ -57,7 +57,7 @@ def _tokenizer(src: SourceConfig):
 def token_budget(
     preset: dict[str, Any], max_tokens: int | None = None, validation_bytes: int = 0
 ) -> dict[str, int]:
-    """The budget the stages of a resolved preset (``plan.resolve(...)["preset"]``) consume, as plain data."""
+    """The budget the stages of a resolved preset (``Preset.to_dict()``) consume, as plain data."""
     return dataclasses.asdict(
         D.TokenBudget.for_preset(Preset.from_dict(preset), max_tokens, validation_bytes)
     )

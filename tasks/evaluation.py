@@ -111,14 +111,17 @@ def run_evaluation(
         }
     )
     phase("predicted patches of a few held-out texts")
-    samples = boundary_samples(byte_model, tok, docs)
+    _write_report(out_uri, report, boundary_samples(byte_model, tok, docs))
+    return report
+
+
+def _write_report(out_uri: str, report: dict, samples: list) -> None:
+    """Samples first, then the report (strict JSON): the report is this folder's commit marker."""
     storage.write_json_atomic(storage.join(out_uri, SAMPLES), samples)
-    # The report is written last: it is this folder's commit marker.
     storage.write_bytes_atomic(
         storage.join(out_uri, REPORT),
         json.dumps(_finite(report), indent=1, sort_keys=True, default=str).encode(),
     )
-    return report
 
 
 def _finite(x):

@@ -112,7 +112,7 @@ def launch_command(config_file: str, processes: int, accelerate_config: str | No
             config_file,
         ]
     if processes > 1:
-        # `--cpu --num_processes N` silently runs one process (stack.md §5): --multi_gpu is
+        # `--cpu --num_processes N` silently runs one process (accelerate 1.x): --multi_gpu is
         # what gives N ranks, with gloo on a CPU-only machine.
         cmd += ["--multi_gpu", "--num_processes", str(processes)]
     else:
@@ -200,6 +200,18 @@ def _write_curve(out_uri: str, curve: list[dict]) -> None:
     storage.write_bytes_atomic(storage.join(out_uri, CURVE_FILE), ("\n".join(lines) + "\n").encode())
 
 
+def stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """End a still-running process started with start_new_session and everything it started:
+    SIGTERM to its group, SIGKILL after `grace_s` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def run_trainer(
     config: dict, processes: int, accelerate_config: str | None, mlflow_env: dict[str, str], on_event, logger
 ) -> None:
@@ -231,12 +243,7 @@ def run_trainer(
                     tail.append(line)
             rc = proc.wait()
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc, grace_s=15)
         if rc == 0:
             return
         refused = [ln for ln in tail if ERROR_PREFIX in ln]
@@ -292,22 +299,7 @@ def train_stage(
     mlflow_env: dict[str, str] = {}
     run_id = None
     if tracking_uri and parent_run_id:
-        stage_cfg = preset[f"stage{stage}"]
-        run_id = tracking.start_stage_run(
-            tracking_uri,
-            parent_run_id,
-            f"stage{stage}",
-            {
-                "stage": stage,
-                "out_uri": out_uri,
-                "manifest_hash": manifest_hash,
-                "init_hash": init_hash or "",
-                "processes": processes,
-                "deterministic": deterministic,
-                "max_minutes": max_minutes or "",
-                **{f"stage{stage}.{k}": v for k, v in tracking.flatten(stage_cfg).items()},
-            },
-        )
+        run_id = _start_stage_run(tracking_uri, parent_run_id, config, manifest_hash, init_hash, processes)
         mlflow_env = {TRACKING_URI_ENV: tracking_uri, RUN_ID_ENV: run_id}
         config["callbacks"] = [MLFLOW_CALLBACK]
     curve = read_curve(storage.join(out_uri, CURVE_FILE))
@@ -334,6 +326,35 @@ def train_stage(
         tracking.end_run(tracking_uri, run_id, "FINISHED")
     logger.info(f"stage {stage}: {final} (sha256 {digest[:12]})")
     return final, digest
+
+
+def _start_stage_run(
+    tracking_uri: str,
+    parent_run_id: str,
+    config: dict,
+    manifest_hash: str,
+    init_hash: str | None,
+    processes: int,
+) -> str:
+    """The stage's MLflow run, nested under the flow's, with the stage's inputs and config as params."""
+    stage = config["stage"]
+    return tracking.start_stage_run(
+        tracking_uri,
+        parent_run_id,
+        f"stage{stage}",
+        {
+            "stage": stage,
+            "out_uri": config["out_uri"],
+            "manifest_hash": manifest_hash,
+            "init_hash": init_hash or "",
+            "processes": processes,
+            "deterministic": config["deterministic"],
+            "max_minutes": config["max_minutes"] or "",
+            **{
+                f"stage{stage}.{k}": v for k, v in tracking.flatten(config["preset"][f"stage{stage}"]).items()
+            },
+        },
+    )
 
 
 def _end_quietly(tracking_uri: str, run_id: str, status: str, logger) -> None:

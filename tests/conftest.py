@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # ---------------------------------------------------------------- shared servers (issue 3)
 
+import contextlib  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -92,3 +93,20 @@ def prefect_api():
     # 120 s, not 60: on the shared 2-core box (load ~10) the temporary server can take over a minute.
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@contextlib.contextmanager
+def flow_run_env(tmp: Path, s3_url: str):
+    """What a test that runs the byteify flow sets: Prefect results persisted under `tmp`, MLflow
+    artifacts on the S3 server too (direct mode); yields {"tmp", "tracking_uri"} (SQLite under `tmp`)."""
+    from prefect.settings import (
+        PREFECT_LOCAL_STORAGE_PATH,
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
+        temporary_settings,
+    )
+
+    settings = {PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"), PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_S3_ENDPOINT_URL", s3_url)
+        with temporary_settings(settings):
+            yield {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}

@@ -1,4 +1,4 @@
-"""benchmarks/gpu.py runs on the CPU (tiny preset) and prints one sane JSON line (issue 7)."""
+"""benchmarks/gpu.py runs on the CPU (tiny preset) and prints one sane JSON line (issues 7, 12)."""
 
 import json
 import os
@@ -47,3 +47,7 @@ def test_gpu_bench_cpu_tiny():
     assert out["gen_bytes_per_s_b1"] > 0 and out["gen_bytes_per_s_b8"] > 0
     assert out["peak_flops"] > 0 and "measured" in out["peak_source"]
     assert "6*N_g*P" in out["flop_model"]
+    f = out["fsdp_dcp"]  # the FSDP2 + sharded-checkpoint path, one process (gloo here, NCCL on a GPU)
+    assert f["steps"] == 1 and f["step_s"] > 0 and 0 < f["loss"] < 20
+    assert f["dcp_round_trip_exact"] and f["dcp_bytes"] > 0 and f["dcp_save_s"] > 0 and f["dcp_load_s"] > 0
+    assert f["dcp_consolidated_tensors"] > 50 and f["plan_step_mem_bytes"] > 0

@@ -23,50 +23,38 @@ MIRRORED = (
 )
 
 
+# Bolmo's own fields, named as in the preset (bolmo_core.config), with their defaults.
+DEFAULTS = {
+    "d_local": None,
+    "n_heads": 4,
+    "ffn_hidden": 352,
+    "n_encoder_layers": 1,
+    "n_decoder_layers": 4,
+    "qk_dim_factor": 0.5,
+    "gate_soft_cap": 15.0,
+    "block_norm_eps": 1e-6,
+    "norm_eps": 1e-5,
+    "boundary_lookahead": 1,
+    "boundary_threshold": 0.5,
+    "boundary_context": 0,
+    "retained_vocab_size": 0,
+    "retained_entries": 0,
+    "retained_bytes": 0,
+    "retained_sep_id": 0,
+    "retained_pad_id": 0,
+    "retained_fallback_id": 0,
+    "vocab_size": 520,
+    "byte_vocab_size": 260,
+}
+
+
 class BolmoConfig(PretrainedConfig):
     model_type = "bolmo"
 
-    def __init__(
-        self,
-        global_config=None,
-        d_local=None,
-        n_heads=4,
-        ffn_hidden=352,
-        n_encoder_layers=1,
-        n_decoder_layers=4,
-        qk_dim_factor=0.5,
-        gate_soft_cap=15.0,
-        block_norm_eps=1e-6,
-        norm_eps=1e-5,
-        boundary_lookahead=1,
-        boundary_threshold=0.5,
-        boundary_context=0,
-        retained_vocab_size=0,
-        retained_entries=0,
-        retained_bytes=0,
-        retained_sep_id=0,
-        retained_pad_id=0,
-        retained_fallback_id=0,
-        vocab_size=520,
-        byte_vocab_size=260,
-        **kwargs,
-    ):
+    def __init__(self, global_config=None, **kwargs):
         self.global_config = dict(global_config or {})
-        self.d_local = d_local
-        self.n_heads, self.ffn_hidden = n_heads, ffn_hidden
-        self.n_encoder_layers, self.n_decoder_layers = n_encoder_layers, n_decoder_layers
-        self.qk_dim_factor, self.gate_soft_cap = qk_dim_factor, gate_soft_cap
-        self.block_norm_eps, self.norm_eps = block_norm_eps, norm_eps
-        self.boundary_lookahead, self.boundary_threshold = boundary_lookahead, boundary_threshold
-        self.boundary_context = boundary_context
-        self.retained_vocab_size, self.retained_entries, self.retained_bytes = (
-            retained_vocab_size,
-            retained_entries,
-            retained_bytes,
-        )
-        self.retained_sep_id, self.retained_pad_id = retained_sep_id, retained_pad_id
-        self.retained_fallback_id = retained_fallback_id
-        self.vocab_size, self.byte_vocab_size = vocab_size, byte_vocab_size
+        for key, default in DEFAULTS.items():
+            setattr(self, key, kwargs.pop(key, default))
         for key in MIRRORED:
             if key in self.global_config and key not in kwargs:
                 kwargs[key] = self.global_config[key]

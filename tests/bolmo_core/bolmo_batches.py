@@ -1,10 +1,11 @@
-"""Test helper: training batches (docs/internals.md format) built directly from real text."""
+"""Test helper: training batches (docs/internals.md format) built directly from real text, and the
+byte-level targets of docs/architecture.md §8 computed the slow, obvious way."""
 
-import numpy as np
 import torch
 
-from bolmo_core.byte_tokenizer import BOS, OFFSET, PAD
-from bolmo_core.subword import RetainedIndex
+from bolmo_core.byte_tokenizer import BOS, OFFSET
+from bolmo_core.loader import empty_arrays, finish_batch
+from bolmo_core.subword import RetainedIndex, SubwordVocab
 
 
 def text_batch(tok, vocab, docs: list[list[str]], P: int, expansion: int = 6) -> dict:
@@ -20,11 +21,7 @@ def text_batch(tok, vocab, docs: list[list[str]], P: int, expansion: int = 6) ->
             ids.extend(tok.encode(text, add_special_tokens=False))
         assert len(ids) >= P, "test text too short for the window"
         rows.append(ids[:P])
-    B = len(rows)
-    input_ids = np.full((B, L), PAD, np.int64)
-    patch_lens = np.zeros((B, P), np.int64)
-    teacher = np.full((B, P), sep, np.int64)
-    nxt = np.zeros(B, np.int64)
+    input_ids, patch_lens, teacher, nxt = empty_arrays(len(rows), P, L, sep)
     for r, toks in enumerate(rows):
         pieces = [[BOS]] + [
             [BOS] if t == sep else [b + OFFSET for b in vocab.token_bytes[t]] for t in toks[:-1]
@@ -35,19 +32,20 @@ def text_batch(tok, vocab, docs: list[list[str]], P: int, expansion: int = 6) ->
         patch_lens[r] = lens
         teacher[r, 1:] = toks[:-1]
         nxt[r] = toks[-1]
-    patch_mask = np.cumsum(patch_lens, 1) <= L
-    patch_lens[~patch_mask] = 0
-    byte_mask = input_ids != PAD
-    expanded = RetainedIndex(vocab).expand(input_ids)
-    expanded[input_ids == BOS] = sep
-    expanded[~byte_mask] = vocab.pad_id
-    t = torch.from_numpy
-    return {
-        "input_ids": t(input_ids),
-        "expanded_ids": t(np.asarray(expanded, np.int64)),
-        "patch_lens": t(patch_lens),
-        "teacher_ids": t(teacher),
-        "teacher_next": t(nxt),
-        "byte_mask": t(byte_mask),
-        "patch_mask": t(patch_mask),
-    }
+    return finish_batch(input_ids, patch_lens, teacher, nxt, RetainedIndex(vocab), sep, vocab.pad_id)
+
+
+def brute_targets(vocab: SubwordVocab, p: torch.Tensor, token: int, j: int) -> tuple[torch.Tensor, float]:
+    """(target (520,) float64, Z_j) of byte j of `token` by enumerating the vocabulary (rules:
+    byte_targets.py); p (V,) float64 probabilities of the next token."""
+    u = vocab.token_bytes[token][:j]
+    q = torch.zeros(520, dtype=torch.float64)
+    for i, b in enumerate(vocab.token_bytes[: vocab.vocab_size]):
+        if i in vocab.special_ids:
+            if i == vocab.doc_separator_id and j == 0:
+                q[1 + 260] += p[i]
+            continue
+        if len(b) > j and b.startswith(u):
+            q[b[j] + OFFSET + (260 if len(b) == j + 1 else 0)] += p[i]
+    z = float(q.sum())
+    return q / z, z

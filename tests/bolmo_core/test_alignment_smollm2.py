@@ -1,4 +1,4 @@
-"""Alignment check (spec Appendix A check 4) on SmolLM2-135M-Instruct, real weights (Llama layout, tied head)."""
+"""Alignment check (docs/architecture.md Appendix A check 4) on SmolLM2-135M-Instruct, real weights (Llama layout, tied head)."""
 
 from test_global_model import check_alignment
 

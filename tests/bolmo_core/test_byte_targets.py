@@ -9,27 +9,12 @@ import math
 
 import pytest
 import torch
-from bolmo_batches import text_batch
+from bolmo_batches import brute_targets, text_batch
 
 from bolmo_core import byte_targets as BT
 from bolmo_core.byte_tokenizer import OFFSET
 from bolmo_core.source import SourceConfig, load_source_model, load_tokenizer, tiny_corpus
 from bolmo_core.subword import SubwordVocab
-
-
-def _brute(vocab: SubwordVocab, p: torch.Tensor, token: int, j: int) -> tuple[torch.Tensor, float]:
-    """(target (520,) float64, Z_j) by enumerating the vocabulary; p (V,) float64 probabilities."""
-    u = vocab.token_bytes[token][:j]
-    q = torch.zeros(520, dtype=torch.float64)
-    for i, b in enumerate(vocab.token_bytes[: vocab.vocab_size]):
-        if i in vocab.special_ids:
-            if i == vocab.doc_separator_id and j == 0:
-                q[1 + 260] += p[i]
-            continue
-        if len(b) > j and b.startswith(u):
-            q[b[j] + OFFSET + (260 if len(b) == j + 1 else 0)] += p[i]
-    z = float(q.sum())
-    return q / z, z
 
 
 def _check(vocab, table, logits, tokens, n_check=None):
@@ -51,7 +36,7 @@ def _check(vocab, table, logits, tokens, n_check=None):
     worst = 0.0
     for i in map(int, picks):
         r, j = want_rows[i]
-        q, z = _brute(vocab, p[r], int(tokens[r]), j)
+        q, z = brute_targets(vocab, p[r], int(tokens[r]), j)
         worst = max(worst, float((out.probs[i].double() - q).abs().max()))
         assert float(out.mass[i]) == pytest.approx(z, rel=1e-5)
         assert float(out.probs[i].sum()) == pytest.approx(1.0, abs=1e-5)

@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from model_helpers import save_parts
 from train_helpers import OVERRIDES, make_manifest
 
 from bolmo_core import checkpoint as ckpt
@@ -44,20 +45,23 @@ def _trained(setup, steps=2):
     return model, opt, sched, loader
 
 
-def _save(out, name, model, opt, sched, loader, config=None, keep_last=2):
-    return ckpt.save_checkpoint(
-        str(out),
+def _save(out, name, model, opt, sched, loader, config=None, keep_last=2, sharded=False):
+    """A checkpoint from this one process; `sharded`: the DCP format (the multi-rank path: tests/test_rehearsal.py)."""
+    if sharded:
+        from bolmo_core.train import sharded_state
+
+        weights = {"sharded_state": sharded_state(model, opt)}
+    else:
+        weights = {"model_state": model.state_dict(), "optimizer_state": opt.state_dict()}
+    return save_parts(
+        out,
         name,
-        rank=0,
-        world_size=1,
-        barrier=lambda: None,
+        config or {"stage": 1},
         rank_state={"rng": ckpt.capture_rng(), "loader": loader.state_dict()},
-        model_state=model.state_dict(),
-        optimizer_state=opt.state_dict(),
         scheduler_state=sched.state_dict(),
         trainer_state={"step": 2},
-        config=config or {"stage": 1},
         keep_last=keep_last,
+        **weights,
     )
 
 
@@ -176,6 +180,29 @@ def test_config_mismatch_names_field_and_ignores_logging_fields():
     assert ckpt.check_compatible(_ident(a), _ident(a.with_overrides({"stage2.steps": 9})), "c") == []
 
 
+def test_checkpoint_from_before_a_new_config_field_still_resumes():
+    """A preset saved before a field existed compares equal to today's preset with its default."""
+    a = get_preset("tiny", OVERRIDES)
+    old = _ident(a)
+    del old["preset"]["model"]["boundary_context"]  # a field added after this checkpoint was written
+    del old["preset"]["stage1"]["losses"]["byte_kl"]
+    del old["preset"]["data"]["loader"]
+    assert ckpt.check_compatible(old, _ident(a), "c") == []
+    # a value that differs from the new field's default is still a mismatch
+    b = a.with_overrides({"model.boundary_context": 2})
+    with pytest.raises(
+        ckpt.CheckpointMismatch, match=r"config model\.boundary_context: 0 in the checkpoint, 2"
+    ):
+        ckpt.check_compatible(old, _ident(b), "c")
+    # a saved preset that breaks today's rules is one line naming the checkpoint, not a traceback
+    bad = _ident(a)
+    bad["preset"]["stage1"]["steps"] = "abc"
+    with pytest.raises(
+        ckpt.CheckpointMismatch, match=r"checkpoint c: its saved preset no longer loads \(stage1\.steps="
+    ):
+        ckpt.check_compatible(bad, _ident(a), "c")
+
+
 def test_s3_checkpoint(setup, s3_server, tmp_path):
     from conftest import S3_BUCKET
 
@@ -192,3 +219,100 @@ def test_s3_checkpoint(setup, s3_server, tmp_path):
     assert "model.safetensors" in commit["files"] and "rank-00000.pt" in commit["files"]
     assert ckpt.clean_uncommitted(out) == ["step-000004"]
     assert [name for name in storage.listdir(out)] == ["step-000002"]
+
+
+# ---------------------------------------------------------------- sharded (DCP) checkpoints
+
+
+def test_dcp_round_trip_and_consolidation(setup, tmp_path):
+    from bolmo_core.train import load_sharded_state, sharded_state
+
+    model, opt, sched, loader = _trained(setup)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader, sharded=True)
+    commit = ckpt.read_commit(uri)
+    assert (
+        commit["format"] == "dcp" and "dcp" in commit["files"] and "model.safetensors" not in commit["files"]
+    )
+    assert list(commit["sha256"]) == ["dcp/__0_0.distcp"]
+    assert commit["sha256"]["dcp/__0_0.distcp"] == storage.sha256_uri(f"{uri}/dcp/__0_0.distcp")
+    assert ckpt.checkpoint_hash(uri) == storage.sha256_bytes(
+        json.dumps(commit["sha256"], sort_keys=True).encode()
+    )
+
+    # one function gives every weight, in one process (evaluation and export go through it)
+    full = ckpt.load_model_state(uri)
+    assert full.keys() == model.state_dict().keys()
+    assert all(torch.equal(full[k], v) for k, v in model.state_dict().items())
+
+    # the resume path: into a fresh model and optimizer, by parameter name
+    manifest, preset, vocab = setup
+    fresh = BolmoModel.from_source(preset.model, vocab=vocab, init=False)
+    opt2 = build_optimizer(fresh, preset.stage1)
+    target = sharded_state(fresh, opt2)
+    st = ckpt.load_checkpoint(uri, 0, target)
+    load_sharded_state(fresh, opt2, target)
+    assert st["model"] is None and st["format"] == "dcp" and st["trainer_state"] == {"step": 2}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    for s1, s2 in zip(opt.state.values(), opt2.state.values()):
+        assert all(torch.equal(s1[k], s2[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    with pytest.raises(ckpt.CheckpointError, match="needs target state"):
+        ckpt.load_checkpoint(uri, 0)
+
+
+@pytest.mark.parametrize("file", ["__0_0.distcp", ".metadata"])
+def test_damaged_dcp_checkpoint_is_damaged_for_the_resume_fallback(setup, tmp_path, file):
+    """What Trainer.resume skips to the previous committed checkpoint: DamagedCheckpoint, one line."""
+    from bolmo_core.train import sharded_state
+
+    model, opt, sched, loader = _trained(setup)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader, sharded=True)
+    f = tmp_path / "step-000002" / "dcp" / file
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ckpt.DamagedCheckpoint) as e:
+        ckpt.load_checkpoint(uri, 0, sharded_state(model, opt))
+    assert str(tmp_path / "step-000002") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_dcp_metadata_never_unpickles_foreign_objects(setup, tmp_path):
+    import os
+    import pickle
+
+    model, opt, sched, loader = _trained(setup, steps=1)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader, sharded=True)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "step-000002" / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_model_state(uri)
+    assert "not DCP metadata" in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_dcp_keep_last_prunes_after_commit(setup, tmp_path):
+    model, opt, sched, loader = _trained(setup, steps=1)
+    for s in (2, 4, 6):
+        _save(tmp_path, ckpt.step_name(s), model, opt, sched, loader, keep_last=2, sharded=True)
+    assert [s for s, _ in ckpt.committed_steps(str(tmp_path))] == [4, 6]
+    # a DCP save that died before COMMIT: its shards are ignored, then cleaned
+    (tmp_path / "step-000008" / "dcp").mkdir(parents=True)
+    (tmp_path / "step-000008" / "dcp" / "__0_0.distcp").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(str(tmp_path)).endswith("step-000006")
+    assert ckpt.clean_uncommitted(str(tmp_path)) == ["step-000008"]
+
+
+def test_s3_dcp_checkpoint(setup, s3_server):
+    from conftest import S3_BUCKET
+
+    model, opt, sched, loader = _trained(setup, steps=1)
+    out = f"s3://{S3_BUCKET}/ckpt-test/dcp"
+    uri = _save(out, ckpt.step_name(2), model, opt, sched, loader, sharded=True)
+    assert sorted(storage.listdir(storage.join(uri, "dcp"))) == [".metadata", "__0_0.distcp"]
+    full = ckpt.load_model_state(uri)
+    assert all(torch.equal(full[k], v) for k, v in model.state_dict().items())
+    digest = storage.sha256_uri(f"{uri}/dcp/__0_0.distcp")  # hashed at save time by the writing rank
+    assert ckpt.read_commit(uri)["sha256"] == {"dcp/__0_0.distcp": digest}

@@ -115,3 +115,15 @@ def test_train_config():
     ):
         with pytest.raises(ConfigError, match=f"^{msg}"):
             TrainConfig.from_dict(d)
+
+
+def test_train_config_rejects_bad_fields():
+    preset = get_preset("tiny").to_dict()
+    with pytest.raises(ValueError, match="unknown field 'stages'"):
+        TrainConfig.from_dict(
+            {"preset": preset, "stages": 1, "stage": 1, "manifest_uri": "m", "out_uri": "o"}
+        )
+    with pytest.raises(ValueError, match="stage=3: must be one of 1, 2"):
+        TrainConfig.from_dict({"preset": preset, "stage": 3, "manifest_uri": "m", "out_uri": "o"})
+    with pytest.raises(ValueError, match="preset.name: missing"):
+        TrainConfig.from_dict({"preset": {}, "stage": 1, "manifest_uri": "m", "out_uri": "o"})

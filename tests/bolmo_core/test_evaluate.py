@@ -316,6 +316,7 @@ def test_boundary_samples_cut_the_text_both_ways(tiny):
 def test_split_metrics_of_a_checkpoint(tiny, manifest, tmp_path, capsys, batches):
     """`python -m bolmo_core.evaluate CKPT --manifest M [--batches N]`: a saved checkpoint on the first N
     validation micro-batches, or (slow: every window scored causally) on the whole split."""
+    from model_helpers import save_model
     from train_helpers import run_config
 
     from bolmo_core import checkpoint as ckpt
@@ -327,17 +328,10 @@ def test_split_metrics_of_a_checkpoint(tiny, manifest, tmp_path, capsys, batches
     preset = Preset.from_dict(run_config(manifest, "x", 1, {"data.validation_fraction": 0.3})["preset"])
     assert preset.model == get_preset("tiny").model
     vocab = get_vocab(tok)
-    uri = ckpt.save_checkpoint(
-        str(tmp / "s1"),
-        "final",
-        rank=0,
-        world_size=1,
-        barrier=lambda: None,
-        rank_state={"rng": ckpt.capture_rng()},
-        model_state=model.state_dict(),
-        trainer_state={"step": 0, "finished": True},
-        config={"preset": preset.to_dict(), "stage": 1},
-    )
+    uri = save_model(
+        tmp / "s1", "final", model, preset, 1,
+        rank_state={"rng": ckpt.capture_rng()}, trainer_state={"step": 0, "finished": True},
+    )  # fmt: skip
     E.main([uri, "--manifest", manifest] + (["--batches", str(batches)] if batches else []))
     m = json.loads(capsys.readouterr().out)
     loader = WindowLoader.from_config(

@@ -1,4 +1,4 @@
-"""HF export (spec §12) and its parity check, on the tiny preset and on real SmolLM2 blocks."""
+"""HF export (docs/architecture.md §12) and its parity check, on the tiny preset and on real SmolLM2 blocks."""
 
 import json
 import os
@@ -148,39 +148,6 @@ def test_smollm2_export_keeps_rope_theta_and_reloads_offline(tmp_path):
     assert got["rope_theta"] == 100000.0
     ours = generate_ids(m, ["The capital of France is"], max_new_bytes=8, stop_on_eos=False)
     assert got["new"] == [v % FUSED_OFFSET for v in ours.fused_ids[0]]
-
-
-def test_cli_export_then_generate(tiny_export, tmp_path, capsysbinary):
-    from bolmo_core import checkpoint
-    from bolmo_core.cli import main
-    from bolmo_core.generate import generate
-
-    m, _ = tiny_export
-    preset = get_preset("tiny")
-    uri = checkpoint.save_checkpoint(
-        str(tmp_path / "stage2"),
-        checkpoint.step_name(5),
-        rank=0,
-        world_size=1,
-        barrier=lambda: None,
-        rank_state={},
-        model_state=m.state_dict(),
-        optimizer_state={},
-        scheduler_state={},
-        trainer_state={"step": 5},
-        config={"preset": preset.to_dict(), "stage": 2},
-    )
-    out = tmp_path / "hf"
-    assert main(["export", uri, str(out)]) == 0
-    report = json.loads(capsysbinary.readouterr().out)
-    assert report["passed"] and report["max_abs_diff"] < 1e-4
-    assert main(["generate", str(out), "--prompt", "Hello", "--max-new-bytes", "12"]) == 0
-    # not a terminal: the exact bytes, even where they are not valid UTF-8
-    assert capsysbinary.readouterr().out == generate(m, ["Hello"], max_new_bytes=12)[0]
-    assert main(["export", uri, str(out)]) == 2  # refuses to overwrite a finished export
-    assert b"not empty" in capsysbinary.readouterr().err
-    assert main(["generate", str(out), "--prompt", "x", "--temperature", "-1"]) == 2
-    assert b"temperature" in capsysbinary.readouterr().err
 
 
 def test_sliding_window_export_generates_batched_like_bolmo_core(tmp_path):

@@ -1,4 +1,4 @@
-"""Global-model adapter: alignment with the source's own forward (spec Appendix A check 4), cache, counts."""
+"""Global-model adapter: alignment with the source's own forward (docs/architecture.md Appendix A check 4), cache, counts."""
 
 import pytest
 import torch
@@ -141,7 +141,7 @@ def test_split_source_rejects_unknown_layout():
 
 @pytest.mark.parametrize("preset,expected", [("olmo2-1b", 1.47e9), ("olmo3-7b", 7.63e9)])
 def test_parameter_counts(preset, expected):
-    """Released presets on the meta device from KNOWN_ARCHITECTURES (no hub): within 2 % of spec §6."""
+    """Released presets on the meta device from KNOWN_ARCHITECTURES (no hub): within 2 % of docs/architecture.md §6."""
     cfg = get_preset(preset).model
     with torch.device("meta"):
         lm = build_source_skeleton(cfg.source)

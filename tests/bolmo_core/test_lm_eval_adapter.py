@@ -40,12 +40,22 @@ def test_scores_are_consistent_and_match_the_evaluator(lm):
     )
     # Same forward over BOS + ctx + cont: log p(ctx) + log p(cont | ctx) = log p(ctx + cont).
     assert ll < 0 and r_ctx + ll == pytest.approx(r_all, rel=1e-5)
-    # The evaluator's bits for the same text (one window, BOS first) are the same number.
+    # The evaluator's bits for the same text (one window, BOS first) are the same number: causal
+    # boundaries by default (the headline), the predictor's look-ahead ones when asked.
     text = (ctx + cont).encode()
     stats = E.byte_model_stats(adapter.model, get_vocab(tok), E.make_windows(tok, [text], 1000))
-    assert -r_all / math.log(2) == pytest.approx(
-        stats["bits_lookahead"], rel=1e-5
-    )  # adapter: predictor boundaries
+    assert -r_all / math.log(2) == pytest.approx(stats["bits"], rel=1e-5)
+    ahead = ByteifyLM(
+        model=adapter.model, tokenizer=tok, max_length=adapter.max_length, boundaries="lookahead"
+    )
+    [r_ahead] = ahead.loglikelihood_rolling([_req("loglikelihood_rolling", (ctx + cont,))])
+    assert -r_ahead / math.log(2) == pytest.approx(stats["bits_lookahead"], rel=1e-5)
+
+
+def test_unknown_boundaries_are_refused(lm):
+    adapter, tok = lm
+    with pytest.raises(E.EvalError, match="boundaries='ahead'"):
+        ByteifyLM(model=adapter.model, tokenizer=tok, boundaries="ahead")
 
 
 def test_rolling_windows_cover_long_text(lm):

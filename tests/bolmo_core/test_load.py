@@ -1,8 +1,12 @@
 """Loading weights and byte models: one line naming the file when weights do not fit."""
 
+import copy
+
 import pytest
 import torch
+from model_helpers import save_model
 
+from bolmo_core.checkpoint import step_name
 from bolmo_core.config import get_preset
 from bolmo_core.load import LoadError, load_byte_model, load_weights
 from bolmo_core.model import BolmoModel
@@ -46,6 +50,21 @@ def test_missing_and_extra_tensors(models):
     with pytest.raises(LoadError, match="1 not in this model \\(e.g. 'ghost.weight'\\)"):
         load_weights(a, extra, "f")
     assert load_weights(a, extra, "f", may_add=True) == 1
+
+
+def test_byte_model_round_trip(models, tmp_path):
+    """A stage folder resolves to its newest committed checkpoint; the model and preset come back exactly."""
+    preset = get_preset("tiny")
+    model = copy.deepcopy(models[0]).eval()
+    with torch.no_grad():  # make the weights differ from a fresh init, so loading is observable
+        model.lm_head.out.weight.mul_(3.0)
+    save_model(tmp_path / "stage1", step_name(10), model, preset, 1, trainer_state={"step": 10})
+    loaded, p = load_byte_model(str(tmp_path / "stage1"))
+    assert p.to_dict() == preset.to_dict()
+    ids = torch.tensor([[1] + [b + 4 for b in b"Hello, world."]])
+    with torch.no_grad():
+        a, b = model(ids, ids * 0).logits, loaded(ids, ids * 0).logits
+    assert torch.equal(a, b)
 
 
 def test_not_a_model_folder(tmp_path):

@@ -115,21 +115,27 @@ def test_nul_bytes_are_data(manifest, vocab):
     assert (ids == OFFSET).any()  # byte 0x00 is id 4, never the pad id
 
 
-def test_resume_mid_epoch_and_across_epochs(manifest, vocab):
-    ld = WindowLoader(manifest, vocab, window_tokens=P, batch_size=2, seed=7)
-    assert len(ld) >= 3
+def _check_resume(ld, fresh, skip: int, n: int) -> dict:
+    """After `skip` batches of `ld`, `fresh` loaded with ld's state (through JSON, as a checkpoint
+    keeps it) gives ld's next `n` batches, which cross into epoch 1; returns the state."""
     it = iter(ld)
-    k = len(ld) - 1
-    for _ in range(k):
+    for _ in range(skip):
         next(it)
-    state = json.loads(json.dumps(ld.state_dict()))  # survives a JSON checkpoint
-    following = [next(it) for _ in range(4)]  # crosses into epoch 1
-    fresh = WindowLoader(manifest, vocab, window_tokens=P, batch_size=2, seed=7)
+    state = json.loads(json.dumps(ld.state_dict()))
+    following = [next(it) for _ in range(n)]
     fresh.load_state_dict(state)
-    again = [b for b, _ in zip(fresh, range(4))]
+    again = [b for b, _ in zip(fresh, range(n))]
     for a, b in zip(following, again):
-        assert all(torch.equal(a[key], b[key]) for key in a)
+        assert all(torch.equal(a[k], b[k]) for k in a)
     assert fresh.state_dict()["epoch"] == 1
+    return state
+
+
+def test_resume_mid_epoch_and_across_epochs(manifest, vocab):
+    make = lambda: WindowLoader(manifest, vocab, window_tokens=P, batch_size=2, seed=7)
+    ld = make()
+    assert len(ld) >= 3
+    state = _check_resume(ld, make(), len(ld) - 1, 4)
     with pytest.raises(D.DataError, match="seed/world_size 7/1, this loader 8/1"):
         WindowLoader(manifest, vocab, window_tokens=P, batch_size=2, seed=8).load_state_dict(state)
 
@@ -270,17 +276,7 @@ def test_streaming_ranks_read_only_their_own_shards(big_manifest, vocab, monkeyp
 def test_streaming_resume_mid_epoch_and_across_epochs(big_manifest, vocab):
     make = lambda: StreamingWindowLoader(big_manifest, vocab, P, 3, seed=7, shuffle_windows=5)
     ld = make()
-    it = iter(ld)
-    for _ in range(len(ld) - 2):
-        next(it)
-    state = json.loads(json.dumps(ld.state_dict()))
-    following = [next(it) for _ in range(5)]  # crosses into epoch 1
-    fresh = make()
-    fresh.load_state_dict(state)
-    again = [b for b, _ in zip(fresh, range(5))]
-    for a, b in zip(following, again):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert fresh.state_dict()["epoch"] == 1
+    state = _check_resume(ld, make(), len(ld) - 2, 5)
     with pytest.raises(D.DataError, match="loader state is from the streaming loader, this one is memory"):
         WindowLoader(big_manifest, vocab, P, 3, seed=7).load_state_dict(state)
 
@@ -397,8 +393,9 @@ def _train_events(proc, kill_after_checkpoint: bool) -> int | dict:
 def test_trainer_resume_on_the_streaming_loader_is_bit_exact(tmp_path, nproc):
     """Stage 1 on the streaming loader, SIGKILLed after a checkpoint and resumed, ends with the
     same weights as the same run straight through (1 process, and 2 ranks with torchrun)."""
+    from procs import launch
     from safetensors.torch import load_file
-    from train_helpers import launch, run_config, write_config
+    from train_helpers import run_config, write_config
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in tiny_corpus(60_000)))

@@ -1,4 +1,4 @@
-"""Local blocks (spec §3.3): full-sequence vs incremental (step) mode, state continuation, reset, gates."""
+"""Local blocks (docs/architecture.md §3.3): full-sequence vs incremental (step) mode, state continuation, reset, gates."""
 
 import pytest
 import torch

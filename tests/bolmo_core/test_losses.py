@@ -1,4 +1,4 @@
-"""Loss functions on hand-computed cases (spec §4.3, §7.2, §8.4)."""
+"""Loss functions on hand-computed cases (docs/architecture.md §4.3, §7.2, §8.4)."""
 
 import math
 

@@ -68,39 +68,16 @@ def test_fp32_internal_for_low_precision_inputs():
 def test_prefix_chunkwise_then_steps_equals_full(prefix):
     q, k, v, i, f = _inputs(L=40)
     full = mlstm_chunkwise(q, k, v, i, f, chunk_size=8)
-    h0, state = mlstm_chunkwise(
-        q[:, :, :prefix],
-        k[:, :, :prefix],
-        v[:, :, :prefix],
-        i[:, :, :prefix],
-        f[:, :, :prefix],
-        chunk_size=8,
-        return_last_state=True,
-    )
+    head = [x[:, :, :prefix] for x in (q, k, v, i, f)]
+    h0, state = mlstm_chunkwise(*head, chunk_size=8, return_last_state=True)
     hs = [h0]
     for t in range(prefix, 40):
         h, state = mlstm_step(q[:, :, t], k[:, :, t], v[:, :, t], i[:, :, t], f[:, :, t], state)
         hs.append(h.unsqueeze(2))
     _close(torch.cat(hs, 2), full, 1e-10)
     # and a chunkwise continuation from the state also matches
-    h1, state1 = mlstm_chunkwise(
-        q[:, :, :prefix],
-        k[:, :, :prefix],
-        v[:, :, :prefix],
-        i[:, :, :prefix],
-        f[:, :, :prefix],
-        chunk_size=8,
-        return_last_state=True,
-    )
-    h2 = mlstm_chunkwise(
-        q[:, :, prefix:],
-        k[:, :, prefix:],
-        v[:, :, prefix:],
-        i[:, :, prefix:],
-        f[:, :, prefix:],
-        chunk_size=8,
-        initial_state=state1,
-    )
+    h1, state1 = mlstm_chunkwise(*head, chunk_size=8, return_last_state=True)
+    h2 = mlstm_chunkwise(*(x[:, :, prefix:] for x in (q, k, v, i, f)), chunk_size=8, initial_state=state1)
     _close(torch.cat([h1, h2], 2), full, 1e-10)
 
 
@@ -181,7 +158,7 @@ def test_step_matches_mlstm_kernels_native_step():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
 def test_left_padding_reset_equals_row_alone(form, dtype):
-    """Reset (f = -1e5) at a row's first real position drops the pad state exactly (spec §3.3)."""
+    """Reset (f = -1e5) at a row's first real position drops the pad state exactly (docs/architecture.md §3.3)."""
     run = {
         "parallel": mlstm_parallel,
         "chunkwise": lambda *a: mlstm_chunkwise(*a, chunk_size=8),

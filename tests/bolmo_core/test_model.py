@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from bolmo_batches import text_batch
+from bolmo_batches import brute_targets, text_batch
 
 from bolmo_core.byte_tokenizer import FUSED_VOCAB
 from bolmo_core.config import get_preset
@@ -28,16 +28,23 @@ def setup():
     return preset, vocab, batch, model
 
 
+def _backward(model, batch, stage, losses=None) -> dict:
+    """The model set up for `stage` (a StageConfig), gradients cleared, one loss and its backward: its metrics."""
+    model.configure_stage(stage)
+    model.zero_grad(set_to_none=True)
+    loss_fn = model.stage1_loss if stage.stage == 1 else model.stage2_loss
+    loss, m = loss_fn(batch, losses or stage.losses)
+    loss.backward()
+    return m
+
+
 def _grads(module):
     return [p.grad for p in module.parameters()]
 
 
 def test_stage1_loss_and_gradient_flow(setup):
     preset, _, batch, model = setup
-    model.configure_stage(preset.stage1)
-    model.zero_grad(set_to_none=True)
-    loss, m = model.stage1_loss(batch, preset.stage1.losses)
-    loss.backward()
+    m = _backward(model, batch, preset.stage1)
     for key in (
         "loss_encoder",
         "loss_ce",
@@ -77,12 +84,9 @@ def test_stage1_loss_and_gradient_flow(setup):
 
 def test_stage1_encoder_loss_reaches_encoder_through_frozen_blocks(setup):
     preset, _, batch, model = setup
-    model.configure_stage(preset.stage1)
-    model.zero_grad(set_to_none=True)
     only_enc = copy.deepcopy(preset.stage1.losses)
     only_enc.ce = only_enc.distill = only_enc.boundary = 0.0
-    loss, _ = model.stage1_loss(batch, only_enc)
-    loss.backward()
+    _backward(model, batch, preset.stage1, only_enc)
     assert model.local_encoder.byte_embedding.weight.grad.abs().sum() > 0
     g = model.local_decoder.in_projection.weight.grad
     assert g is None or not g.any()  # the decoder is not on this path
@@ -90,10 +94,7 @@ def test_stage1_encoder_loss_reaches_encoder_through_frozen_blocks(setup):
 
 def test_stage2_gradient_reaches_global(setup):
     preset, _, batch, model = setup
-    model.configure_stage(preset.stage2)
-    model.zero_grad(set_to_none=True)
-    loss, m = model.stage2_loss(batch, preset.stage2.losses)
-    loss.backward()
+    m = _backward(model, batch, preset.stage2)
     assert set(m) >= {"loss_ce", "loss_boundary", "overflow_frac", "clipped_byte_frac", "bytes_per_patch"}
     assert all(g is not None for g in _grads(model.global_model))
     assert model.global_model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
@@ -222,7 +223,7 @@ def test_bad_batch_is_rejected(setup):
 
 
 def test_distillation_matches_explicit_loop(setup):
-    """The vectorised patch log-likelihoods + debiasing == a per-patch loop written from spec §8.4."""
+    """The vectorised patch log-likelihoods + debiasing == a per-patch loop written from docs/architecture.md §8.4."""
     import math
 
     from bolmo_core.losses import binarised_kl
@@ -279,20 +280,6 @@ def test_bf16_autocast_losses(setup):
 # ---------------------------------------------------------------- byte-level targets (issue 13)
 
 
-def _brute_targets(vocab, p, token, j):
-    """The target of byte j of `token` by enumerating the vocabulary (rules: byte_targets.py)."""
-    u = vocab.token_bytes[token][:j]
-    q = torch.zeros(FUSED_VOCAB, dtype=torch.float64)
-    for i, b in enumerate(vocab.token_bytes[: vocab.vocab_size]):
-        if i in vocab.special_ids:
-            if i == vocab.doc_separator_id and j == 0:
-                q[1 + 260] += p[i]
-            continue
-        if len(b) > j and b.startswith(u):
-            q[b[j] + 4 + (260 if len(b) == j + 1 else 0)] += p[i]
-    return q / q.sum()
-
-
 def _explicit_targets(model, vocab, batch):
     """{(row, byte position): brute-force target} from a loop over patches, written from the rules."""
     ids, pl, tids = batch["input_ids"], batch["patch_lens"], batch["teacher_ids"]
@@ -308,7 +295,7 @@ def _explicit_targets(model, vocab, batch):
                 continue
             assert vocab.token_bytes[tok] == bytes(int(x) - 4 for x in ids[r, ends[k] + 1 : ends[k] + 1 + n])
             for j in range(n):
-                out[(r, ends[k] + j)] = _brute_targets(vocab, p[r, k], tok, j)
+                out[(r, ends[k] + j)] = brute_targets(vocab, p[r, k], tok, j)[0]
     return out
 
 
@@ -318,10 +305,7 @@ def test_byte_kl_matches_explicit_loop_and_trains_the_student(setup):
     preset, vocab, batch, model = setup
     w = copy.deepcopy(preset.stage1.losses)
     w.byte_kl, w.distill, w.encoder = 1.0, 0.0, 0.0
-    model.configure_stage(preset.stage1)
-    model.zero_grad(set_to_none=True)
-    loss, m = model.stage1_loss(batch, w)
-    loss.backward()
+    m = _backward(model, batch, preset.stage1, w)
     targets = _explicit_targets(model, vocab, batch)
     with torch.no_grad():
         h, _, _ = model.encode(batch["input_ids"], batch["expanded_ids"])
@@ -395,7 +379,7 @@ def test_soft_boundary_target_mixes_the_teachers_end_mass(setup):
 
 
 def test_boundary_context_widens_without_lookahead(setup):
-    """boundary_context=c: starts as the spec's predictor, reads c previous bytes once trained, never byte t+2."""
+    """boundary_context=c: starts as docs/architecture.md's predictor, reads c previous bytes once trained, never byte t+2."""
     from bolmo_core.boundary_predictor import BoundaryPredictor
 
     torch.manual_seed(0)

@@ -158,7 +158,7 @@ def test_labels_hand_worked_multibyte(smol):
     ((ids, ends),) = label_documents(tok, [doc], vocab)
     assert ids.dtype == np.uint32 and ends.dtype == np.uint32
     assert ids.tolist() == tok(doc.decode(), add_special_tokens=False).input_ids
-    # H | é | llo | " w" | ör | ld | " " + 2 bytes of 👋 | 1 byte | 1 byte (stack.md)
+    # H | é | llo | " w" | ör | ld | " " + 2 bytes of 👋 | 1 byte | 1 byte (SmolLM2's byte-level BPE)
     assert ends.tolist() == [1, 3, 6, 8, 11, 13, 16, 17, 18]
 
 

@@ -2,15 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from bolmo_core.config import get_preset
 from bolmo_core.data import prepare_dataset
 from bolmo_core.source import SourceConfig, tiny_corpus
-
-REPO = Path(__file__).resolve().parents[2]
 
 # Tiny preset shrunk so a step takes well under a second: 16-token windows (96 byte slots).
 OVERRIDES = {
@@ -60,49 +56,3 @@ def run_config(manifest: str, out: str, stage: int = 1, overrides: dict | None =
 def write_config(path: Path, cfg: dict) -> str:
     path.write_text(json.dumps(cfg))
     return str(path)
-
-
-def launch(config_file: str, nproc: int = 1, launcher: str = "torchrun", **popen_kw) -> subprocess.Popen:
-    """Start the trainer as its own process group (so a kill takes every rank down, like a dead machine)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    bin_dir = Path(sys.executable).parent
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "bolmo_core.train", "--config", config_file]
-    elif launcher == "torchrun":
-        cmd = [
-            str(bin_dir / "torchrun"),
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            "-m",
-            "bolmo_core.train",
-            "--config",
-            config_file,
-        ]
-    else:
-        from conftest import free_port
-
-        cmd = [
-            str(bin_dir / "accelerate"),
-            "launch",
-            "--config_file",
-            str(REPO / "deployments/accelerate/cpu_2proc.yaml"),
-            "--num_processes",
-            str(nproc),
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "bolmo_core.train",
-            "--config",
-            config_file,
-        ]
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        **popen_kw,
-    )

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import trainer_pids
 
 pytestmark = pytest.mark.slow
 
@@ -32,23 +33,10 @@ def prefect_api_patient():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, s3_server, prefect_api_patient):
-    from prefect.settings import (
-        PREFECT_LOCAL_STORAGE_PATH,
-        PREFECT_RESULTS_PERSIST_BY_DEFAULT,
-        temporary_settings,
-    )
+    from conftest import flow_run_env
 
-    tmp = tmp_path_factory.mktemp("flow")
-    saved = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    os.environ["MLFLOW_S3_ENDPOINT_URL"] = s3_server  # MLflow artifacts on S3 too (direct mode)
-    with temporary_settings(
-        {PREFECT_LOCAL_STORAGE_PATH: str(tmp / "results"), PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}
-    ):
-        yield {"tmp": tmp, "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"}
-    if saved is None:
-        os.environ.pop("MLFLOW_S3_ENDPOINT_URL", None)
-    else:
-        os.environ["MLFLOW_S3_ENDPOINT_URL"] = saved
+    with flow_run_env(tmp_path_factory.mktemp("flow"), s3_server) as e:
+        yield e
 
 
 def _run(env, storage_root: str, return_state: bool = False):
@@ -175,43 +163,15 @@ def test_rerun_same_parameters_is_fully_cached(env, first):
     assert run.data.tags["mlflow.note.content"].count("reused (cached), trained by [stage") == 2
 
 
-def _descendants(root_pid: int) -> list[int]:
-    """PIDs of every process below `root_pid` (so the test never touches anyone else's processes)."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    out, frontier = [], [root_pid]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        out += kids
-        frontier += kids
-    return out
-
-
 def _kill_stage1_when_checkpointed(root: Path, killed: list) -> None:
     """SIGKILL this test's own Stage-1 trainer process once its step-3 checkpoint is committed."""
     deadline = time.time() + 900
     while time.time() < deadline and not killed:
         if glob.glob(str(root / "checkpoints" / "stage1-*" / "step-000003" / "COMMIT")):
-            for pid in _descendants(os.getpid()):
-                try:
-                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                # The trainer itself (not its accelerate launcher), running a Stage-1 config file.
-                if (
-                    b"bolmo_core.train" in argv
-                    and b"launch" not in argv
-                    and any(a.endswith(b"/stage1.json") for a in argv)
-                ):
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
+            # The trainer itself (not its accelerate launcher), running a Stage-1 config file.
+            for pid in trainer_pids(os.getpid(), b"/stage1.json"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
             return
         time.sleep(0.1)
 

@@ -12,6 +12,7 @@ def test_form_has_preset_overrides_and_deployment_groups():
         "overrides",
         "data_sources",
         "storage_root",
+        "skip_stage1",
         "compute",
         "evaluation",
         "tracking",
@@ -20,6 +21,8 @@ def test_form_has_preset_overrides_and_deployment_groups():
         {"preset": "tiny", "overrides": {"stage1.steps": 3}, "compute": {"processes": 2}}
     )
     assert ok["compute"].processes == 2 and ok["overrides"] == {"stage1.steps": 3}
+    assert ok["skip_stage1"] is False and props["skip_stage1"]["type"] == "boolean"
+    assert byteify.validate_parameters({"skip_stage1": True})["skip_stage1"] is True
     with pytest.raises(Exception, match="processes"):
         byteify.validate_parameters({"compute": {"processes": 0}})
 

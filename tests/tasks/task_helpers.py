@@ -17,6 +17,7 @@ from pathlib import Path
 def make_checkpoint(folder: Path) -> tuple[str, str]:
     """(URI, weights hash) of a committed `final` checkpoint of the tiny preset's model (untrained)."""
     import torch
+    from model_helpers import save_model
 
     from bolmo_core import checkpoint as ckpt
     from bolmo_core.config import get_preset
@@ -25,16 +26,7 @@ def make_checkpoint(folder: Path) -> tuple[str, str]:
     preset = get_preset("tiny")
     torch.manual_seed(0)
     model = BolmoModel.from_source(preset.model)
-    uri = ckpt.save_checkpoint(
-        str(folder / "stage2"),
-        ckpt.FINAL,
-        rank=0,
-        world_size=1,
-        barrier=lambda: None,
-        rank_state={},
-        model_state=model.state_dict(),
-        config={"preset": preset.to_dict(), "stage": 2},
-    )
+    uri = save_model(folder / "stage2", ckpt.FINAL, model, preset, 2)
     return uri, ckpt.checkpoint_hash(uri)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from task_helpers import mlflow_store
 
 from bolmo_core.source import SourceConfig, resolve_source
 from tasks import registry, tracking
+from tasks.training import stop_group
 
 LINEAGE = {
     "source_id": "byteify/tiny-olmo2",
@@ -156,16 +156,6 @@ def _wait_health(port: int, timeout: float = 120) -> None:
     raise RuntimeError("mlflow server did not come up")
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def prefect_api_patient():
     """A temporary Prefect API like conftest's `prefect_api`, with room for a slow start on a busy box."""
@@ -187,7 +177,7 @@ def test_registration_retried_while_mlflow_server_is_down(tmp_path, hf_folder, p
     try:
         _wait_health(port)
         run_id = tracking.start_flow_run.fn(uri, "t", "fr-down", {})
-        _stop(server)  # down before registration starts
+        stop_group(server, grace_s=20)  # down before registration starts
         threading.Timer(3.0, lambda: restarted.append(_start_mlflow(tmp_path, port))).start()
 
         @flow
@@ -205,6 +195,6 @@ def test_registration_retried_while_mlflow_server_is_down(tmp_path, hf_folder, p
         assert (again["version"], again["created"]) == ("1", False)
         assert len(tracking.client(uri).search_model_versions("name = 'byteify-down'")) == 1
     finally:
-        _stop(server)
+        stop_group(server, grace_s=20)
         for p in restarted:
-            _stop(p)
+            stop_group(p, grace_s=20)
