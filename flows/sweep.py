@@ -255,13 +255,7 @@ def byteify_sweep(
         model_name=tracking.model_name,
     )
     results = _run_points(todo, presets, parallel, shared)
-    speed_uri = sweep_tasks.measure_speed(
-        {r["name"]: r["stage2_checkpoint"] for r in results},
-        {r["name"]: r["stage2_hash"] for r in results},
-        s1["manifest_uri"],
-        root,
-        {**speed.model_dump(exclude={"clock"}), "precision": evaluation.precision},
-    )
+    speed_uri = _measure_speed(results, s1, root, speed, evaluation.precision)
     pub = _publish(results, speed_uri, s1, speed.clock, ids)
     return {
         "points": results,
@@ -301,6 +295,17 @@ def _run_points(
         ]
         results += [f.result() for f in futures]
     return results
+
+
+def _measure_speed(results: list[dict], s1: dict, root: str, speed: Speed, precision: str) -> str:
+    """Generation bytes/s of every point and the source, side by side in one process: the report's URI."""
+    return sweep_tasks.measure_speed(
+        {r["name"]: r["stage2_checkpoint"] for r in results},
+        {r["name"]: r["stage2_hash"] for r in results},
+        s1["manifest_uri"],
+        root,
+        {**speed.model_dump(exclude={"clock"}), "precision": precision},
+    )
 
 
 def _publish(results: list[dict], speed_uri: str, s1: dict, clock: str, ids: RunIds) -> dict[str, Any]:
