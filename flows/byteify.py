@@ -20,6 +20,7 @@ from flows.common import (
     RunIds,
     Tracking,
     default_root,
+    register,
     run_stage,
     start_run,
     tracked_flow,
@@ -203,16 +204,8 @@ def _register(
 ) -> tuple[dict[str, Any], str]:
     """Register the export with its lineage, link it, end the flow's MLflow run: (version, run URL)."""
     log = get_run_logger()
-    reg = registry.register_model(
-        ids.tracking_uri,
-        tracking.model_name,
-        export_uri,
-        lineage,
-        metrics,
-        run_id=ids.mlflow_run_id,
-        alias=tracking.alias,
-        description=f"Byte-level `{lineage['source_id']}` (preset `{preset}`), made by {ids.made_by}.\n\n{table_md}",
-    )
+    made = f"Byte-level `{lineage['source_id']}` (preset `{preset}`), made by {ids.made_by}."
+    reg = register(ids, tracking, export_uri, lineage, metrics, f"{made}\n\n{table_md}")
     run_url = artifacts.mlflow_links(ids.tracking_uri, ids.mlflow_run_id, reg["url"], reg["uri"])
     version = f"[{reg['uri']}]({reg['url']})" + (
         "" if reg["created"] else " (existing version: same lineage)"

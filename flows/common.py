@@ -11,7 +11,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
-from tasks import PROJECT_ROOT
+from tasks import PROJECT_ROOT, registry
 from tasks import tracking as mlflow_tasks
 from tasks.training import stage_done, stage_out_uri, train_stage
 
@@ -96,6 +96,23 @@ def start_run(tracking: Tracking, params: dict) -> RunIds:
         flow_run_url=fr_url,
     )
     return RunIds(uri, run_id, fr_id, fr_url, f"[Prefect flow run {flow_run.name or fr_id}]({fr_url})")
+
+
+def register(
+    ids: RunIds, tracking: Tracking, export_uri: str, lineage: dict, metrics: dict, description: str
+) -> dict:
+    """The export as a version of `tracking.model_name` (aliased `tracking.alias`) with its lineage,
+    linked to the flow's MLflow run; re-registering the same lineage finds the same version."""
+    return registry.register_model(
+        ids.tracking_uri,
+        tracking.model_name,
+        export_uri,
+        lineage,
+        metrics,
+        run_id=ids.mlflow_run_id,
+        alias=tracking.alias,
+        description=description,
+    )
 
 
 def run_stage(

@@ -32,6 +32,7 @@ if __name__ == "__main__":  # `python -m flows.sweep`: embedded settings must pr
 
 import re  # noqa: E402
 from concurrent.futures import Future  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any, Literal  # noqa: E402
 
 from prefect import flow, get_run_logger, task  # noqa: E402
@@ -39,17 +40,9 @@ from prefect.runtime import flow_run  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from bolmo_core.config import Preset, get_preset  # noqa: E402
+from flows import common  # noqa: E402
 from flows.byteify import _prepare  # noqa: E402
-from flows.common import (  # noqa: E402
-    Compute,
-    Evaluation,
-    RunIds,
-    Tracking,
-    default_root,
-    run_stage,
-    start_run,
-    tracked_flow,
-)
+from flows.common import Compute, Evaluation, RunIds, Tracking  # noqa: E402
 from tasks import artifacts, registry  # noqa: E402
 from tasks import sweep as sweep_tasks  # noqa: E402
 from tasks import tracking as mlflow_tasks  # noqa: E402
@@ -105,15 +98,16 @@ def point_preset(base: dict, sweep_overrides: dict, point: SweepPoint) -> Preset
     return Preset.from_dict(base).with_overrides({**sweep_overrides, **point.overrides})
 
 
-class PointShared(BaseModel):
+@dataclass(frozen=True)
+class PointShared:
     """What every point of one sweep shares: its Stage 1, storage, compute, evaluation and MLflow run."""
 
-    stage1: dict[str, Any] = Field(description="the Stage-1 info (tasks.sweep.stage1_info)")
+    stage1: dict[str, Any]  # the Stage-1 info (tasks.sweep.stage1_info)
     storage_root: str
     compute: Compute
     evaluation: Evaluation
-    ids: RunIds = Field(description="the sweep's flow run and MLflow run (the points' parent)")
-    model_name: str = Field(description="the registered model each point is a version of")
+    ids: RunIds  # the sweep's flow run and MLflow run (the points' parent)
+    model_name: str  # the registered model each point is a version of
 
 
 @flow(name="byteify-sweep-point", log_prints=True)
@@ -172,8 +166,8 @@ def _point_stages(
     ids_kw = {"tracking_uri": sh.ids.tracking_uri, "parent_run_id": run_id}
     init = (sh.stage1["uri"], sh.stage1["hash"]) if point.stage1 == "shared" else (None, None)
     if point.stage1 == "own":
-        init = run_stage(1, preset, manifest, sh.storage_root, sh.compute, **ids_kw)
-    ckpt2, hash2 = run_stage(2, preset, manifest, sh.storage_root, sh.compute, init, **ids_kw)
+        init = common.run_stage(1, preset, manifest, sh.storage_root, sh.compute, **ids_kw)
+    ckpt2, hash2 = common.run_stage(2, preset, manifest, sh.storage_root, sh.compute, init, **ids_kw)
     return init[1], ckpt2, hash2
 
 
@@ -205,7 +199,7 @@ def run_point(**kwargs) -> dict[str, Any]:
     return sweep_point(**kwargs)
 
 
-@tracked_flow("byteify-sweep")
+@common.tracked_flow("byteify-sweep")
 def byteify_sweep(
     preset: str = "smollm2-135m",
     stage1_checkpoint: str | None = None,
@@ -230,7 +224,7 @@ def byteify_sweep(
     segmentation), else bytes per patch. `overrides`: dotted preset keys for every point's
     Stage 2 (e.g. {"stage2.steps": 60}); a point's own overrides come on top.
     """
-    root = storage_root or default_root()
+    root = storage_root or common.default_root()
     if stage1_checkpoint is None:
         stage1_checkpoint = _stage1_here(preset, overrides, data_sources, root, compute, evaluation)
     s1 = sweep_tasks.stage1_info(stage1_checkpoint)
@@ -244,16 +238,9 @@ def byteify_sweep(
         "points": [p.model_dump() for p, _ in todo],
         "source_bytes_per_token": s1["bytes_per_token"],
     }
-    ids = start_run(tracking, params)
+    ids = common.start_run(tracking, params)
     # The figure: a Stage 2 per point (parallel subflows) -> speed of all, side by side -> trade-off.
-    shared = PointShared(
-        stage1=s1,
-        storage_root=root,
-        compute=compute,
-        evaluation=evaluation,
-        ids=ids,
-        model_name=tracking.model_name,
-    )
+    shared = PointShared(s1, root, compute, evaluation, ids, tracking.model_name)
     results = _run_points(todo, presets, parallel, shared)
     speed_uri = _measure_speed(results, s1, root, speed, evaluation.precision)
     pub = _publish(results, speed_uri, s1, speed.clock, ids)
@@ -329,7 +316,7 @@ def _stage1_here(
     """Data + Stage 1 for `preset` with the main flow's steps (the same folders, so its cache is shared)."""
     p = get_preset(preset, overrides)
     manifest = _prepare(data_sources, p, root, compute, evaluation)
-    ckpt1, _ = run_stage(1, p.to_dict(), manifest, root, compute)
+    ckpt1, _ = common.run_stage(1, p.to_dict(), manifest, root, compute)
     return ckpt1
 
 

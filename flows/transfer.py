@@ -15,8 +15,8 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from flows.common import Evaluation, RunIds, Tracking, default_root, start_run, tracked_flow
-from tasks import artifacts, registry
+from flows.common import Evaluation, RunIds, Tracking, default_root, register, start_run, tracked_flow
+from tasks import artifacts
 from tasks import tracking as mlflow_tasks
 from tasks.transfer import evaluate_transfer, model_identity, transfer_model
 
@@ -53,13 +53,7 @@ def byteify_transfer(
     export_uri, export_hash = transfer_model(
         ident["uri"], ident["hash"], base, instruct, alpha, retained_embeddings, root
     )
-    report_uri = evaluate_transfer(
-        export_uri, export_hash, instruct, text, ident["manifest_uri"], evaluation.max_bytes
-    )
-    table_md, metrics = artifacts.evaluation_table(report_uri)
-    mlflow_tasks.log_to_run(
-        ids.tracking_uri, ids.mlflow_run_id, metrics=metrics, artifacts={"evaluation": report_uri}
-    )
+    report_uri, table_md, metrics = _evaluate(ids, export_uri, export_hash, instruct, text, ident, evaluation)
     lineage = {
         "source_id": instruct,
         "source_revision": "",
@@ -71,8 +65,12 @@ def byteify_transfer(
         "export_hash": export_hash,
         "flow_run_id": ids.flow_run_id,
     }
-    description = f"`{byte_model}` + {alpha:g} x (`{instruct}` - `{base}`) on the global blocks."
-    reg = _register(ids, tracking, export_uri, lineage, metrics, description, table_md)
+    made = f"`{byte_model}` + {alpha:g} x (`{instruct}` - `{base}`) on the global blocks."
+    reg = register(ids, tracking, export_uri, lineage, metrics, f"{made}\n\n{table_md}")
+    mlflow_tasks.finish_flow_run(
+        ids.tracking_uri, ids.mlflow_run_id, {}, f"registered {reg['uri']}\n\n{table_md}"
+    )
+    get_run_logger().info(f"registered {reg['uri']}; export at {export_uri}")
     return {
         "export_uri": export_uri,
         "export_hash": export_hash,
@@ -83,28 +81,23 @@ def byteify_transfer(
     }
 
 
-def _register(
+def _evaluate(
     ids: RunIds,
-    tracking: Tracking,
     export_uri: str,
-    lineage: dict[str, Any],
-    metrics: dict[str, float],
-    description: str,
-    table_md: str,
-) -> dict[str, Any]:
-    """Register the transferred export with its lineage and end the flow's MLflow run."""
-    reg = registry.register_model(
-        ids.tracking_uri,
-        tracking.model_name,
-        export_uri,
-        lineage,
-        metrics,
-        run_id=ids.mlflow_run_id,
-        alias=tracking.alias,
-        description=f"{description}\n\n{table_md}",
+    export_hash: str,
+    instruct: str,
+    text: str | None,
+    ident: dict,
+    evaluation: Evaluation,
+) -> tuple[str, str, dict[str, float]]:
+    """Score the transferred export next to the instruct source, show it, log it on the flow's MLflow run.
+
+    Returns (report URI, markdown table, summary metrics)."""
+    report_uri = evaluate_transfer(
+        export_uri, export_hash, instruct, text, ident["manifest_uri"], evaluation.max_bytes
     )
-    mlflow_tasks.finish_flow_run(
-        ids.tracking_uri, ids.mlflow_run_id, {}, f"registered {reg['uri']}\n\n{table_md}"
+    table_md, metrics = artifacts.evaluation_table(report_uri)
+    mlflow_tasks.log_to_run(
+        ids.tracking_uri, ids.mlflow_run_id, metrics=metrics, artifacts={"evaluation": report_uri}
     )
-    get_run_logger().info(f"registered {reg['uri']}; export at {export_uri}")
-    return reg
+    return report_uri, table_md, metrics
