@@ -32,7 +32,7 @@ if __name__ == "__main__":  # `python -m flows.sweep`: embedded settings must pr
 
 import re  # noqa: E402
 from concurrent.futures import Future  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from typing import Any, Literal  # noqa: E402
 
 from prefect import flow, get_run_logger, task  # noqa: E402
@@ -107,7 +107,7 @@ class PointShared:
     compute: Compute
     evaluation: Evaluation
     ids: RunIds  # the sweep's flow run and MLflow run (the points' parent)
-    model_name: str  # the registered model each point is a version of
+    tracking: Tracking  # the sweep's: each point is a version of its registered model
 
 
 @flow(name="byteify-sweep-point", log_prints=True)
@@ -120,7 +120,8 @@ def sweep_point(
         sh.ids.tracking_uri, sh.ids.mlflow_run_id, point.name, {"point": point.model_dump(), "target": target}
     )
     manifest = (sh.stage1["manifest_uri"], sh.stage1["manifest_hash"])
-    hash1, ckpt2, hash2 = _point_stages(point, preset, manifest, sh, run_id)
+    ids = replace(sh.ids, mlflow_run_id=run_id)  # the point's MLflow run, under the sweep's
+    hash1, ckpt2, hash2 = _point_stages(point, preset, manifest, sh, ids)
     report_uri, _, _ = evaluate_model(ckpt2, hash2, *manifest, sh.storage_root, sh.evaluation.model_dump())
     table_md, metrics = artifacts.evaluation_table(report_uri)
     export_uri, export_hash = export_model(ckpt2, hash2, sh.storage_root)
@@ -136,7 +137,9 @@ def sweep_point(
         "target_bytes_per_patch": "source" if target is None else f"{target:g}",
         "overrides": ", ".join(f"{k}={v}" for k, v in point.overrides.items()),
     }
-    reg = _register_point(point, sh, run_id, export_uri, lineage, metrics, table_md)
+    made = f"Sweep point `{point.name}` (target bytes per patch: {lineage['target_bytes_per_patch']})."
+    version = sh.tracking.model_copy(update={"alias": f"sweep-{_slug(point.name)}"})
+    reg = common.register(ids, version, export_uri, lineage, metrics, f"{made}\n\n{table_md}")
     summary = sweep_tasks.point_summary(report_uri)
     sweep_tasks.end_point_run(
         sh.ids.tracking_uri,
@@ -160,37 +163,15 @@ def sweep_point(
 
 
 def _point_stages(
-    point: SweepPoint, preset: dict, manifest: tuple[str, str], sh: PointShared, run_id: str
+    point: SweepPoint, preset: dict, manifest: tuple[str, str], sh: PointShared, ids: RunIds
 ) -> tuple[str | None, str, str]:
     """The point's Stage 1 (the sweep's, its own, or none) and its Stage 2: (hash 1, checkpoint 2, hash 2)."""
-    ids_kw = {"tracking_uri": sh.ids.tracking_uri, "parent_run_id": run_id}
+    ids_kw = {"tracking_uri": ids.tracking_uri, "parent_run_id": ids.mlflow_run_id}
     init = (sh.stage1["uri"], sh.stage1["hash"]) if point.stage1 == "shared" else (None, None)
     if point.stage1 == "own":
         init = common.run_stage(1, preset, manifest, sh.storage_root, sh.compute, **ids_kw)
     ckpt2, hash2 = common.run_stage(2, preset, manifest, sh.storage_root, sh.compute, init, **ids_kw)
     return init[1], ckpt2, hash2
-
-
-def _register_point(
-    point: SweepPoint,
-    sh: PointShared,
-    run_id: str,
-    export_uri: str,
-    lineage: dict[str, str],
-    metrics: dict[str, float],
-    table_md: str,
-) -> dict[str, Any]:
-    """The point's version of the sweep's registered model, aliased ``sweep-<point>``."""
-    return registry.register_model(
-        sh.ids.tracking_uri,
-        sh.model_name,
-        export_uri,
-        lineage,
-        metrics,
-        run_id=run_id,
-        alias=f"sweep-{_slug(point.name)}",
-        description=f"Sweep point `{point.name}` (target bytes per patch: {lineage['target_bytes_per_patch']}).\n\n{table_md}",
-    )
 
 
 @task(name="sweep-point", cache_policy=None)
@@ -240,7 +221,7 @@ def byteify_sweep(
     }
     ids = common.start_run(tracking, params)
     # The figure: a Stage 2 per point (parallel subflows) -> speed of all, side by side -> trade-off.
-    shared = PointShared(s1, root, compute, evaluation, ids, tracking.model_name)
+    shared = PointShared(s1, root, compute, evaluation, ids, tracking)
     results = _run_points(todo, presets, parallel, shared)
     speed_uri = _measure_speed(results, s1, root, speed, evaluation.precision)
     pub = _publish(results, speed_uri, s1, speed.clock, ids)
