@@ -13,7 +13,6 @@ Run: python benchmarks/bench_loader.py
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 
@@ -39,9 +38,8 @@ def run(make) -> tuple[float, float]:
     return first, time.perf_counter() - t
 
 
-def main() -> None:
+def bench(out: str) -> None:
     preset = get_preset("smollm2-135m")
-    out = tempfile.mkdtemp(prefix="bench_loader_")
     manifest = D.prepare_dataset(["builtin:wiki"], preset.model.source, out, preset.data)
     m = D.read_manifest(manifest)
     vocab = get_vocab(load_tokenizer(preset.model.source))
@@ -67,7 +65,11 @@ def main() -> None:
         f"  in memory / streaming: {r1 / r0:.2f}x the batches per second; "
         f"the streaming loader's first batch comes {f0 / f1:.2f}x sooner"
     )
-    shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as out:  # removed on errors too
+        bench(out)
 
 
 if __name__ == "__main__":

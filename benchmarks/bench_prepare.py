@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -156,14 +155,13 @@ def per_core_rate(texts: list[str], out: str) -> None:
     )
 
 
-def main() -> None:
+def bench(out: str) -> None:
     src = SourceConfig("smollm2-135m")
     tok = load_tokenizer(src)
     docs = corpus()
     nbytes = sum(len(d) for _, d in docs)
     texts = [d.decode() for _, d in docs]
     shards = [docs[i : i + SHARD_DOCS] for i in range(0, len(docs), SHARD_DOCS)]
-    out = tempfile.mkdtemp(prefix="bench_prepare_")
     backend = tok.backend_tokenizer
     job = {
         "out_uri": out,
@@ -230,7 +228,11 @@ def main() -> None:
             f"prepare_dataset workers={workers} {ex:7s}: {nbytes / dt / 1e6:6.2f} MB/s  ({dt:.2f} s, "
             f"incl. tokenizer load and planning)"
         )
-    shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench_prepare_") as out:  # removed on errors too
+        bench(out)
 
 
 if __name__ == "__main__":

@@ -33,20 +33,17 @@ from pathlib import Path
 
 import torch
 
+from .hf.configuration_bolmo import MIRRORED
 from .source import SourceConfig, SourceError, load_source_config, load_source_model, resolve_source
 
 GLOBAL_PREFIX = "global_model.model."  # byte-model key of a source ``model.*`` block tensor
 SOURCE_PREFIX = "model."
 EMBED_KEY = "model.embed_tokens.weight"
-# Config fields that make two checkpoints "the same architecture" for the blocks' tensors.
+# Config fields that make two checkpoints "the same architecture" for the blocks' tensors: the
+# block shapes are the first six fields the export mirrors (hidden_size .. intermediate_size).
 ARCH_FIELDS = (
     "model_type",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "intermediate_size",
+    *MIRRORED[: MIRRORED.index("intermediate_size") + 1],
     "hidden_act",
     "attention_bias",
     "mlp_bias",

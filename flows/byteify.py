@@ -8,79 +8,30 @@ hashes. Re-running the same parameters reuses every finished stage (task cache o
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
-from pydantic import BaseModel, Field
+from prefect import get_run_logger
 
 from bolmo_core.config import Preset, get_preset
-from tasks import PROJECT_ROOT, artifacts, registry
+from flows.common import (
+    Compute,
+    Evaluation,
+    RunIds,
+    Tracking,
+    default_root,
+    register,
+    run_stage,
+    start_run,
+    tracked_flow,
+)
+from tasks import artifacts, registry
 from tasks import tracking as mlflow_tasks
 from tasks.data import data_out_uri, prepare_data, token_budget
 from tasks.evaluation import evaluate_model
 from tasks.export import export_model
 from tasks.plan import plan_run
-from tasks.training import curve_uri, stage_done, stage_out_uri, train_stage
-
-
-class Compute(BaseModel):
-    """Where training runs: processes per stage (CPU ranks or GPUs) and an accelerate config."""
-
-    processes: int = Field(1, ge=1, description="training processes (GPUs, or CPU ranks)")
-    accelerate_config: str | None = Field(
-        None, description="accelerate yaml (deployments/accelerate/), for GPUs/FSDP"
-    )
-    deterministic: bool = Field(False, description="bit-exact resume on CPU (slower)")
-    data_workers: int = Field(1, ge=1, description="parallel shard-labeling tasks")
-    dask_address: str | None = Field(
-        None, description="Dask scheduler (tcp://host:8786) for data preparation; empty: a thread pool"
-    )
-    max_minutes: float | None = Field(None, gt=0, description="per stage, wall-clock training budget")
-
-
-class Evaluation(BaseModel):
-    max_bytes: int = Field(20_000, ge=1000, description="held-out bytes scored by both models")
-    cute_items: int = Field(0, ge=0, description="items per CUTE-style char task (0: skip them)")
-    precision: Literal["fp32", "bf16"] = "fp32"
-
-
-class Tracking(BaseModel):
-    """MLflow: where to log, and the registered model's name."""
-
-    tracking_uri: str | None = Field(
-        None, description="MLflow URI; empty: $MLFLOW_TRACKING_URI or var/mlflow/mlflow.db"
-    )
-    experiment: str = "byteify"
-    artifact_location: str | None = Field(
-        None, description="new experiments' artifact root, e.g. s3://bucket/mlflow"
-    )
-    model_name: str = "byteify"
-    alias: str = "candidate"
-
-
-def _default_root() -> str:
-    return os.environ.get("BYTEIFY_STORAGE_ROOT") or os.path.join(PROJECT_ROOT, "var", "runs")
-
-
-def _flow_run_url(flow_run_id: str) -> str:
-    """This flow run in the Prefect UI (the local UI's address when the API is ephemeral)."""
-    from prefect.settings import PREFECT_UI_URL
-
-    return f"{PREFECT_UI_URL.value() or 'http://127.0.0.1:4200'}/runs/flow-run/{flow_run_id}"
-
-
-@dataclass(frozen=True)
-class _RunIds:
-    """This flow run and its MLflow run: what every tracking step after the start names."""
-
-    tracking_uri: str
-    mlflow_run_id: str
-    flow_run_id: str
-    flow_run_url: str
-    made_by: str  # markdown link to the flow run, for descriptions
+from tasks.training import curve_uri
 
 
 @dataclass(frozen=True)
@@ -94,15 +45,7 @@ class _Stages:
     curves_png: str
 
 
-# A failed, crashed or cancelled run ends its MLflow runs FAILED / KILLED instead of leaving
-# them RUNNING forever (the hooks run in the flow's process; see tasks.tracking.mark_failed).
-@flow(
-    name="byteify",
-    log_prints=True,
-    on_failure=[mlflow_tasks.mark_failed],
-    on_crashed=[mlflow_tasks.mark_failed],
-    on_cancellation=[mlflow_tasks.mark_failed],
-)
+@tracked_flow("byteify")
 def byteify(
     preset: str = "smollm2-135m",
     overrides: dict[str, Any] = {},  # noqa: B006 - pydantic copies defaults
@@ -121,7 +64,7 @@ def byteify(
     `skip_stage1` trains Stage 2 straight from the source ("Stage 2 without Stage 1"), and
     {"model.boundary_lookahead": 0} gives the causal boundary predictor.
     """
-    root = storage_root or _default_root()
+    root = storage_root or default_root()
     p = get_preset(preset, overrides)  # one line naming the key, the value and the rule, if bad
     cfg = p.to_dict()
     # Plan first: memory per device and hours per stage (artifact "plan"); refuses what cannot fit.
@@ -173,28 +116,17 @@ def byteify(
 
 def _start_tracking(
     preset: str, p: Preset, data_sources: list[str], root: str, compute: Compute, tracking: Tracking
-) -> _RunIds:
+) -> RunIds:
     """The flow's MLflow run (the same one again on a retry), with the run's inputs as params."""
-    uri = tracking.tracking_uri or mlflow_tasks.default_tracking_uri()
-    fr_id = str(flow_run.id or "local")
-    fr_url = _flow_run_url(fr_id)
-    run_id = mlflow_tasks.start_flow_run(
-        uri,
-        tracking.experiment,
-        fr_id,
-        {
-            "preset": preset,
-            "source": p.model.source.name_or_path,
-            "data_sources": ",".join(data_sources),
-            "storage_root": root,
-            "processes": compute.processes,
-            "preset_config": p.to_dict(),
-        },
-        run_name=flow_run.name or None,
-        artifact_location=tracking.artifact_location,
-        flow_run_url=fr_url,
-    )
-    return _RunIds(uri, run_id, fr_id, fr_url, f"[Prefect flow run {flow_run.name or fr_id}]({fr_url})")
+    params = {
+        "preset": preset,
+        "source": p.model.source.name_or_path,
+        "data_sources": ",".join(data_sources),
+        "storage_root": root,
+        "processes": compute.processes,
+        "preset_config": p.to_dict(),
+    }
+    return start_run(tracking, params)
 
 
 def _prepare(
@@ -220,32 +152,18 @@ def _train_stages(
     manifest_hash: str,
     root: str,
     compute: Compute,
-    ids: _RunIds,
+    ids: RunIds,
     skip_stage1: bool = False,
 ) -> _Stages:
     """Stage 1, then Stage 2 from its checkpoint; a stage's cache is refreshed when its final checkpoint is gone.
 
     `skip_stage1`: Stage 2 starts from the source (a stage folder of its own: no init hash)."""
-    common = dict(
-        preset=cfg,
-        manifest_uri=manifest_uri,
-        manifest_hash=manifest_hash,
-        storage_root=root,
-        processes=compute.processes,
-        accelerate_config=compute.accelerate_config,
-        deterministic=compute.deterministic,
-        max_minutes=compute.max_minutes,
-        tracking_uri=ids.tracking_uri,
-        parent_run_id=ids.mlflow_run_id,
-    )
-    out1 = stage_out_uri(root, 1, cfg, manifest_hash, None, compute.processes)
+    ids_kw = {"tracking_uri": ids.tracking_uri, "parent_run_id": ids.mlflow_run_id}
+    manifest = (manifest_uri, manifest_hash)
     ckpt1 = hash1 = None
     if not skip_stage1:
-        ckpt1, hash1 = train_stage.with_options(refresh_cache=not stage_done(out1))(stage=1, **common)
-    out2 = stage_out_uri(root, 2, cfg, manifest_hash, hash1, compute.processes)
-    ckpt2, hash2 = train_stage.with_options(refresh_cache=not stage_done(out2))(
-        stage=2, init_from=ckpt1, init_hash=hash1, **common
-    )
+        ckpt1, hash1 = run_stage(1, cfg, manifest, root, compute, **ids_kw)
+    ckpt2, hash2 = run_stage(2, cfg, manifest, root, compute, (ckpt1, hash1), **ids_kw)
     curves_png = artifacts.training_curves(
         {**({"stage 1": curve_uri(ckpt1)} if ckpt1 else {}), "stage 2": curve_uri(ckpt2)},
         artifacts.plots_uri(root, hash2),
@@ -254,7 +172,7 @@ def _train_stages(
 
 
 def _evaluate(
-    st: _Stages, manifest_uri: str, manifest_hash: str, root: str, evaluation: Evaluation, ids: _RunIds
+    st: _Stages, manifest_uri: str, manifest_hash: str, root: str, evaluation: Evaluation, ids: RunIds
 ) -> tuple[str, str, str, dict[str, float]]:
     """Score the Stage-2 model beside its source, show it, log it on the flow's MLflow run.
 
@@ -275,7 +193,7 @@ def _evaluate(
 
 
 def _register(
-    ids: _RunIds,
+    ids: RunIds,
     tracking: Tracking,
     preset: str,
     st: _Stages,
@@ -286,16 +204,8 @@ def _register(
 ) -> tuple[dict[str, Any], str]:
     """Register the export with its lineage, link it, end the flow's MLflow run: (version, run URL)."""
     log = get_run_logger()
-    reg = registry.register_model(
-        ids.tracking_uri,
-        tracking.model_name,
-        export_uri,
-        lineage,
-        metrics,
-        run_id=ids.mlflow_run_id,
-        alias=tracking.alias,
-        description=f"Byte-level `{lineage['source_id']}` (preset `{preset}`), made by {ids.made_by}.\n\n{table_md}",
-    )
+    made = f"Byte-level `{lineage['source_id']}` (preset `{preset}`), made by {ids.made_by}."
+    reg = register(ids, tracking, export_uri, lineage, metrics, f"{made}\n\n{table_md}")
     run_url = artifacts.mlflow_links(ids.tracking_uri, ids.mlflow_run_id, reg["url"], reg["uri"])
     version = f"[{reg['uri']}]({reg['url']})" + (
         "" if reg["created"] else " (existing version: same lineage)"

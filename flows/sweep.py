@@ -32,6 +32,7 @@ if __name__ == "__main__":  # `python -m flows.sweep`: embedded settings must pr
 
 import re  # noqa: E402
 from concurrent.futures import Future  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from typing import Any, Literal  # noqa: E402
 
 from prefect import flow, get_run_logger, task  # noqa: E402
@@ -39,13 +40,14 @@ from prefect.runtime import flow_run  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from bolmo_core.config import Preset, get_preset  # noqa: E402
-from flows.byteify import Compute, Evaluation, Tracking, _default_root, _flow_run_url, _prepare  # noqa: E402
+from flows import common  # noqa: E402
+from flows.byteify import _prepare  # noqa: E402
+from flows.common import Compute, Evaluation, RunIds, Tracking  # noqa: E402
 from tasks import artifacts, registry  # noqa: E402
 from tasks import sweep as sweep_tasks  # noqa: E402
 from tasks import tracking as mlflow_tasks  # noqa: E402
 from tasks.evaluation import evaluate_model  # noqa: E402
 from tasks.export import export_model  # noqa: E402
-from tasks.training import stage_done, stage_out_uri, train_stage  # noqa: E402
 
 
 class SweepPoint(BaseModel):
@@ -96,51 +98,36 @@ def point_preset(base: dict, sweep_overrides: dict, point: SweepPoint) -> Preset
     return Preset.from_dict(base).with_overrides({**sweep_overrides, **point.overrides})
 
 
+@dataclass(frozen=True)
+class PointShared:
+    """What every point of one sweep shares: its Stage 1, storage, compute, evaluation and MLflow run."""
+
+    stage1: dict[str, Any]  # the Stage-1 info (tasks.sweep.stage1_info)
+    storage_root: str
+    compute: Compute
+    evaluation: Evaluation
+    ids: RunIds  # the sweep's flow run and MLflow run (the points' parent)
+    tracking: Tracking  # the sweep's: each point is a version of its registered model
+
+
 @flow(name="byteify-sweep-point", log_prints=True)
 def sweep_point(
-    point: SweepPoint,
-    preset: dict[str, Any],
-    stage1: dict[str, Any],
-    storage_root: str,
-    compute: Compute,
-    evaluation: Evaluation,
-    tracking_uri: str,
-    parent_run_id: str,
-    model_name: str,
-    target: float | None = None,
+    point: SweepPoint, preset: dict[str, Any], shared: PointShared, target: float | None = None
 ) -> dict[str, Any]:
     """One point: [its own Stage 1] -> Stage 2 -> evaluate -> export -> register (the main flow's tasks)."""
+    sh = shared
     run_id = sweep_tasks.start_point_run(
-        tracking_uri, parent_run_id, point.name, {"point": point.model_dump(), "target": target}
+        sh.ids.tracking_uri, sh.ids.mlflow_run_id, point.name, {"point": point.model_dump(), "target": target}
     )
-    m_uri, m_hash = stage1["manifest_uri"], stage1["manifest_hash"]
-    common = dict(
-        preset=preset,
-        manifest_uri=m_uri,
-        manifest_hash=m_hash,
-        storage_root=storage_root,
-        processes=compute.processes,
-        accelerate_config=compute.accelerate_config,
-        deterministic=compute.deterministic,
-        max_minutes=compute.max_minutes,
-        tracking_uri=tracking_uri,
-        parent_run_id=run_id,
-    )
-    ckpt1, hash1 = (stage1["uri"], stage1["hash"]) if point.stage1 == "shared" else (None, None)
-    if point.stage1 == "own":
-        out1 = stage_out_uri(storage_root, 1, preset, m_hash, None, compute.processes)
-        ckpt1, hash1 = train_stage.with_options(refresh_cache=not stage_done(out1))(stage=1, **common)
-    out2 = stage_out_uri(storage_root, 2, preset, m_hash, hash1, compute.processes)
-    ckpt2, hash2 = train_stage.with_options(refresh_cache=not stage_done(out2))(
-        stage=2, init_from=ckpt1, init_hash=hash1, **common
-    )
-    report_uri, _, _ = evaluate_model(ckpt2, hash2, m_uri, m_hash, storage_root, evaluation.model_dump())
+    manifest = (sh.stage1["manifest_uri"], sh.stage1["manifest_hash"])
+    ids = replace(sh.ids, mlflow_run_id=run_id)  # the point's MLflow run, under the sweep's
+    hash1, ckpt2, hash2 = _point_stages(point, preset, manifest, sh, ids)
+    report_uri, _, _ = evaluate_model(ckpt2, hash2, *manifest, sh.storage_root, sh.evaluation.model_dump())
     table_md, metrics = artifacts.evaluation_table(report_uri)
-    export_uri, export_hash = export_model(ckpt2, hash2, storage_root)
-    p = Preset.from_dict(preset)
+    export_uri, export_hash = export_model(ckpt2, hash2, sh.storage_root)
     lineage = {
-        **registry.source_lineage(p.model.source),
-        "manifest_hash": m_hash,
+        **registry.source_lineage(Preset.from_dict(preset).model.source),
+        "manifest_hash": manifest[1],
         "stage1_checkpoint_hash": hash1 or "",
         "stage2_checkpoint_hash": hash2,
         "export_hash": export_hash,
@@ -150,19 +137,12 @@ def sweep_point(
         "target_bytes_per_patch": "source" if target is None else f"{target:g}",
         "overrides": ", ".join(f"{k}={v}" for k, v in point.overrides.items()),
     }
-    reg = registry.register_model(
-        tracking_uri,
-        model_name,
-        export_uri,
-        lineage,
-        metrics,
-        run_id=run_id,
-        alias=f"sweep-{_slug(point.name)}",
-        description=f"Sweep point `{point.name}` (target bytes per patch: {lineage['target_bytes_per_patch']}).\n\n{table_md}",
-    )
+    made = f"Sweep point `{point.name}` (target bytes per patch: {lineage['target_bytes_per_patch']})."
+    version = sh.tracking.model_copy(update={"alias": f"sweep-{_slug(point.name)}"})
+    reg = common.register(ids, version, export_uri, lineage, metrics, f"{made}\n\n{table_md}")
     summary = sweep_tasks.point_summary(report_uri)
     sweep_tasks.end_point_run(
-        tracking_uri,
+        sh.ids.tracking_uri,
         run_id,
         metrics,
         {"byteify.model_version": reg["uri"], "byteify.sweep_point": point.name},
@@ -182,19 +162,25 @@ def sweep_point(
     }
 
 
+def _point_stages(
+    point: SweepPoint, preset: dict, manifest: tuple[str, str], sh: PointShared, ids: RunIds
+) -> tuple[str | None, str, str]:
+    """The point's Stage 1 (the sweep's, its own, or none) and its Stage 2: (hash 1, checkpoint 2, hash 2)."""
+    ids_kw = {"tracking_uri": ids.tracking_uri, "parent_run_id": ids.mlflow_run_id}
+    init = (sh.stage1["uri"], sh.stage1["hash"]) if point.stage1 == "shared" else (None, None)
+    if point.stage1 == "own":
+        init = common.run_stage(1, preset, manifest, sh.storage_root, sh.compute, **ids_kw)
+    ckpt2, hash2 = common.run_stage(2, preset, manifest, sh.storage_root, sh.compute, init, **ids_kw)
+    return init[1], ckpt2, hash2
+
+
 @task(name="sweep-point", cache_policy=None)
 def run_point(**kwargs) -> dict[str, Any]:
     """A point's subflow inside a task, so the sweep submits several at once (one thread each)."""
     return sweep_point(**kwargs)
 
 
-@flow(
-    name="byteify-sweep",
-    log_prints=True,
-    on_failure=[mlflow_tasks.mark_failed],
-    on_crashed=[mlflow_tasks.mark_failed],
-    on_cancellation=[mlflow_tasks.mark_failed],
-)
+@common.tracked_flow("byteify-sweep")
 def byteify_sweep(
     preset: str = "smollm2-135m",
     stage1_checkpoint: str | None = None,
@@ -219,77 +205,90 @@ def byteify_sweep(
     segmentation), else bytes per patch. `overrides`: dotted preset keys for every point's
     Stage 2 (e.g. {"stage2.steps": 60}); a point's own overrides come on top.
     """
-    log = get_run_logger()
-    root = storage_root or _default_root()
-    uri = tracking.tracking_uri or mlflow_tasks.default_tracking_uri()
-    fr_id = str(flow_run.id or "local")
+    root = storage_root or common.default_root()
     if stage1_checkpoint is None:
         stage1_checkpoint = _stage1_here(preset, overrides, data_sources, root, compute, evaluation)
     s1 = sweep_tasks.stage1_info(stage1_checkpoint)
     todo = target_points(targets, relative, s1["bytes_per_token"]) + [(p, None) for p in points]
+    presets = _check_points(todo, s1, overrides, parallel)
+    params = {
+        "stage1_checkpoint": s1["uri"],
+        "targets": targets,
+        "relative": relative,
+        "overrides": overrides,
+        "points": [p.model_dump() for p, _ in todo],
+        "source_bytes_per_token": s1["bytes_per_token"],
+    }
+    ids = common.start_run(tracking, params)
+    # The figure: a Stage 2 per point (parallel subflows) -> speed of all, side by side -> trade-off.
+    shared = PointShared(s1, root, compute, evaluation, ids, tracking)
+    results = _run_points(todo, presets, parallel, shared)
+    speed_uri = _measure_speed(results, s1, root, speed, evaluation.precision)
+    pub = _publish(results, speed_uri, s1, speed.clock, ids)
+    return {
+        "points": results,
+        "folder": pub["folder"],
+        "table": pub["table"],
+        "mlflow_run_id": ids.mlflow_run_id,
+        "stage1_checkpoint": s1["uri"],
+        "speed_uri": speed_uri,
+    }
+
+
+# ---------------------------------------------------------------- the sweep's steps (each only calls tasks)
+
+
+def _check_points(
+    todo: list[tuple[SweepPoint, float | None]], s1: dict, overrides: dict, parallel: int
+) -> dict[str, dict]:
+    """Every point's checked preset by name, before anything trains; one line for a bad sweep."""
     if parallel < 0:
         raise ValueError(f"parallel={parallel}: must be >= 0 (0: every point at once)")
     names = [p.name for p, _ in todo]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"sweep points: need at least one, with distinct names (got {names})")
-    presets = {
-        p.name: point_preset(s1["preset"], overrides, p).to_dict() for p, _ in todo
-    }  # all checked first
-    run_id = mlflow_tasks.start_flow_run(
-        uri,
-        tracking.experiment,
-        fr_id,
-        {
-            "stage1_checkpoint": s1["uri"],
-            "targets": targets,
-            "relative": relative,
-            "overrides": overrides,
-            "points": [p.model_dump() for p, _ in todo],
-            "source_bytes_per_token": s1["bytes_per_token"],
-        },
-        run_name=flow_run.name or None,
-        artifact_location=tracking.artifact_location,
-        flow_run_url=_flow_run_url(fr_id),
-    )
-    shared = dict(
-        stage1=s1,
-        storage_root=root,
-        compute=compute,
-        evaluation=evaluation,
-        tracking_uri=uri,
-        parent_run_id=run_id,
-        model_name=tracking.model_name,
-    )
+    return {p.name: point_preset(s1["preset"], overrides, p).to_dict() for p, _ in todo}
+
+
+def _run_points(
+    todo: list[tuple[SweepPoint, float | None]], presets: dict[str, dict], parallel: int, shared: PointShared
+) -> list[dict]:
+    """The points' subflows, `parallel` at a time (0: all at once); their summaries in `todo`'s order."""
     results: list[dict] = []
     wave = parallel or len(todo)
     for i in range(0, len(todo), wave):
         futures: list[Future] = [
-            run_point.submit(point=p, preset=presets[p.name], target=t, **shared)
+            run_point.submit(point=p, preset=presets[p.name], target=t, shared=shared)
             for p, t in todo[i : i + wave]
         ]
         results += [f.result() for f in futures]
-    speed_uri = sweep_tasks.measure_speed(
+    return results
+
+
+def _measure_speed(results: list[dict], s1: dict, root: str, speed: Speed, precision: str) -> str:
+    """Generation bytes/s of every point and the source, side by side in one process: the report's URI."""
+    return sweep_tasks.measure_speed(
         {r["name"]: r["stage2_checkpoint"] for r in results},
         {r["name"]: r["stage2_hash"] for r in results},
         s1["manifest_uri"],
         root,
-        {**speed.model_dump(exclude={"clock"}), "precision": evaluation.precision},
+        {**speed.model_dump(exclude={"clock"}), "precision": precision},
     )
+
+
+def _publish(results: list[dict], speed_uri: str, s1: dict, clock: str, ids: RunIds) -> dict[str, Any]:
+    """Table + Pareto plot as artifacts and files of the sweep's MLflow run, which ends here."""
     title = f"Compression sweep of {Preset.from_dict(s1['preset']).model.source.name_or_path}"
-    pub = sweep_tasks.publish(results, speed_uri, sweep_tasks.folder_of(speed_uri), title, speed.clock)
+    pub = sweep_tasks.publish(results, speed_uri, sweep_tasks.folder_of(speed_uri), title, clock)
     mlflow_tasks.log_to_run(
-        uri, run_id, metrics=sweep_tasks.run_metrics(pub["rows"]), artifacts={"sweep": pub["folder"]}
+        ids.tracking_uri,
+        ids.mlflow_run_id,
+        metrics=sweep_tasks.run_metrics(pub["rows"]),
+        artifacts={"sweep": pub["folder"]},
     )
-    mlflow_tasks.finish_flow_run(uri, run_id, {}, f"{title}\n\n{pub['table']}")
-    log.info(f"sweep of {len(results)} points: {pub['folder']}")
-    return {
-        "points": results,
-        "folder": pub["folder"],
-        "table": pub["table"],
-        "mlflow_run_id": run_id,
-        "stage1_checkpoint": s1["uri"],
-        "speed_uri": speed_uri,
-    }
+    mlflow_tasks.finish_flow_run(ids.tracking_uri, ids.mlflow_run_id, {}, f"{title}\n\n{pub['table']}")
+    get_run_logger().info(f"sweep of {len(results)} points: {pub['folder']}")
+    return pub
 
 
 def _stage1_here(
@@ -297,20 +296,8 @@ def _stage1_here(
 ) -> str:
     """Data + Stage 1 for `preset` with the main flow's steps (the same folders, so its cache is shared)."""
     p = get_preset(preset, overrides)
-    cfg = p.to_dict()
-    manifest_uri, manifest_hash = _prepare(data_sources, p, root, compute, evaluation)
-    out1 = stage_out_uri(root, 1, cfg, manifest_hash, None, compute.processes)
-    ckpt1, _ = train_stage.with_options(refresh_cache=not stage_done(out1))(
-        stage=1,
-        preset=cfg,
-        manifest_uri=manifest_uri,
-        manifest_hash=manifest_hash,
-        storage_root=root,
-        processes=compute.processes,
-        accelerate_config=compute.accelerate_config,
-        deterministic=compute.deterministic,
-        max_minutes=compute.max_minutes,
-    )
+    manifest = _prepare(data_sources, p, root, compute, evaluation)
+    ckpt1, _ = common.run_stage(1, p.to_dict(), manifest, root, compute)
     return ckpt1
 
 

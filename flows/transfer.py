@@ -13,22 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect import get_run_logger
 
-from flows.byteify import Evaluation, Tracking, _default_root, _flow_run_url
-from tasks import artifacts, registry
+from flows.common import Evaluation, RunIds, Tracking, default_root, register, start_run, tracked_flow
+from tasks import artifacts
 from tasks import tracking as mlflow_tasks
 from tasks.transfer import evaluate_transfer, model_identity, transfer_model
 
 
-@flow(
-    name="byteify-transfer",
-    log_prints=True,
-    on_failure=[mlflow_tasks.mark_failed],
-    on_crashed=[mlflow_tasks.mark_failed],
-    on_cancellation=[mlflow_tasks.mark_failed],
-)
+@tracked_flow("byteify-transfer")
 def byteify_transfer(
     byte_model: str,
     base: str,
@@ -46,34 +39,21 @@ def byteify_transfer(
     byte model's source's). `text`: held-out text to score on (default: the validation split of
     the data a checkpoint was trained on).
     """
-    log = get_run_logger()
-    root = storage_root or _default_root()
-    uri = tracking.tracking_uri or mlflow_tasks.default_tracking_uri()
-    fr_id = str(flow_run.id or "local")
+    root = storage_root or default_root()
     ident = model_identity(byte_model)
-    run_id = mlflow_tasks.start_flow_run(
-        uri,
-        tracking.experiment,
-        fr_id,
-        {
-            "byte_model": ident["uri"],
-            "base": base,
-            "instruct": instruct,
-            "alpha": alpha,
-            "retained_embeddings": retained_embeddings,
-        },
-        run_name=flow_run.name or None,
-        artifact_location=tracking.artifact_location,
-        flow_run_url=_flow_run_url(fr_id),
-    )
+    params = {
+        "byte_model": ident["uri"],
+        "base": base,
+        "instruct": instruct,
+        "alpha": alpha,
+        "retained_embeddings": retained_embeddings,
+    }
+    ids = start_run(tracking, params)
+    # The figure: transfer (task arithmetic, export, parity) -> evaluate vs the instruct source -> register.
     export_uri, export_hash = transfer_model(
         ident["uri"], ident["hash"], base, instruct, alpha, retained_embeddings, root
     )
-    report_uri = evaluate_transfer(
-        export_uri, export_hash, instruct, text, ident["manifest_uri"], evaluation.max_bytes
-    )
-    table_md, metrics = artifacts.evaluation_table(report_uri)
-    mlflow_tasks.log_to_run(uri, run_id, metrics=metrics, artifacts={"evaluation": report_uri})
+    report_uri, table_md, metrics = _evaluate(ids, export_uri, export_hash, instruct, text, ident, evaluation)
     lineage = {
         "source_id": instruct,
         "source_revision": "",
@@ -83,25 +63,41 @@ def byteify_transfer(
         "alpha": alpha,
         "retained_embeddings": retained_embeddings,
         "export_hash": export_hash,
-        "flow_run_id": fr_id,
+        "flow_run_id": ids.flow_run_id,
     }
-    reg = registry.register_model(
-        uri,
-        tracking.model_name,
-        export_uri,
-        lineage,
-        metrics,
-        run_id=run_id,
-        alias=tracking.alias,
-        description=f"`{byte_model}` + {alpha:g} x (`{instruct}` - `{base}`) on the global blocks.\n\n{table_md}",
+    made = f"`{byte_model}` + {alpha:g} x (`{instruct}` - `{base}`) on the global blocks."
+    reg = register(ids, tracking, export_uri, lineage, metrics, f"{made}\n\n{table_md}")
+    mlflow_tasks.finish_flow_run(
+        ids.tracking_uri, ids.mlflow_run_id, {}, f"registered {reg['uri']}\n\n{table_md}"
     )
-    mlflow_tasks.finish_flow_run(uri, run_id, {}, f"registered {reg['uri']}\n\n{table_md}")
-    log.info(f"registered {reg['uri']}; export at {export_uri}")
+    get_run_logger().info(f"registered {reg['uri']}; export at {export_uri}")
     return {
         "export_uri": export_uri,
         "export_hash": export_hash,
         "report_uri": report_uri,
         "model_uri": reg["uri"],
         "metrics": metrics,
-        "mlflow_run_id": run_id,
+        "mlflow_run_id": ids.mlflow_run_id,
     }
+
+
+def _evaluate(
+    ids: RunIds,
+    export_uri: str,
+    export_hash: str,
+    instruct: str,
+    text: str | None,
+    ident: dict,
+    evaluation: Evaluation,
+) -> tuple[str, str, dict[str, float]]:
+    """Score the transferred export next to the instruct source, show it, log it on the flow's MLflow run.
+
+    Returns (report URI, markdown table, summary metrics)."""
+    report_uri = evaluate_transfer(
+        export_uri, export_hash, instruct, text, ident["manifest_uri"], evaluation.max_bytes
+    )
+    table_md, metrics = artifacts.evaluation_table(report_uri)
+    mlflow_tasks.log_to_run(
+        ids.tracking_uri, ids.mlflow_run_id, metrics=metrics, artifacts={"evaluation": report_uri}
+    )
+    return report_uri, table_md, metrics

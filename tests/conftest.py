@@ -54,6 +54,18 @@ def start_moto(env_extra: dict | None = None) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto_server did not start within 30 s")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    their matmuls are small, and OpenMP threads only contend on a shared box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """Endpoint URL of a moto S3 server with bucket `S3_BUCKET`; AWS_* env set for the session."""

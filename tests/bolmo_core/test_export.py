@@ -16,13 +16,7 @@ from bolmo_core.generate import generate_ids
 from bolmo_core.load import load_exported
 from bolmo_core.model import BolmoModel
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matmuls: avoid OpenMP contention on a shared box
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(name: str) -> BolmoModel:

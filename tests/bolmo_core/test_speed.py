@@ -8,13 +8,7 @@ from bolmo_core.model import BolmoModel
 from bolmo_core.source import load_source_model, load_tokenizer, tiny_corpus
 from bolmo_core.speed import SpeedConfig, measure
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_measure_interleaves_source_and_byte_models():

@@ -21,13 +21,7 @@ from bolmo_core.model import BolmoModel
 from bolmo_core.source import SourceConfig, load_tokenizer, tiny_corpus
 from bolmo_core.transfer import SourceTensors, TransferError, apply_delta
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
