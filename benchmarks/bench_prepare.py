@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -155,13 +156,14 @@ def per_core_rate(texts: list[str], out: str) -> None:
     )
 
 
-def bench(out: str) -> None:
+def main() -> None:
     src = SourceConfig("smollm2-135m")
     tok = load_tokenizer(src)
     docs = corpus()
     nbytes = sum(len(d) for _, d in docs)
     texts = [d.decode() for _, d in docs]
     shards = [docs[i : i + SHARD_DOCS] for i in range(0, len(docs), SHARD_DOCS)]
+    out = tempfile.mkdtemp(prefix="bench_prepare_")
     backend = tok.backend_tokenizer
     job = {
         "out_uri": out,
@@ -228,11 +230,7 @@ def bench(out: str) -> None:
             f"prepare_dataset workers={workers} {ex:7s}: {nbytes / dt / 1e6:6.2f} MB/s  ({dt:.2f} s, "
             f"incl. tokenizer load and planning)"
         )
-
-
-def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="bench_prepare_") as out:  # removed on errors too
-        bench(out)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":
