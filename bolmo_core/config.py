@@ -384,7 +384,7 @@ def _stage2_from(stage1: StageConfig, **kw) -> StageConfig:
 
 
 def tiny() -> Preset:
-    """Exercises every path in seconds on a CPU (spec Appendix A)."""
+    """Exercises every path in seconds on a CPU (docs/architecture.md Appendix A)."""
     s1 = StageConfig(
         stage=1,
         steps=200,
@@ -435,7 +435,7 @@ def smollm2_135m() -> Preset:
 
 
 def olmo2_1b() -> Preset:
-    """The released 1B recipe (spec §3.2, §8.6, §9.2)."""
+    """The released 1B recipe (docs/architecture.md §3.2, §8.6, §9.2)."""
     s1 = StageConfig(
         stage=1,
         steps=75_000,
@@ -468,7 +468,7 @@ def olmo2_1b() -> Preset:
 
 
 def olmo3_7b() -> Preset:
-    """The released 7B recipe (spec §3.2, §8.6, §9.2)."""
+    """The released 7B recipe (docs/architecture.md §3.2, §8.6, §9.2)."""
     p = olmo2_1b()
     p.name = "olmo3-7b"
     p.model.source = SourceConfig("allenai/Olmo-3-1025-7B")
@@ -479,7 +479,7 @@ def olmo3_7b() -> Preset:
     return p
 
 
-# Overrides that give a preset the paper's Stage-1 recipe (spec §8.4 losses, §4 predictor input)
+# Overrides that give a preset the paper's Stage-1 recipe (docs/architecture.md §8.4 losses, §4 predictor input)
 # where it ships another (smollm2-135m: byte-level targets, wider predictor input).
 PAPER_RECIPE = ["stage1.losses.byte_kl=0", "stage1.losses.distill=1", "model.boundary_context=0"]
 

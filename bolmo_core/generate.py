@@ -22,7 +22,7 @@ cache slot; each row keeps its own patch count as its RoPE position, and the 2-D
 hides filler and masked slots. For a source with sliding-window layers (Olmo 3) a window
 counted in cache slots would shrink by the other rows' masked slots, so batched rows get a KV
 cache that keeps every slot and a window counted in each row's own patch positions
-(`_row_window_masks`, built with transformers' own mask functions). Results therefore do not
+(`hf.modeling_bolmo.row_window_masks`, built with transformers' own mask functions). Results therefore do not
 depend on the batch; `sync` only trades how long waiting rows idle against how many global
 calls are made (speed, never results; the default 1.0, one global call once every unfinished
 row waits, measured fastest at batch 8 on a CPU).
@@ -110,64 +110,25 @@ def _as_bytes(p) -> bytes:
 
 
 def _sliding_window(config) -> int | None:
-    """The attention window of a source with sliding-window layers (Olmo 3), else None."""
-    types = getattr(config, "layer_types", None) or ()
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
-    if types and "sliding_attention" not in types:
-        return None
-    unknown = set(types) - {"sliding_attention", "full_attention"}
-    if unknown:
-        raise GenerationError(f"global model: layer types {sorted(unknown)} are not supported in generation")
-    return int(window)
+    """The attention window of a source with sliding-window layers (Olmo 3), else None: the export's
+    `hf.modeling_bolmo.sliding_window`, with its refusal as a `GenerationError`."""
+    from .hf.modeling_bolmo import sliding_window
 
-
-def _row_window_cache():
-    """A KV cache that keeps every slot in every layer. transformers' sliding-window cache layers keep
-    the last window-1 SLOTS; in a batch, the masked slots of the other rows' global steps would push
-    a row's own patches out of it. The window is applied by `_row_window_masks` instead (so past the
-    window, the sliding layers' cache grows like a full layer's)."""
-    from transformers import DynamicCache
-
-    return DynamicCache()  # no config: every layer a plain DynamicLayer
+    try:
+        return sliding_window(config)
+    except ValueError as e:
+        raise GenerationError(str(e)) from None
 
 
 def _row_window_masks(config, x, attn, cache, position_ids, window: int):
-    """Attention masks for a batch of rows at different patch positions, on a sliding-window source.
+    """Per-row sliding-window masks (see `hf.modeling_bolmo.row_window_masks`: one implementation,
+    kept in the self-contained file an export ships), with its refusal as a `GenerationError`."""
+    from .hf.modeling_bolmo import row_window_masks
 
-    transformers' sliding mask counts cache slots (kv_idx > q_idx - window); here the window is
-    counted in each row's OWN patch positions (slot -> position = running count of the row's real
-    slots) and applied to transformers' own causal + padding mask as a 4-D mask (which the model
-    uses as given), so a row sees exactly the patches it would see alone. A masked slot repeats
-    the row's previous position, so its query still sees the row's newest patch (never an empty
-    row, whose softmax would be NaN). Full-attention layers get the causal + padding mask as is.
-    (transformers' `and_mask_function` would express the same, but is vmapped: ~50x slower per step.)
-    """
-    from transformers.masking_utils import create_causal_mask
-
-    full = create_causal_mask(
-        config=config,
-        inputs_embeds=x,
-        attention_mask=attn,
-        cache=cache,
-        position_ids=position_ids,
-        allow_is_causal_skip=False,
-    )
-    if not isinstance(full, torch.Tensor) or full.dim() != 4 or full.shape[-1] != attn.shape[1]:
-        raise GenerationError(
-            f"global model: attention '{config._attn_implementation}' has no 4-D mask for batched sliding windows"
-        )
-    pos = attn.cumsum(1) - 1  # (B, S): every cache slot's position in its own row
-    q_pos = pos[:, -x.shape[1] :]  # the queries are the newest slots
-    in_window = pos[:, None, None, :] > q_pos[:, None, :, None] - window  # (B, 1, q, S)
-    if full.dtype == torch.bool:  # sdpa: True attends
-        sliding = full & in_window
-    else:  # eager: an additive float mask
-        sliding = full.masked_fill(~in_window, torch.finfo(full.dtype).min)
-    if not getattr(config, "layer_types", None):
-        return sliding  # one window for every layer (a Mistral-style config)
-    return {"full_attention": full, "sliding_attention": sliding}
+    try:
+        return row_window_masks(config, x, attn, cache, position_ids, window)
+    except ValueError as e:
+        raise GenerationError(f"global model: {e}") from None
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -369,7 +330,12 @@ class _Engine:
         reps, patch_mask, _, _ = model.patches(h, b, P)
         row_windows = self.window is not None and B > 1  # alone, a row's slots are its positions
         attn = patch_mask.long()  # filler slots of rows with fewer patches are masked (§11.4)
-        cache = _row_window_cache() if row_windows else model.global_model.new_cache()
+        if row_windows:  # a cache that keeps every slot; the window is in the mask
+            from .hf.modeling_bolmo import row_window_cache
+
+            cache = row_window_cache()
+        else:
+            cache = model.global_model.new_cache()
         G = self._global(reps, attn, cache, torch.arange(P, device=dev).expand(B, P), row_windows)
         gp = dec.project_global(G)
         y, dec_state = run_blocks(dec.blocks, dec.in_projection(h) + depool(gp, b), None, hold=~in_pre)

@@ -430,8 +430,8 @@ class BolmoForCausalLM(PreTrainedModel):
         b[:, 0] = True
         count = b.sum(1)
         reps, pmask = _pool(h, b, int(count.max()))
-        window = _sliding_window(self.global_model.model.config) if B > 1 else None
-        st = dict(window=window, cache=_row_window_cache() if window else None, attn=pmask.long())
+        window = sliding_window(self.global_model.model.config) if B > 1 else None
+        st = dict(window=window, cache=row_window_cache() if window else None, attn=pmask.long())
         G = self._global(st, self.out_projection(reps), torch.arange(reps.shape[1], device=dev).expand(B, -1))
         gp = dec.project_global(G)
         y, dec_state = run_blocks(dec.blocks, dec.in_projection(h) + _depool(gp, b), None, ~in_pre)
@@ -470,7 +470,7 @@ class BolmoForCausalLM(PreTrainedModel):
     def _global(self, st, x, position_ids):
         mask = st["attn"]
         if st["window"]:
-            mask = _row_window_masks(
+            mask = row_window_masks(
                 self.global_model.model.config, x, mask, st["cache"], position_ids, st["window"]
             )
         g, st["cache"] = self.global_model(
@@ -482,7 +482,7 @@ class BolmoForCausalLM(PreTrainedModel):
 # ---------------------------------------------------------------------------- sliding windows in a batch
 
 
-def _sliding_window(config):
+def sliding_window(config):
     """The attention window of a source with sliding-window layers (Olmo 3), else None."""
     types = getattr(config, "layer_types", None) or ()
     window = getattr(config, "sliding_window", None)
@@ -490,23 +490,35 @@ def _sliding_window(config):
         return None
     if types and "sliding_attention" not in types:
         return None
-    if set(types) - {"sliding_attention", "full_attention"}:
-        raise ValueError(f"global model: layer types {sorted(set(types))}: not supported in generation")
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ValueError(f"global model: layer types {sorted(unknown)} are not supported in generation")
     return int(window)
 
 
-def _row_window_cache():
-    """A KV cache keeping every slot in every layer: a sliding-window cache layer keeps the last
-    window-1 SLOTS, and a batch's masked slots would push a row's own patches out of it."""
+def row_window_cache():
+    """A KV cache that keeps every slot in every layer. transformers' sliding-window cache layers keep
+    the last window-1 SLOTS; in a batch, the masked slots of the other rows' global steps would push
+    a row's own patches out of it. The window is applied by `row_window_masks` instead (so past the
+    window, the sliding layers' cache grows like a full layer's)."""
     from transformers import DynamicCache
 
-    return DynamicCache()
+    return DynamicCache()  # no config: every layer a plain DynamicLayer
 
 
-def _row_window_masks(config, x, attn, cache, position_ids, window):
-    """Sliding-window layers see the last `window` patches of each row's OWN positions (slot -> the
-    running count of the row's real slots), applied to transformers' causal + padding mask as a
-    4-D mask; full layers get that causal + padding mask as is."""
+def row_window_masks(config, x, attn, cache, position_ids, window):
+    """Attention masks for a batch of rows at different patch positions, on a sliding-window source.
+
+    transformers' sliding mask counts cache slots (kv_idx > q_idx - window); here the window is
+    counted in each row's OWN patch positions (slot -> position = running count of the row's real
+    slots) and applied to transformers' own causal + padding mask as a 4-D mask (which the model
+    uses as given), so a row sees exactly the patches it would see alone. A masked slot repeats
+    the row's previous position, so its query still sees the row's newest patch (never an empty
+    row, whose softmax would be NaN). Full-attention layers get the causal + padding mask as is.
+    (transformers' `and_mask_function` would express the same, but is vmapped: ~50x slower per step.)
+    This file is self-contained (it ships with an export), so byteify's own generation engine
+    imports these two functions from here rather than keeping a second copy.
+    """
     from transformers.masking_utils import create_causal_mask
 
     full = create_causal_mask(
@@ -519,14 +531,15 @@ def _row_window_masks(config, x, attn, cache, position_ids, window):
     )
     if not isinstance(full, torch.Tensor) or full.dim() != 4 or full.shape[-1] != attn.shape[1]:
         raise ValueError(
-            f"attention '{config._attn_implementation}': no 4-D mask for batched sliding windows"
+            f"attention '{config._attn_implementation}' has no 4-D mask for batched sliding windows"
         )
-    pos = attn.cumsum(1) - 1
-    in_window = pos[:, None, None, :] > pos[:, None, -x.shape[1] :, None] - window
-    if full.dtype == torch.bool:
+    pos = attn.cumsum(1) - 1  # (B, S): every cache slot's position in its own row
+    q_pos = pos[:, -x.shape[1] :]  # the queries are the newest slots
+    in_window = pos[:, None, None, :] > q_pos[:, None, :, None] - window  # (B, 1, q, S)
+    if full.dtype == torch.bool:  # sdpa: True attends
         sliding = full & in_window
-    else:
+    else:  # eager: an additive float mask
         sliding = full.masked_fill(~in_window, torch.finfo(full.dtype).min)
     if not getattr(config, "layer_types", None):
-        return sliding
+        return sliding  # one window for every layer (a Mistral-style config)
     return {"full_attention": full, "sliding_attention": sliding}

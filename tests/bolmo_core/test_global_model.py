@@ -147,7 +147,7 @@ def test_parameter_counts(preset, expected):
         lm = build_source_skeleton(cfg.source)
         model = BolmoModel.from_source(cfg, source_model=lm, init=False)
     n = model.num_params()
-    print(f"{preset}: {n:,} parameters (spec {expected:,.0f})")
+    print(f"{preset}: {n:,} parameters (the paper: {expected:,.0f})")
     assert abs(n - expected) / expected < 0.02
     if preset == "olmo3-7b":
         types = model.global_model.config.layer_types
