@@ -219,22 +219,22 @@ class BolmoModel(nn.Module):
     # fused CE, distillation, byte KL, boundary BCE), each sharing the teacher pass and the patches;
     # split up, the intermediates would travel between helpers as a dozen arguments.
     def stage1_loss(self, batch: dict, loss_cfg: LossConfig | None = None):
-        """Stage 1 (docs/architecture.md §8): (loss, metrics) with teacher-forced boundaries and oracle global states."""
+        """Stage 1 (docs/architecture.md §8): (loss, metrics) with teacher-forced boundaries and oracle global states.
+
+        Long on purpose: every term of the Stage-1 loss and its weight stand in one place, in the
+        order of §8.4, so the formula can be read (and checked against the pinned losses) at once.
+        """
         w = loss_cfg or LossConfig()
         self._check_batch(batch)
-        ids, exp, byte_mask = batch["input_ids"], batch["expanded_ids"], batch["byte_mask"].bool()
-        patch_lens, teacher_ids, patch_mask = (
-            batch["patch_lens"],
-            batch["teacher_ids"],
-            batch["patch_mask"].bool(),
+        ids, exp, patch_lens, teacher_ids = (
+            batch[k] for k in ("input_ids", "expanded_ids", "patch_lens", "teacher_ids")
         )
-        B, L = ids.shape
+        byte_mask, patch_mask = batch["byte_mask"].bool(), batch["patch_mask"].bool()
         P = patch_lens.shape[1]
-        b = boundaries_from_patch_lens(patch_lens, L) & byte_mask
+        b = boundaries_from_patch_lens(patch_lens, ids.shape[1]) & byte_mask
 
-        with (
-            torch.no_grad()
-        ):  # the teacher: frozen blocks on [sep, tok_0, ..., tok_{P-2}] (docs/architecture.md §8.3)
+        # The teacher: frozen blocks on [sep, tok_0, ..., tok_{P-2}] (docs/architecture.md §8.3).
+        with torch.no_grad():
             t_out = self.global_model(self.teacher.embed(teacher_ids), output_hidden_states=w.encoder > 0)
             t_final = t_out.hidden
 

@@ -87,6 +87,8 @@ def byteify(
         "flow_run_url": ids.flow_run_url,
     }
     reg, run_url = _register(ids, tracking, preset, st, export_uri, lineage, metrics, table_md)
+    # The summary is the flow's longest part on purpose: one flat dict of everything a caller
+    # chains on (URIs and hashes of each step, the model version, MLflow and Prefect ids).
     return {
         **{k: reg[k] for k in ("version", "alias_uri", "created")},
         "model_name": reg["name"],
