@@ -161,8 +161,8 @@ def quality(args, presets: dict, init_from: str, manifest: str) -> dict:
     from bolmo_core import checkpoint as ckpt
     from bolmo_core.evaluate import EvalConfig, evaluate
     from bolmo_core.load import load_checkpoint_model
+    from bolmo_core.loader import split_texts
     from bolmo_core.source import load_source_model, load_tokenizer
-    from tasks.evaluation import validation_docs
 
     finals = {}
     for name, preset in presets.items():
@@ -180,7 +180,7 @@ def quality(args, presets: dict, init_from: str, manifest: str) -> dict:
         }
     src_cfg = presets["full"].model.source
     tok, source = load_tokenizer(src_cfg), load_source_model(src_cfg)
-    docs = validation_docs(manifest, args.eval_bytes)
+    docs = split_texts(manifest, "validation", args.eval_bytes)
     cfg = EvalConfig(max_bytes=args.eval_bytes, cute_tasks=())
     for f in finals.values():
         model, preset = load_checkpoint_model(f["final"])  # LoRA: merged on load

@@ -72,6 +72,27 @@ def read_shard_checked(uri: str, sha256: str) -> pa.Table:
     return pq.read_table(io.BytesIO(data), schema=SHARD_SCHEMA, columns=_COLUMNS)
 
 
+def split_texts(manifest_uri: str, split: str, max_bytes: int) -> list[bytes]:
+    """The first documents of a split, as raw text, until `max_bytes` are reached (shard order).
+
+    Reads only the shards it needs, each checked against the manifest's sha256: evaluation and
+    speed prompts use held-out text exactly as training would have seen it."""
+    manifest_uri = _manifest_json(manifest_uri)
+    m = _checked_split(manifest_uri, split)
+    docs, total = [], 0
+    for e in m["shards"]:
+        if e["split"] != split or not e.get("rows"):
+            continue
+        for data in read_shard_checked(_resolve(manifest_uri, e["uri"]), e["sha256"])[
+            "text_bytes"
+        ].to_pylist():
+            docs.append(bytes(data))
+            total += len(data)
+            if total >= max_bytes:
+                return docs
+    return docs
+
+
 def load_split(manifest_uri: str, split: str) -> tuple[dict, pa.Table]:
     """(manifest, all rows of one split) with every shard's sha256 checked."""
     manifest_uri = _manifest_json(manifest_uri)

@@ -33,29 +33,6 @@ def eval_out_uri(storage_root: str, checkpoint_hash: str, manifest_hash: str, op
     return storage.join(storage_root, "eval", key[:16])
 
 
-def validation_docs(manifest_uri: str, max_bytes: int) -> list[bytes]:
-    """The first `max_bytes` of held-out documents listed in the manifest (shard order)."""
-    from bolmo_core.data import read_manifest, read_shard
-
-    m = read_manifest(manifest_uri)
-    base = manifest_uri.rsplit("/", 1)[0]
-    docs, total = [], 0
-    for shard in m["shards"]:
-        if shard.get("split") != "validation" or not shard.get("rows"):
-            continue
-        uri = (
-            shard["uri"]
-            if ("://" in shard["uri"] or shard["uri"].startswith("/"))
-            else storage.join(base, shard["uri"])
-        )
-        for data in read_shard(uri).column("text_bytes").to_pylist():
-            docs.append(bytes(data))
-            total += len(data)
-            if total >= max_bytes:
-                return docs
-    return docs
-
-
 def run_evaluation(
     checkpoint_uri: str,
     manifest_uri: str,
@@ -76,6 +53,7 @@ def run_evaluation(
     from bolmo_core import cute
     from bolmo_core.evaluate import EvalConfig, boundary_samples, evaluate
     from bolmo_core.load import load_byte_model
+    from bolmo_core.loader import split_texts
     from bolmo_core.source import load_source_model, load_tokenizer
 
     phase = on_phase or (lambda _: None)
@@ -84,7 +62,7 @@ def run_evaluation(
     byte_model, preset = load_byte_model(checkpoint_uri)
     tok = load_tokenizer(preset.model.source)
     source_model = load_source_model(preset.model.source)
-    docs = validation_docs(manifest_uri, max_bytes)
+    docs = split_texts(manifest_uri, "validation", max_bytes)
     tasks = tuple(cute_tasks) if cute_tasks is not None else (cute.CHAR_TASKS if cute_items > 0 else ())
     cfg = EvalConfig(
         batch_size=batch_size,

@@ -138,10 +138,9 @@ def measure_speed(
     import torch
 
     from bolmo_core.load import load_byte_model
+    from bolmo_core.loader import split_texts
     from bolmo_core.source import load_source_model, load_tokenizer
     from bolmo_core.speed import SpeedConfig, measure
-
-    from .evaluation import validation_docs
 
     out = storage.join(sweep_out_uri(storage_root, checkpoint_hashes, options), SPEED_FILE)
     if storage.exists(out):
@@ -152,7 +151,7 @@ def measure_speed(
         models[name], preset = load_byte_model(uri)
     src_cfg = preset.model.source
     n_prompts, prompt_bytes = options.get("prompts", 8), options.get("prompt_bytes", 160)
-    docs = validation_docs(manifest_uri, n_prompts * prompt_bytes * 4)
+    docs = split_texts(manifest_uri, "validation", n_prompts * prompt_bytes * 4)
     prompts = [_cut_utf8(d, prompt_bytes) for d in docs[:n_prompts] if d]
     cfg = SpeedConfig(
         batches=tuple(options.get("batches", (1, 8))),

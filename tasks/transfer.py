@@ -102,9 +102,10 @@ def evaluate_transfer(
 
     from bolmo_core.evaluate import EvalConfig, evaluate
     from bolmo_core.load import load_byte_model
+    from bolmo_core.loader import split_texts
     from bolmo_core.source import SourceConfig, load_source_model, load_tokenizer
 
-    from .evaluation import _finite, validation_docs
+    from .evaluation import _finite
 
     out = storage.join(export_uri, "evaluation.json")
     if storage.exists(out):
@@ -112,7 +113,7 @@ def evaluate_transfer(
     if text_uri:
         docs = [storage.read_bytes(text_uri)]
     elif manifest_uri:
-        docs = validation_docs(manifest_uri, max_bytes)
+        docs = split_texts(manifest_uri, "validation", max_bytes)
     else:
         raise ValueError("evaluation: give `text` (a held-out text file) for a byte model without a manifest")
     torch.manual_seed(0)

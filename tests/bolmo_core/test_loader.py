@@ -4,6 +4,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 from bolmo_core import data as D
 from bolmo_core.byte_tokenizer import BOS, OFFSET, PAD
 from bolmo_core.config import DataConfig
-from bolmo_core.loader import StreamingWindowLoader, WindowLoader
+from bolmo_core.loader import StreamingWindowLoader, WindowLoader, split_texts
 from bolmo_core.source import SourceConfig, load_tokenizer, tiny_corpus
 from bolmo_core.subword import RetainedIndex, get_vocab
 
@@ -216,6 +218,38 @@ def big_manifest(tmp_path_factory):
     return D.prepare_dataset(
         [str(d / "docs.jsonl")], TINY, str(d / "out"), DataConfig(shard_docs=40, validation_fraction=0.2)
     )
+
+
+def test_split_texts_reads_only_the_shards_it_needs(big_manifest, tmp_path, monkeypatch):
+    """Held-out text for evaluation: the split's documents in shard order, up to max_bytes, each
+    shard read once and only while needed, checked against the manifest."""
+    from bolmo_core import storage
+
+    m = D.read_manifest(big_manifest)
+    val = [e for e in m["shards"] if e["split"] == "validation" and e["rows"]]
+    assert len(val) >= 2
+    want = [
+        bytes(t)
+        for e in val
+        for t in D.read_shard(str(Path(big_manifest).parent / e["uri"])).column("text_bytes").to_pylist()
+    ]
+    assert split_texts(big_manifest, "validation", 1 << 40) == want
+    assert split_texts(str(Path(big_manifest).parent), "validation", 1 << 40) == want  # the folder
+
+    reads = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda uri: reads.append(uri) or real(uri))
+    first_two = split_texts(big_manifest, "validation", len(want[0]) + 1)
+    assert first_two == want[:2]
+    assert [u for u in reads if u.endswith(".parquet")] == [str(Path(big_manifest).parent / val[0]["uri"])]
+    monkeypatch.undo()
+
+    out = tmp_path / "copy"
+    shutil.copytree(Path(big_manifest).parent, out)
+    shard = out / val[0]["uri"]
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    with pytest.raises(D.DataError, match=rf"^{re.escape(str(shard))}: sha256 differs from the manifest"):
+        split_texts(str(out), "validation", 10)
 
 
 def test_streaming_windows_are_the_rank_stream_block_shuffled(big_manifest, vocab):
