@@ -55,6 +55,10 @@ class TrainError(ValueError):
     """A training run that cannot start, with a one-line reason."""
 
 
+class SaidOnRankZero(TrainError):
+    """The same refusal on a rank other than 0: rank 0 prints the line, this rank only exits."""
+
+
 # ---------------------------------------------------------------- schedule, optimizer, determinism
 
 
@@ -364,7 +368,7 @@ class Trainer:
             msg = [str(err) if err else None]
             dist.broadcast_object_list(msg, src=0)
             if msg[0] and err is None:
-                raise TrainError(msg[0])
+                raise SaidOnRankZero(msg[0])
         if err is not None:
             raise err
         return lock
@@ -560,7 +564,8 @@ class Trainer:
     def save(self, name: str, finished: bool = False, metrics: dict | None = None) -> str:
         """Checkpoint `name` from every rank (collective); its URI."""
         if self.any_rank(self.lock is not None and self.lock.lost):  # frozen past the lease: not ours now
-            raise TrainError(f"{self.out}: another process took over this folder's lock; {name} not written")
+            lost = SaidOnRankZero if self.rank else TrainError  # every rank stops; one line says why
+            raise lost(f"{self.out}: another process took over this folder's lock; {name} not written")
         if self.sharded:  # every rank writes its own shards through DCP
             msd, osd, shards = None, None, sharded_state(self.model, self.optimizer)
         else:
@@ -772,7 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         SourceError,
         storage.StorageError,
     ) as e:
-        print(f"bolmo_core.train: error: {e}", file=sys.stderr, flush=True)
+        if not isinstance(e, SaidOnRankZero):
+            print(f"bolmo_core.train: error: {e}", file=sys.stderr, flush=True)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"summary": summary}, default=str), flush=True)

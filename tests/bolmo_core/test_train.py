@@ -441,6 +441,21 @@ def test_second_trainer_on_one_folder_is_refused_in_a_real_process(manifest, tmp
         pass
 
 
+def test_a_locked_folder_is_refused_in_one_line_under_two_ranks(manifest, tmp_path):
+    """Under torchrun, rank 0 takes the lock and tells rank 1: the refusal is said once, not per rank."""
+    from bolmo_core import storage
+
+    out = tmp_path / "out"
+    with storage.lock_folder(str(out), "a test holding the folder", lease_s=3600):
+        proc = launch(write_config(tmp_path / "a.json", run_config(manifest, str(out), 1)), nproc=2)
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    said = [ln for ln in err.splitlines() if ln.startswith("bolmo_core.train: error:")]
+    assert len(said) == 1, err[-3000:]
+    assert said[0].startswith(f"bolmo_core.train: error: {out}: in use by a test holding the folder")
+    assert list(out.iterdir()) == []  # nothing written there (the lock went with its holder)
+
+
 @pytest.mark.slow
 def test_resume_skips_a_truncated_newest_checkpoint_in_a_real_process(manifest, tmp_path):
     """The newest step's weights truncated: the resume warns naming it, continues from the one
