@@ -27,10 +27,14 @@ besides BOS / the separator, which makes bpb slightly worse than a sliding windo
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -641,6 +645,22 @@ def evaluate(
     return report
 
 
+@functools.cache
+def scorer_digest() -> str:
+    """The identity of the code that turns a checkpoint into a report's numbers: a digest of
+    bolmo_core's source, as syntax trees (comments and formatting do not count).
+
+    A report is reused for the same checkpoint, data and options; without this, a fix to the
+    evaluator, the model or generation would leave old numbers standing as if current. Any
+    change to the package's code counts: an evaluation re-runs in minutes, a stale figure lasts.
+    """
+    root = Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f"{f.relative_to(root).as_posix()}\0{ast.dump(ast.parse(f.read_bytes()))}\0".encode())
+    return h.hexdigest()[:16]
+
+
 def _report_header(cfg: EvalConfig, docs: list[bytes], windows: list[Window], window: int) -> dict:
     """The report's text, CUTE and config sections and its notes; the models' sections are None."""
     notes = [
@@ -674,6 +694,7 @@ def _report_header(cfg: EvalConfig, docs: list[bytes], windows: list[Window], wi
             "word_source": cfg.word_source,
         },
         "config": asdict(cfg),
+        "scorer": scorer_digest(),
         "notes": notes,
     }
 

@@ -3,7 +3,8 @@
 A thin wrapper over ``bolmo_core.evaluate``: it reads the validation documents named by the
 data manifest, loads both models, writes the JSON report (and a few texts with their
 predicted patches, for the boundary view) next to the checkpoints, and returns URIs and
-hashes. Cached on inputs + source; the report file is the commit marker it checks.
+hashes. Cached on inputs + source + the scoring code's digest; the report file is the commit
+marker it checks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import asdict
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy
 
 from bolmo_core import storage
 
@@ -25,12 +26,21 @@ REPORT = "report.json"
 SAMPLES = "boundary_samples.json"
 
 
-def eval_out_uri(storage_root: str, checkpoint_hash: str, manifest_hash: str, options: dict[str, Any]) -> str:
-    """Where the report for this checkpoint, data and options goes (pure)."""
+def eval_out_uri(
+    storage_root: str, checkpoint_hash: str, manifest_hash: str, options: dict[str, Any], scorer: str
+) -> str:
+    """Where the report for this checkpoint, data, options and scoring code goes (pure)."""
     key = hashlib.sha256(
-        json.dumps([checkpoint_hash, manifest_hash, options], sort_keys=True).encode()
+        json.dumps([checkpoint_hash, manifest_hash, options, scorer], sort_keys=True).encode()
     ).hexdigest()
     return storage.join(storage_root, "eval", key[:16])
+
+
+def _scorer(*_) -> str:
+    """`bolmo_core.evaluate.scorer_digest`: a report made by other scoring code is not reused."""
+    from bolmo_core.evaluate import scorer_digest
+
+    return scorer_digest()
 
 
 def run_evaluation(
@@ -119,7 +129,12 @@ def _phase_count(options: dict[str, Any]) -> int:
     return 1 + (2 if options.get("cute_items") else 1) * 2 + 1
 
 
-@task(name="evaluate", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **RETRY)
+@task(
+    name="evaluate",
+    cache_policy=INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_scorer),
+    persist_result=True,
+    **RETRY,
+)
 def evaluate_model(
     checkpoint_uri: str,
     checkpoint_hash: str,
@@ -130,7 +145,7 @@ def evaluate_model(
 ) -> tuple[str, str, str]:
     """(report URI, report sha256, boundary-samples URI) for the byte model vs its source."""
     options = options or {}
-    out_uri = eval_out_uri(storage_root, checkpoint_hash, manifest_hash, options)
+    out_uri = eval_out_uri(storage_root, checkpoint_hash, manifest_hash, options, _scorer())
     report_uri = storage.join(out_uri, REPORT)
     if storage.exists(report_uri):
         return report_uri, storage.sha256_uri(report_uri), storage.join(out_uri, SAMPLES)

@@ -155,7 +155,9 @@ def register_model(
         )
     else:  # an earlier attempt or run made it: complete what it may have left out
         for k, v in tags.items():
-            if k not in mv.tags:  # what is there stays: the version names the flow run that made it
+            # Lineage that is there stays (the version names the flow run that made it); the
+            # evaluation is the latest one, so a re-scored model does not keep stale numbers.
+            if k not in mv.tags or (k.startswith("byteify.eval.") and mv.tags[k] != v):
                 mlc.set_model_version_tag(model_name, mv.version, k, v)
     version = str(mv.version)
     mlc.set_registered_model_alias(model_name, alias, version)

@@ -57,3 +57,31 @@ def test_evaluate_task_writes_report_and_shows_progress_then_reuses_it(
         samples_uri,
     )  # the report is the marker
     assert len(_progress("evaluation-progress")) == 1  # nothing ran, nothing shown
+
+
+def test_a_report_made_by_other_scoring_code_is_not_reused(
+    prefect_api, tiny_checkpoint, tiny_manifest, tmp_path, monkeypatch
+):
+    """The report folder and the Prefect cache key both hold the scoring code's digest: after a
+    change to bolmo_core the same checkpoint is scored again, never answered from an old report."""
+    import json
+    from pathlib import Path
+
+    from prefect.cache_policies import CacheKeyFnPolicy
+
+    from bolmo_core import evaluate as E
+
+    ckpt_uri, ckpt_hash = tiny_checkpoint
+    args = (ckpt_uri, ckpt_hash, tiny_manifest, "m" * 64, str(tmp_path), {"max_bytes": 600, "cute_items": 0})
+    old_uri = evaluation.evaluate_model.fn(*args)[0]
+    assert json.loads(Path(old_uri).read_text())["scorer"] == E.scorer_digest()
+
+    monkeypatch.setattr(E, "scorer_digest", lambda: "0123456789abcdef")  # as if the code changed
+    new_uri = evaluation.evaluate_model.fn(*args)[0]
+    assert Path(new_uri).parent != Path(old_uri).parent and Path(old_uri).exists()
+    assert json.loads(Path(new_uri).read_text())["scorer"] == "0123456789abcdef"
+    # Prefect's cache key has the same part, so a cached task result is not returned either
+    (key_part,) = [
+        p for p in evaluation.evaluate_model.cache_policy.policies if isinstance(p, CacheKeyFnPolicy)
+    ]
+    assert key_part.compute_key(None, {}, {}) == "0123456789abcdef"

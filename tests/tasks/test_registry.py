@@ -108,6 +108,22 @@ def test_half_done_registration_is_completed_not_duplicated(tmp_path, hf_folder,
         registry.register_model.fn(uri, "bad'name", hf_folder, LINEAGE)
 
 
+def test_a_re_scored_version_carries_its_latest_evaluation(tmp_path, hf_folder, store):
+    """Same weights scored again (e.g. by fixed scoring code): the one version's eval tags follow
+    the new numbers; its lineage still names the run that made it."""
+    uri = store
+    registry.register_model.fn(uri, "byteify-e", hf_folder, LINEAGE, EVAL)
+    rescored = {**EVAL, "byte_model/bits_per_byte": 2.25}
+    out = registry.register_model.fn(
+        uri, "byteify-e", hf_folder, {**LINEAGE, "flow_run_id": "fr-9"}, rescored
+    )
+    assert (out["version"], out["created"]) == ("1", False)
+    mv = tracking.client(uri).get_model_version("byteify-e", "1")
+    assert mv.tags["byteify.eval.byte_model.bits_per_byte"] == "2.25"
+    assert mv.tags["byteify.eval.source.bits_per_byte"] == "1.25"
+    assert mv.tags["byteify.flow_run_id"] == LINEAGE["flow_run_id"]
+
+
 # ---------------------------------------------------------------- a real server that goes down
 
 
