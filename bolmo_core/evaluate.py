@@ -226,6 +226,7 @@ class ByteScores:
     logp_lookahead: torch.Tensor | None  # (B, L) with the predictor's boundaries (one byte ahead)
     boundary_lookahead: torch.Tensor | None  # (B, L) bool
     passes: int  # full forwards the causal fixed point took (the slowest row)
+    folded: torch.Tensor | None = None  # (B, L, 260) folded log p of every next byte (`full=True`)
 
 
 def next_byte_logp(model, h, input_ids, boundary, byte_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +235,7 @@ def next_byte_logp(model, h, input_ids, boundary, byte_mask) -> tuple[torch.Tens
     reps, _, _, _ = model.patches(h, boundary, P)
     logits, _ = model.decode(h, model.global_model(reps).hidden, boundary)
     logits = logits.float()
-    folded = fold_logprobs(torch.log_softmax(logits, dim=-1))
+    folded = _folded(logits)
     nxt = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))
     valid = torch.nn.functional.pad(byte_mask[:, :-1] & byte_mask[:, 1:], (0, 1), value=False)
     return logits, folded.gather(-1, nxt.unsqueeze(-1)).squeeze(-1).masked_fill(~valid, 0.0)
@@ -252,7 +253,14 @@ def causal_flags(logits: torch.Tensor, input_ids: torch.Tensor, byte_mask: torch
 
 @torch.no_grad()
 def score_bytes(
-    model, input_ids, expanded_ids, byte_mask, forced=None, autocast=contextlib.nullcontext, all_done=None
+    model,
+    input_ids,
+    expanded_ids,
+    byte_mask,
+    forced=None,
+    autocast=contextlib.nullcontext,
+    all_done=None,
+    full: bool = False,
 ) -> ByteScores:
     """The one byte-model scorer (evaluation report and the trainer's validation).
 
@@ -267,6 +275,9 @@ def score_bytes(
     all_done(done_here) -> bool: whether every rank has converged (the trainer's validation on
     sharded weights, where every rank must run the same passes: a rank that has converged
     repeats its last pass, results unchanged, until all have).
+
+    full: also every next byte's whole folded distribution on the final boundaries (`folded`),
+    for callers that need more than the true byte's log p (lm-eval's greedy check).
     """
     byte_mask = byte_mask.bool()
     with autocast():
@@ -274,19 +285,22 @@ def score_bytes(
     if forced is not None:
         b = forced.bool() & byte_mask
         with autocast():
-            _, lp = next_byte_logp(model, h, input_ids, b, byte_mask)
-        return ByteScores(lp, b, None, None, 1)
+            logits, lp = next_byte_logp(model, h, input_ids, b, byte_mask)
+        return ByteScores(lp, b, None, None, 1, _folded(logits) if full else None)
     b = model.boundary_predictor.decide(pred_logp) & byte_mask
     with autocast():
         logits, lp = next_byte_logp(model, h, input_ids, b, byte_mask)
     look_lp, look_b = lp, b
     out_lp, out_b = lp.clone(), b.clone()
+    out_folded = logits.new_zeros(*logits.shape[:2], FUSED_OFFSET) if full else None
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     cur_b, passes = b, 1
     while True:
         new = causal_flags(logits, input_ids[rows], byte_mask[rows])
         done = (new == cur_b).all(1)
         out_lp[rows[done]], out_b[rows[done]] = lp[done], new[done]
+        if full:
+            out_folded[rows[done]] = _folded(logits[done])
         finished = bool(done.all())
         if all_done(finished) if all_done else finished:
             break
@@ -297,7 +311,11 @@ def score_bytes(
         with autocast():
             logits, lp = next_byte_logp(model, h[rows], input_ids[rows], cur_b, byte_mask[rows])
         passes += 1
-    return ByteScores(out_lp, out_b, look_lp, look_b, passes)
+    return ByteScores(out_lp, out_b, look_lp, look_b, passes, out_folded)
+
+
+def _folded(logits: torch.Tensor) -> torch.Tensor:
+    return fold_logprobs(torch.log_softmax(logits.float(), dim=-1))
 
 
 class _BoundaryCounts:

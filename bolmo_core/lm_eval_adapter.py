@@ -105,10 +105,10 @@ class ByteifyLM(LM):
     def _folded_logp(self, input_ids: torch.Tensor, expanded: torch.Tensor) -> torch.Tensor:
         """(B, L, 260) folded log p of the next byte at every position, on the chosen boundaries."""
         mask = input_ids != PAD
-        sc = score_bytes(self.model, input_ids, expanded, mask)
-        b = sc.boundary if self.boundaries == "causal" else sc.boundary_lookahead
-        # score_bytes keeps only the true byte's log p; the greedy check needs the whole row.
-        h, _, _ = self.model.encode(input_ids, expanded)
+        if self.boundaries == "causal":  # the fixed point, keeping whole rows for the greedy check
+            return score_bytes(self.model, input_ids, expanded, mask, full=True).folded
+        h, pred_logp, _ = self.model.encode(input_ids, expanded)  # look-ahead: one forward
+        b = self.model.boundary_predictor.decide(pred_logp) & mask
         logits, _ = next_byte_logp(self.model, h, input_ids, b, mask)
         return fold_logprobs(torch.log_softmax(logits, dim=-1))
 

@@ -165,6 +165,12 @@ def test_causal_scores_equal_byte_by_byte_decoding(tiny):
     stats = E.byte_model_stats(model, vocab, wins)
     assert stats["bits"] == pytest.approx(ref_bits, rel=1e-5)
     assert stats["bits"] != stats["bits_lookahead"] and stats["causal_passes"] == sc.passes
+    # full=True: every row's whole folded distribution on its final boundaries, same numbers
+    whole = E.score_bytes(model, ids, exp, ids != 0, full=True)
+    assert torch.equal(whole.logp, sc.logp) and torch.equal(whole.boundary, sc.boundary)
+    nxt = torch.nn.functional.pad(ids[:, 1:], (0, 1))
+    at_true = whole.folded.gather(-1, nxt[..., None])[..., 0]
+    assert torch.equal(at_true.masked_fill(sc.logp == 0, 0.0), sc.logp)
 
 
 @pytest.fixture(scope="module")
