@@ -474,7 +474,10 @@ def test_resume_skips_a_truncated_newest_checkpoint_in_a_real_process(manifest, 
     assert proc.returncode == 0, err[-3000:]
     assert "Loading weights" not in err  # no library progress bars on the command's stderr
     warnings = [ln for ln in err.splitlines() if "warning" in ln]
-    assert len(warnings) == 1 and f"skipping checkpoint {out}/step-000004: {weights}: damaged" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and f"skipping checkpoint {out}/step-000004: {weights}: sha256 differs from COMMIT" in warnings[0]
+    )
     events = _events(stdout)
     start = next(e for e in events if e["event"] == "start")
     assert start["step"] == 2 and start["info"]["resumed_from"] == str(out / "step-000002")
