@@ -430,3 +430,70 @@ def test_s3_dcp_checkpoint(setup, s3_server):
     storage.write_bytes_atomic(f"{uri}/dcp/__0_0.distcp", b"replaced")  # verified on S3 too
     with pytest.raises(ckpt.DamagedCheckpoint, match="__0_0.distcp: sha256 differs from COMMIT"):
         ckpt.load_model_state(uri)
+
+
+VERIFY_TWO_RANKS = """
+import json, sys
+import torch.distributed as dist
+from bolmo_core import checkpoint as ckpt, storage
+
+dist.init_process_group("gloo")
+rank, (uri, out) = dist.get_rank(), sys.argv[1:]
+hashed, real = [], storage.sha256_uri
+storage.sha256_uri = lambda u: hashed.append(u) or real(u)  # the real hash, and which files it read
+report = {}
+for case in ("intact", "changed"):
+    if case == "changed" and rank == 0:  # the shard rank 1 hashes: rank 0 learns of it by the gather
+        path = uri + "/dcp/__0_0.distcp"
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 1
+        open(path, "wb").write(bytes(data))
+    dist.barrier()
+    hashed.clear()
+    try:
+        ckpt.verify_sharded(uri)
+        report[case] = {"hashed": list(hashed), "error": None}
+    except ckpt.DamagedCheckpoint as e:
+        report[case] = {"hashed": list(hashed), "error": str(e)}
+json.dump(report, open(f"{out}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_dcp_files_are_verified_once_in_all_over_two_ranks(setup, tmp_path):
+    """Two gloo processes verify one DCP checkpoint: each hashes only its share (file i by rank
+    i % 2), and a changed shard found by rank 1 is the same one line on both ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, opt, sched, loader = _trained(setup, steps=1)
+    uri = _save(tmp_path / "ck", ckpt.step_name(2), model, opt, sched, loader, sharded=True)
+    (tmp_path / "verify.py").write_text(VERIFY_TWO_RANKS)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(tmp_path / "verify.py"),
+            uri,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    files = [f"{uri}/dcp/.metadata", f"{uri}/dcp/__0_0.distcp"]  # sorted: rank 0 takes .metadata
+    assert (r0["intact"], r1["intact"]) == (
+        {"hashed": files[:1], "error": None},
+        {"hashed": files[1:], "error": None},
+    )
+    want = _changed(tmp_path / "ck" / "step-000002", "dcp/__0_0.distcp")
+    assert r0["changed"]["error"] == r1["changed"]["error"] == want
+    assert r0["changed"]["hashed"] == files[:1]  # rank 0 read only its own share, and still knows
