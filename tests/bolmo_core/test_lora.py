@@ -91,6 +91,20 @@ def test_resume_from_a_lora_checkpoint_is_bit_exact(runs, tmp_path, capsys):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_activation_checkpointing_around_adapters_changes_nothing(runs, tmp_path):
+    """Blocks wrapped for recomputation with PEFT adapters inside: the same checkpoint keys (the
+    wrapper strips its prefix) and the same weights as the straight LoRA run, step for step."""
+    cfg = run_config(
+        runs["manifest"], str(tmp_path / "s2"), 2, {**LORA, "stage2.activation_checkpointing": True}
+    )
+    out = train(TrainConfig.from_dict({**cfg, "init_from": runs["s1"]}))
+    assert ckpt.read_config(out["final"])["preset"]["stage2"]["activation_checkpointing"] is True
+    a, b = ckpt.load_model_state(runs["s2"]), ckpt.load_model_state(out["final"])
+    assert a.keys() == b.keys() and any(is_adapter_param(k) for k in b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_merged_model_matches_adapters_and_exports_with_parity(runs, tmp_path):
     merged, preset = load_checkpoint_model(runs["s2"])
     assert not any(is_adapter_param(k) or ".base_layer." in k for k in merged.state_dict())
