@@ -8,13 +8,15 @@ Layout of ``<stage out>/step-000123/`` (or ``<stage out>/final/`` when the stage
     rank-00000.pt ...   per rank: RNG states (torch, numpy, python, cuda) and the loader position
     trainer_state.json  step, samples, elapsed time, finished flag
     config.json         the resolved preset, stage, world size, data manifest hash, source identity
-    COMMIT              written last; a folder without it is not a checkpoint
+    COMMIT              written last; a folder without it is not a checkpoint; holds the sha256 of
+                        every file above (from the bytes written), checked whenever one is read
 
 A sharded (FSDP) run writes ``dcp/`` instead of ``model.safetensors`` and ``optimizer.pt``: a
 ``torch.distributed.checkpoint`` folder (``.metadata`` + ``__<rank>_0.distcp``) holding the
 model (``model.*``) and optimizer (``optim.*``) state, each rank writing only its own shards,
 nothing gathered anywhere. COMMIT then says ``"format": "dcp"`` and holds the sha256 of each
-shard file (hashed by the rank that wrote it). DCP reshards on load: a checkpoint written by N
+shard file (hashed by the rank that wrote it) and of ``.metadata``; a load checks them all
+first, the ranks sharing the files (`verify_sharded`). DCP reshards on load: a checkpoint written by N
 ranks loads into M ranks, or into one process (`consolidated_model_state`, what evaluation
 and export use). Its ``.metadata`` is a pickle: it is read with an unpickler that only knows
 DCP's own metadata classes, and non-tensor values load with ``weights_only=True``.
@@ -164,10 +166,11 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
 
 def load_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
     """Every weight of a checkpoint as one state dict, whatever its format (the one entry point)."""
-    if checkpoint_format(ckpt_uri) == FORMAT_DCP:
+    commit = read_commit(ckpt_uri)
+    if commit["format"] == FORMAT_DCP:
         return consolidated_model_state(ckpt_uri)
     uri = storage.join(ckpt_uri, MODEL_FILE)
-    data = _read_file(uri)
+    data = _read_file(uri, _digests(commit).get(MODEL_FILE))
     try:
         return state_from_bytes(data)
     except Exception as e:  # truncated or damaged: safetensors' own error, or a bad header
@@ -224,32 +227,48 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _damaged_file(uri: str, what: str) -> DamagedCheckpoint:
+def _damaged_file(uri: str, what: str, folder: str | None = None) -> DamagedCheckpoint:
     """One line: the file of a committed checkpoint, what is wrong with it, and what to do."""
-    folder = storage.dirname(uri)
+    folder = folder or storage.dirname(uri)
     return DamagedCheckpoint(f"{uri}: {what}; delete {folder} and resume from the previous committed one")
 
 
-def _read_file(uri: str) -> bytes:
-    """A file of a committed checkpoint: one that is missing there makes the checkpoint damaged."""
+CHANGED = "sha256 differs from COMMIT (changed or damaged)"
+
+
+def _digests(commit: dict) -> dict[str, str]:
+    """COMMIT's {file: sha256}; empty for a checkpoint written before files had digests."""
+    sums = commit.get("sha256")
+    return sums if isinstance(sums, dict) else {}
+
+
+def _read_file(uri: str, sha256: str | None = None) -> bytes:
+    """A file of a committed checkpoint, checked against its COMMIT digest when it has one.
+
+    The digest is checked before the bytes are parsed: nothing reads bytes that were not
+    committed. Hashing bytes already in memory costs a fraction of reading them.
+    """
     try:
-        return storage.read_bytes(uri)
+        data = storage.read_bytes(uri)
     except storage.StorageError:
         if storage.exists(uri):  # unreadable for another reason (permissions, network): not damage
             raise
         raise _damaged_file(uri, "missing from a committed checkpoint") from None
+    if sha256 is not None and storage.sha256_bytes(data) != sha256:
+        raise _damaged_file(uri, CHANGED)
+    return data
 
 
-def _read_json(uri: str) -> Any:
-    data = _read_file(uri)
+def _read_json(uri: str, sha256: str | None = None) -> Any:
+    data = _read_file(uri, sha256)
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _damaged_file(uri, f"damaged (not valid JSON: {_first_line(e)})") from None
 
 
-def _torch_load(uri: str) -> Any:
-    data = _read_file(uri)
+def _torch_load(uri: str, sha256: str | None = None) -> Any:
+    data = _read_file(uri, sha256)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: one line, not a pickle traceback
@@ -295,18 +314,22 @@ def save_checkpoint(
         if local:
             os.makedirs(storage.local_path(staging), exist_ok=True)
     barrier()
-    storage.write_bytes_atomic(storage.join(staging, rank_file(rank)), _torch_bytes(rank_state))
+    sums: dict[str, str] = {}  # {file: sha256} of what this rank wrote, for COMMIT
+    _put(staging, rank_file(rank), _torch_bytes(rank_state), sums)
     commit: dict[str, Any] = {"format": FORMAT_FILES, "world_size": world_size}
     if sharded_state is not None:
-        commit.update(format=FORMAT_DCP, sha256=save_sharded(staging, sharded_state, rank))
+        commit["format"] = FORMAT_DCP
+        sums |= save_sharded(staging, sharded_state, rank)
+    sums = _gathered(sums)  # rank 0 writes COMMIT: it needs every rank's digests
     barrier()
     if rank == 0:
-        files = _write_shared(staging, model_state, optimizer_state, sharded_state is not None)
-        storage.write_bytes_atomic(storage.join(staging, "scheduler.pt"), _torch_bytes(scheduler_state))
-        storage.write_json_atomic(storage.join(staging, "trainer_state.json"), trainer_state or {})
-        storage.write_json_atomic(storage.join(staging, "config.json"), config or {})
+        files = _write_shared(staging, model_state, optimizer_state, sharded_state is not None, sums)
+        _put(staging, "scheduler.pt", _torch_bytes(scheduler_state), sums)
+        _put(staging, "trainer_state.json", storage.json_bytes(trainer_state or {}), sums)
+        _put(staging, "config.json", storage.json_bytes(config or {}), sums)
         files += ["scheduler.pt", "trainer_state.json", "config.json"]
         commit["files"] = files + [rank_file(r) for r in range(world_size)]
+        commit["sha256"] = dict(sorted(sums.items()))
         storage.write_json_atomic(storage.join(staging, COMMIT), commit)
         if local:
             dst = storage.local_path(final_uri)
@@ -318,12 +341,29 @@ def save_checkpoint(
     return final_uri
 
 
-def _write_shared(staging: str, model_state, optimizer_state, sharded: bool) -> list[str]:
+def _put(folder: str, name: str, data: bytes, sums: dict[str, str]) -> None:
+    """Write one file of a checkpoint and note its sha256 (of the bytes in hand: nothing is read back)."""
+    storage.write_bytes_atomic(storage.join(folder, name), data)
+    sums[name] = storage.sha256_bytes(data)
+
+
+def _gathered(sums: dict[str, str]) -> dict[str, str]:
+    """Every rank's {file: sha256}, on every rank (one process, or no process group: its own)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sums
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sums)
+    return {k: v for d in every for k, v in d.items()}
+
+
+def _write_shared(staging: str, model_state, optimizer_state, sharded: bool, sums: dict) -> list[str]:
     """Rank 0: the full weights and optimizer files of an unsharded run (a sharded one wrote DCP)."""
     if sharded:
         return [DCP_DIR]
-    storage.write_bytes_atomic(storage.join(staging, MODEL_FILE), state_to_bytes(model_state))
-    storage.write_bytes_atomic(storage.join(staging, "optimizer.pt"), _torch_bytes(optimizer_state))
+    _put(staging, MODEL_FILE, state_to_bytes(model_state), sums)
+    _put(staging, "optimizer.pt", _torch_bytes(optimizer_state), sums)
     return [MODEL_FILE, "optimizer.pt"]
 
 
@@ -353,7 +393,9 @@ def load_checkpoint(ckpt_uri: str, rank: int | None, sharded_state: dict | None 
     read into ``sharded_state`` in place (the caller's ``{"model", "optim"}`` targets, any
     sharding: each rank reads what its shards need); "model"/"optimizer" are then None.
     """
-    fmt = checkpoint_format(ckpt_uri)
+    commit = read_commit(ckpt_uri)
+    fmt, sums = commit["format"], _digests(commit)
+    part = lambda name: (storage.join(ckpt_uri, name), sums.get(name))  # its uri, its digest
     if fmt == FORMAT_DCP:
         if sharded_state is None:
             raise CheckpointError(f"{ckpt_uri}: a sharded (DCP) checkpoint needs target state to load into")
@@ -361,32 +403,43 @@ def load_checkpoint(ckpt_uri: str, rank: int | None, sharded_state: dict | None 
         model, optim = None, None
     else:
         model = load_model_state(ckpt_uri)
-        optim = _torch_load(storage.join(ckpt_uri, "optimizer.pt"))
+        optim = _torch_load(*part("optimizer.pt"))
     return {
         "format": fmt,
         "model": model,
         "optimizer": optim,
-        "scheduler": _torch_load(storage.join(ckpt_uri, "scheduler.pt")),
-        "rank": None if rank is None else _torch_load(storage.join(ckpt_uri, rank_file(rank))),
-        "trainer_state": _read_json(storage.join(ckpt_uri, "trainer_state.json")),
+        "scheduler": _torch_load(*part("scheduler.pt")),
+        "rank": None if rank is None else _torch_load(*part(rank_file(rank))),
+        "trainer_state": _read_json(*part("trainer_state.json")),
         "config": read_config(ckpt_uri),
     }
 
 
 def read_config(ckpt_uri: str) -> dict:
-    return _read_json(storage.join(ckpt_uri, "config.json"))
+    return _read_committed_json(ckpt_uri, "config.json")
+
+
+def read_trainer_state(ckpt_uri: str) -> dict:
+    return _read_committed_json(ckpt_uri, "trainer_state.json")
+
+
+def _read_committed_json(ckpt_uri: str, name: str) -> Any:
+    return _read_json(storage.join(ckpt_uri, name), _digests(read_commit(ckpt_uri)).get(name))
 
 
 def checkpoint_hash(ckpt_uri: str) -> str:
     """The identity of a checkpoint in lineage: sha256 of its weights file.
 
-    A DCP checkpoint: sha256 over its shard files' digests (written into COMMIT by the ranks
-    that wrote them, so nothing is read again here).
+    Taken from COMMIT (the digest written with the file), so nothing is read again; a checkpoint
+    from before files had digests is hashed. A DCP checkpoint: sha256 over its shard files'
+    digests (``.metadata`` left out: it holds a random save id, and lineage must be reproducible).
     """
     commit = read_commit(ckpt_uri)
+    sums = _digests(commit)
     if commit["format"] == FORMAT_DCP:
-        return storage.sha256_bytes(json.dumps(commit["sha256"], sort_keys=True).encode())
-    return storage.sha256_uri(storage.join(ckpt_uri, MODEL_FILE))
+        shards = {k: v for k, v in sums.items() if k.startswith(f"{DCP_DIR}/") and k.endswith(".distcp")}
+        return storage.sha256_bytes(json.dumps(shards, sort_keys=True).encode())
+    return sums.get(MODEL_FILE) or storage.sha256_uri(storage.join(ckpt_uri, MODEL_FILE))
 
 
 # ---------------------------------------------------------------- sharded (DCP) state
@@ -397,11 +450,11 @@ def _dcp_uri(ckpt_uri: str) -> str:
 
 
 def save_sharded(ckpt_uri: str, state: dict, rank: int) -> dict[str, str]:
-    """dcp.save from every rank (a collective); {shard file: sha256} of every rank's files.
+    """dcp.save from every rank (a collective); {"dcp/<file>": sha256} of the files this rank wrote.
 
-    Each rank hashes the files it wrote (read back once, in parallel over the ranks).
+    Each rank hashes its own files (DCP writes them itself, so they are read back once, in
+    parallel over the ranks); rank 0, DCP's coordinator, also hashes ``.metadata``.
     """
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
@@ -409,19 +462,57 @@ def save_sharded(ckpt_uri: str, state: dict, rank: int) -> dict[str, str]:
     # fsync on S3 objects means os.sync() of the whole machine; an S3 PUT is durable when it returns.
     writer = FsspecWriter(uri, sync_files=storage.is_local(uri), **storage.fsspec_options(uri))
     meta = dcp.save(state, storage_writer=writer)
-    mine = sorted(
-        {i.relative_path for i in meta.storage_data.values() if i.relative_path.startswith(f"__{rank}_")}
-    )
-    digests = {f: storage.sha256_uri(storage.join(uri, f)) for f in mine}
-    if dist.is_initialized():
-        every: list = [None] * dist.get_world_size()
-        dist.all_gather_object(every, digests)
-        digests = {k: v for d in every for k, v in d.items()}
-    return {f"{DCP_DIR}/{k}": v for k, v in sorted(digests.items())}
+    mine = {i.relative_path for i in meta.storage_data.values() if i.relative_path.startswith(f"__{rank}_")}
+    if rank == 0:
+        mine.add(".metadata")
+    return {f"{DCP_DIR}/{f}": storage.sha256_uri(storage.join(uri, f)) for f in sorted(mine)}
+
+
+def verify_sharded(ckpt_uri: str, no_dist: bool = False) -> None:
+    """Check a DCP checkpoint's files against COMMIT before any of them is used.
+
+    Every byte is hashed once in all: file i (sorted) by rank i % world, the ranks in
+    parallel, streamed (memory bounded). The verdicts are gathered, so every rank raises the
+    same one line or none does (a collective unless `no_dist`; one process hashes them all).
+    A checkpoint written before files had digests has nothing to check.
+    """
+    import torch.distributed as dist
+
+    sums = {k: v for k, v in _digests(read_commit(ckpt_uri)).items() if k.startswith(f"{DCP_DIR}/")}
+    collective = not no_dist and dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
+    mine = (_verdict(storage.join(ckpt_uri, f), sums[f]) for f in sorted(sums)[rank::world])
+    verdict = next((v for v in mine if v), None)  # this rank stops at its first bad file
+    if collective and world > 1:
+        every: list = [None] * world
+        dist.all_gather_object(every, verdict)
+        verdict = next((v for v in every if v), None)  # the lowest rank's: the same on every rank
+    if verdict:
+        uri, what, damaged = verdict
+        if damaged:
+            raise _damaged_file(uri, what, folder=ckpt_uri)
+        raise storage.StorageError(f"{uri}: {what}")
+
+
+def _verdict(uri: str, sha256: str) -> tuple[str, str, bool] | None:
+    """None when the file is as committed; else (uri, what is wrong, whether that is damage)."""
+    try:
+        got = storage.sha256_uri(uri)
+    except FileNotFoundError:
+        return uri, "missing from a committed checkpoint", True
+    except OSError as e:  # unreadable for another reason (permissions, network): not damage
+        return uri, f"cannot be read ({_first_line(e)})", False
+    return None if got == sha256 else (uri, CHANGED, True)
 
 
 def load_sharded(ckpt_uri: str, state: dict, no_dist: bool = False) -> None:
-    """dcp.load into `state` in place (resharding as needed); a collective unless `no_dist`."""
+    """Check the files (`verify_sharded`), then dcp.load into `state` in place (resharding as
+    needed); a collective unless `no_dist`."""
+    verify_sharded(ckpt_uri, no_dist)
+    _dcp_load(ckpt_uri, state, no_dist)
+
+
+def _dcp_load(ckpt_uri: str, state: dict, no_dist: bool) -> None:
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -459,6 +550,7 @@ def consolidated_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    verify_sharded(ckpt_uri, no_dist=True)  # before .metadata is read: it decides the targets
     meta = _SafeReader(_dcp_uri(ckpt_uri)).read_metadata()
     target = {
         k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
@@ -467,7 +559,7 @@ def consolidated_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
     }
     if not target:
         raise CheckpointError(f"{ckpt_uri}: the sharded checkpoint holds no model weights")
-    load_sharded(ckpt_uri, {"model": {k[len("model.") :]: v for k, v in target.items()}}, no_dist=True)
+    _dcp_load(ckpt_uri, {"model": {k[len("model.") :]: v for k, v in target.items()}}, no_dist=True)
     return {k[len("model.") :]: v for k, v in target.items()}
 
 

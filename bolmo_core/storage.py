@@ -118,8 +118,13 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(_describe(uri, e)) from None
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The bytes `write_json_atomic` writes (so a caller can hash what it writes)."""
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
 def write_json_atomic(uri: str, obj: Any) -> None:
-    write_bytes_atomic(uri, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(uri, json_bytes(obj))
 
 
 def read_json(uri: str) -> Any:

@@ -406,7 +406,7 @@ class Trainer:
     def _skip(self, fin: str) -> dict:
         """A finished stage: check it is this stage, report it, do nothing else."""
         ckpt.check_compatible(ckpt.read_config(fin), self.identity, fin, self.cfg.allow_mismatch)
-        state = storage.read_json(storage.join(fin, "trainer_state.json"))
+        state = ckpt.read_trainer_state(fin)
         self.callbacks.on_train_start(
             state.get("step", 0), self.stage_cfg.steps, {"skipped": True, "final": fin}
         )

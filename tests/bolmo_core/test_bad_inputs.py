@@ -271,6 +271,9 @@ def test_checkpoint_from_before_a_new_config_field_still_resumes(world, guarded,
         c = json.loads((out / name / "config.json").read_text())
         del c["preset"]["model"]["boundary_context"], c["preset"]["data"]["loader"]
         (out / name / "config.json").write_text(json.dumps(c))
+        commit = json.loads((out / name / "COMMIT").read_text())  # as that older code committed it
+        commit["sha256"]["config.json"] = storage.sha256_bytes((out / name / "config.json").read_bytes())
+        (out / name / "COMMIT").write_text(json.dumps(commit))
     before = tree_hash(out)
     code, stdout, err = _train_in_process(_cfg(world, out), tmp_path / "c.json")
     assert code == 0 and err == "", err
@@ -388,28 +391,28 @@ CHECKPOINT_CASES = [
         "model.safetensors",
         lambda b: b[:999],
         "generate",
-        r"model\.safetensors: damaged",
+        r"model\.safetensors: sha256 differs from COMMIT \(changed or damaged\)",
     ),
     (
         "eval: truncated weights",
         "model.safetensors",
         lambda b: b[:999],
         "eval",
-        r"model\.safetensors: damaged",
+        r"model\.safetensors: sha256 differs from COMMIT \(changed or damaged\)",
     ),
     (
         "export: truncated weights",
         "model.safetensors",
         lambda b: b[:999],
         "export",
-        r"model\.safetensors: damaged",
+        r"model\.safetensors: sha256 differs from COMMIT \(changed or damaged\)",
     ),
     (
         "generate: damaged config",
         "config.json",
         lambda b: b[:7],
         "generate",
-        r"config\.json: damaged \(not valid JSON",
+        r"config\.json: sha256 differs from COMMIT",
     ),
     (
         "generate: weights missing",

@@ -129,9 +129,74 @@ def test_keep_last_and_final(setup, tmp_path):
     assert ckpt.resolve_checkpoint(str(tmp_path)).endswith("/final")
 
 
-def test_damaged_file_gives_one_line(setup, tmp_path):
+def _flip_byte(path) -> None:
+    """One bit of the middle byte flipped, the size kept: what only a digest can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _drop_digests(ckpt_dir) -> None:
+    """COMMIT as checkpoints wrote it before files had digests (DCP kept its shard digests)."""
+    commit = json.loads((ckpt_dir / ckpt.COMMIT).read_text())
+    commit["sha256"] = {k: v for k, v in commit.get("sha256", {}).items() if k.endswith(".distcp")}
+    (ckpt_dir / ckpt.COMMIT).write_text(json.dumps({k: v for k, v in commit.items() if v}))
+
+
+def _changed(ckpt_dir, file: str) -> str:
+    """The one line a file whose bytes differ from its COMMIT digest gives."""
+    return (
+        f"{ckpt_dir / file}: sha256 differs from COMMIT (changed or damaged); "
+        f"delete {ckpt_dir} and resume from the previous committed one"
+    )
+
+
+def test_commit_holds_the_digest_of_every_file(setup, tmp_path):
     model, opt, sched, loader = _trained(setup, steps=1)
     uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    commit = ckpt.read_commit(uri)
+    assert sorted(commit["sha256"]) == sorted(commit["files"])
+    for name, digest in commit["sha256"].items():
+        assert digest == storage.sha256_uri(storage.join(uri, name)), name
+    # lineage: still the weights file's sha256, now taken from COMMIT (the same value, nothing read)
+    assert ckpt.checkpoint_hash(uri) == storage.sha256_uri(storage.join(uri, "model.safetensors"))
+
+
+FILES = [
+    "model.safetensors",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rank-00000.pt",
+    "trainer_state.json",
+    "config.json",
+]
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_a_changed_file_is_damaged_in_one_line(setup, tmp_path, file):
+    """One flipped bit anywhere: DamagedCheckpoint (what the resume fallback skips), one line."""
+    model, opt, sched, loader = _trained(setup, steps=1)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    _flip_byte(tmp_path / "step-000002" / file)
+    with pytest.raises(ckpt.DamagedCheckpoint) as e:
+        ckpt.load_checkpoint(uri, 0)
+    assert str(e.value) == _changed(tmp_path / "step-000002", file)
+    if file == "model.safetensors":  # evaluation and export read the weights through this
+        with pytest.raises(ckpt.DamagedCheckpoint, match="sha256 differs from COMMIT"):
+            ckpt.load_model_state(uri)
+
+
+def test_checkpoint_without_digests_still_loads(setup, tmp_path):
+    """A COMMIT from before files had digests: loads as before; a damaged file is still found by
+    parsing, and lineage hashes the weights file (the same value a digest would give)."""
+    model, opt, sched, loader = _trained(setup, steps=1)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader)
+    h = ckpt.checkpoint_hash(uri)
+    _drop_digests(tmp_path / "step-000002")
+    assert "sha256" not in ckpt.read_commit(uri)
+    st = ckpt.load_checkpoint(uri, 0)
+    assert all(torch.equal(st["model"][k], v) for k, v in model.state_dict().items())
+    assert ckpt.checkpoint_hash(uri) == h
     (tmp_path / "step-000002" / "optimizer.pt").write_bytes(b"not a torch file")
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.load_checkpoint(uri, 0)
@@ -233,10 +298,21 @@ def test_dcp_round_trip_and_consolidation(setup, tmp_path):
     assert (
         commit["format"] == "dcp" and "dcp" in commit["files"] and "model.safetensors" not in commit["files"]
     )
-    assert list(commit["sha256"]) == ["dcp/__0_0.distcp"]
-    assert commit["sha256"]["dcp/__0_0.distcp"] == storage.sha256_uri(f"{uri}/dcp/__0_0.distcp")
+    assert sorted(commit["sha256"]) == sorted(
+        [
+            "dcp/.metadata",
+            "dcp/__0_0.distcp",
+            "scheduler.pt",
+            "trainer_state.json",
+            "config.json",
+            "rank-00000.pt",
+        ]
+    )
+    for name, digest in commit["sha256"].items():
+        assert digest == storage.sha256_uri(f"{uri}/{name}"), name
+    # lineage: the shard digests only (.metadata holds a random save id), as before .metadata had one
     assert ckpt.checkpoint_hash(uri) == storage.sha256_bytes(
-        json.dumps(commit["sha256"], sort_keys=True).encode()
+        json.dumps({"dcp/__0_0.distcp": commit["sha256"]["dcp/__0_0.distcp"]}, sort_keys=True).encode()
     )
 
     # one function gives every weight, in one process (evaluation and export go through it)
@@ -274,6 +350,38 @@ def test_damaged_dcp_checkpoint_is_damaged_for_the_resume_fallback(setup, tmp_pa
     assert str(tmp_path / "step-000002") in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("file", ["dcp/__0_0.distcp", "dcp/.metadata", "scheduler.pt"])
+def test_a_changed_dcp_file_is_damaged_before_it_is_used(setup, tmp_path, file):
+    """One flipped bit in a shard (or DCP's table of contents): caught by its COMMIT digest before
+    dcp.load, on the resume path and on the one-process path (evaluation, export)."""
+    from bolmo_core.train import sharded_state
+
+    model, opt, sched, loader = _trained(setup, steps=1)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader, sharded=True)
+    _flip_byte(tmp_path / "step-000002" / file)
+    with pytest.raises(ckpt.DamagedCheckpoint) as e:
+        ckpt.load_checkpoint(uri, 0, sharded_state(model, opt))
+    assert str(e.value) == _changed(tmp_path / "step-000002", file)
+    if file.startswith("dcp/"):
+        with pytest.raises(ckpt.DamagedCheckpoint) as e:
+            ckpt.load_model_state(uri)
+        assert str(e.value) == _changed(tmp_path / "step-000002", file)
+
+
+def test_dcp_checkpoint_without_file_digests_still_loads(setup, tmp_path):
+    """Before this change a DCP COMMIT held the shard digests only: it loads, and they are checked."""
+    model, opt, sched, loader = _trained(setup, steps=1)
+    uri = _save(tmp_path, ckpt.step_name(2), model, opt, sched, loader, sharded=True)
+    h = ckpt.checkpoint_hash(uri)
+    _drop_digests(tmp_path / "step-000002")
+    assert list(ckpt.read_commit(uri)["sha256"]) == ["dcp/__0_0.distcp"] and ckpt.checkpoint_hash(uri) == h
+    full = ckpt.load_model_state(uri)
+    assert all(torch.equal(full[k], v) for k, v in model.state_dict().items())
+    _flip_byte(tmp_path / "step-000002" / "dcp" / "__0_0.distcp")
+    with pytest.raises(ckpt.DamagedCheckpoint, match="__0_0.distcp: sha256 differs from COMMIT"):
+        ckpt.load_model_state(uri)
+
+
 def test_dcp_metadata_never_unpickles_foreign_objects(setup, tmp_path):
     import os
     import pickle
@@ -287,6 +395,9 @@ def test_dcp_metadata_never_unpickles_foreign_objects(setup, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     (tmp_path / "step-000002" / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ckpt.DamagedCheckpoint, match="metadata: sha256 differs from COMMIT"):
+        ckpt.load_model_state(uri)  # its COMMIT digest refuses it before it is unpickled
+    _drop_digests(tmp_path / "step-000002")  # a checkpoint from before .metadata had a digest
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.load_model_state(uri)
     assert "not DCP metadata" in str(e.value) and "\n" not in str(e.value)
@@ -315,4 +426,74 @@ def test_s3_dcp_checkpoint(setup, s3_server):
     full = ckpt.load_model_state(uri)
     assert all(torch.equal(full[k], v) for k, v in model.state_dict().items())
     digest = storage.sha256_uri(f"{uri}/dcp/__0_0.distcp")  # hashed at save time by the writing rank
-    assert ckpt.read_commit(uri)["sha256"] == {"dcp/__0_0.distcp": digest}
+    assert ckpt.read_commit(uri)["sha256"]["dcp/__0_0.distcp"] == digest
+    storage.write_bytes_atomic(f"{uri}/dcp/__0_0.distcp", b"replaced")  # verified on S3 too
+    with pytest.raises(ckpt.DamagedCheckpoint, match="__0_0.distcp: sha256 differs from COMMIT"):
+        ckpt.load_model_state(uri)
+
+
+VERIFY_TWO_RANKS = """
+import json, sys
+import torch.distributed as dist
+from bolmo_core import checkpoint as ckpt, storage
+
+dist.init_process_group("gloo")
+rank, (uri, out) = dist.get_rank(), sys.argv[1:]
+hashed, real = [], storage.sha256_uri
+storage.sha256_uri = lambda u: hashed.append(u) or real(u)  # the real hash, and which files it read
+report = {}
+for case in ("intact", "changed"):
+    if case == "changed" and rank == 0:  # the shard rank 1 hashes: rank 0 learns of it by the gather
+        path = uri + "/dcp/__0_0.distcp"
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 1
+        open(path, "wb").write(bytes(data))
+    dist.barrier()
+    hashed.clear()
+    try:
+        ckpt.verify_sharded(uri)
+        report[case] = {"hashed": list(hashed), "error": None}
+    except ckpt.DamagedCheckpoint as e:
+        report[case] = {"hashed": list(hashed), "error": str(e)}
+json.dump(report, open(f"{out}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_dcp_files_are_verified_once_in_all_over_two_ranks(setup, tmp_path):
+    """Two gloo processes verify one DCP checkpoint: each hashes only its share (file i by rank
+    i % 2), and a changed shard found by rank 1 is the same one line on both ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, opt, sched, loader = _trained(setup, steps=1)
+    uri = _save(tmp_path / "ck", ckpt.step_name(2), model, opt, sched, loader, sharded=True)
+    (tmp_path / "verify.py").write_text(VERIFY_TWO_RANKS)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(tmp_path / "verify.py"),
+            uri,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    files = [f"{uri}/dcp/.metadata", f"{uri}/dcp/__0_0.distcp"]  # sorted: rank 0 takes .metadata
+    assert (r0["intact"], r1["intact"]) == (
+        {"hashed": files[:1], "error": None},
+        {"hashed": files[1:], "error": None},
+    )
+    want = _changed(tmp_path / "ck" / "step-000002", "dcp/__0_0.distcp")
+    assert r0["changed"]["error"] == r1["changed"]["error"] == want
+    assert r0["changed"]["hashed"] == files[:1]  # rank 0 read only its own share, and still knows
