@@ -456,6 +456,16 @@ def test_a_locked_folder_is_refused_in_one_line_under_two_ranks(manifest, tmp_pa
     assert list(out.iterdir()) == []  # nothing written there (the lock went with its holder)
 
 
+def _assert_resumed_as_straight(events, ref, steps, straight_final, resumed_final) -> None:
+    """The resumed run's steps are `steps`, each with the straight run's loss, and it ends with the
+    straight run's weights, bit for bit (any checkpoint format)."""
+    losses = {e["step"]: e["metrics"]["loss"] for e in events if e["event"] == "step"}
+    ref_losses = {e["step"]: e["metrics"]["loss"] for e in ref if e["event"] == "step"}
+    assert sorted(losses) == steps and all(losses[s] == ref_losses[s] for s in losses)
+    a, b = ckpt.load_model_state(str(straight_final)), ckpt.load_model_state(str(resumed_final))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_resume_skips_a_truncated_newest_checkpoint_in_a_real_process(manifest, tmp_path):
     """The newest step's weights truncated: the resume warns naming it, continues from the one
@@ -481,11 +491,7 @@ def test_resume_skips_a_truncated_newest_checkpoint_in_a_real_process(manifest, 
     events = _events(stdout)
     start = next(e for e in events if e["event"] == "start")
     assert start["step"] == 2 and start["info"]["resumed_from"] == str(out / "step-000002")
-    losses = {e["step"]: e["metrics"]["loss"] for e in events if e["event"] == "step"}
-    ref_losses = {e["step"]: e["metrics"]["loss"] for e in ref if e["event"] == "step"}
-    assert sorted(losses) == [3, 4, 5, 6] and all(losses[s] == ref_losses[s] for s in losses)
-    a, b = _weights(str(straight / "final")), _weights(str(out / "final"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_resumed_as_straight(events, ref, [3, 4, 5, 6], straight / "final", out / "final")
 
 
 @pytest.mark.slow
@@ -516,8 +522,4 @@ def test_resume_skips_a_changed_dcp_shard_under_two_fsdp_ranks(manifest, tmp_pat
     events = _events(stdout)
     start = next(e for e in events if e["event"] == "start")
     assert start["step"] == 1 and start["info"]["resumed_from"] == str(out / "step-000001")
-    losses = {e["step"]: e["metrics"]["loss"] for e in events if e["event"] == "step"}
-    ref_losses = {e["step"]: e["metrics"]["loss"] for e in ref if e["event"] == "step"}
-    assert sorted(losses) == [2, 3] and all(losses[s] == ref_losses[s] for s in losses)
-    a, b = ckpt.load_model_state(str(straight / "final")), ckpt.load_model_state(str(out / "final"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_resumed_as_straight(events, ref, [2, 3], straight / "final", out / "final")
