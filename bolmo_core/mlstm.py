@@ -255,7 +255,9 @@ def mlstm_chunkwise(q, k, v, i, f, chunk_size=64, eps=1e-6, initial_state=None, 
     if not return_last_state:
         return h
     last = states[:, :, -1]
-    return h, (last[..., :-1], last[..., -1], ms[:, :, -1])
+    # Standalone tensors, not views into the packed chunk states: FSDP2 warns about a view
+    # returned from a wrapped block (an in-place op on it would skip the block's hook).
+    return h, (last[..., :-1].clone(), last[..., -1].clone(), ms[:, :, -1].clone())
 
 
 # ---------------------------------------------------------------------------- backend selector
@@ -316,7 +318,7 @@ def _triton_chunkwise() -> Callable:
         if not return_last_state:
             return out[:, :, :L].to(dtype)
         h, (C, n, m) = out
-        return h[:, :, :L].to(dtype), (C.float(), n.float(), m.float().reshape(C.shape[:2]))
+        return h[:, :, :L].to(dtype), (C.float(), n.float(), m.float().reshape(C.shape[:2]).clone())
 
     return mlstm_triton_chunkwise
 
