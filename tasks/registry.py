@@ -159,6 +159,10 @@ def register_model(
             # evaluation is the latest one, so a re-scored model does not keep stale numbers.
             if k not in mv.tags or (k.startswith("byteify.eval.") and mv.tags[k] != v):
                 mlc.set_model_version_tag(model_name, mv.version, k, v)
+        if evaluation:  # numbers the latest evaluation no longer reports are not left standing
+            for k in mv.tags.keys() - tags.keys():
+                if k.startswith("byteify.eval."):
+                    mlc.delete_model_version_tag(model_name, mv.version, k)
     version = str(mv.version)
     mlc.set_registered_model_alias(model_name, alias, version)
     return {

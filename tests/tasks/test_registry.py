@@ -112,7 +112,7 @@ def test_a_re_scored_version_carries_its_latest_evaluation(tmp_path, hf_folder, 
     """Same weights scored again (e.g. by fixed scoring code): the one version's eval tags follow
     the new numbers; its lineage still names the run that made it."""
     uri = store
-    registry.register_model.fn(uri, "byteify-e", hf_folder, LINEAGE, EVAL)
+    registry.register_model.fn(uri, "byteify-e", hf_folder, LINEAGE, {**EVAL, "byte_model/old_metric": 1.0})
     rescored = {**EVAL, "byte_model/bits_per_byte": 2.25}
     out = registry.register_model.fn(
         uri, "byteify-e", hf_folder, {**LINEAGE, "flow_run_id": "fr-9"}, rescored
@@ -121,6 +121,7 @@ def test_a_re_scored_version_carries_its_latest_evaluation(tmp_path, hf_folder, 
     mv = tracking.client(uri).get_model_version("byteify-e", "1")
     assert mv.tags["byteify.eval.byte_model.bits_per_byte"] == "2.25"
     assert mv.tags["byteify.eval.source.bits_per_byte"] == "1.25"
+    assert "byteify.eval.byte_model.old_metric" not in mv.tags  # not in the latest evaluation
     assert mv.tags["byteify.flow_run_id"] == LINEAGE["flow_run_id"]
 
 
