@@ -219,75 +219,68 @@ class BolmoModel(nn.Module):
     # fused CE, distillation, byte KL, boundary BCE), each sharing the teacher pass and the patches;
     # split up, the intermediates would travel between helpers as a dozen arguments.
     def stage1_loss(self, batch: dict, loss_cfg: LossConfig | None = None):
-        """Stage 1 (docs/architecture.md §8): (loss, metrics) with teacher-forced boundaries and oracle global states.
-
-        Long on purpose: every term of the Stage-1 loss and its weight stand in one place, in the
-        order of §8.4, so the formula can be read (and checked against the pinned losses) at once.
-        """
+        """Stage 1 (docs/architecture.md §8): (loss, metrics) with teacher-forced boundaries and oracle
+        global states. Every term and its weight stand here, in the order of §8.4."""
         w = loss_cfg or LossConfig()
         self._check_batch(batch)
         ids, exp, patch_lens, teacher_ids = (
             batch[k] for k in ("input_ids", "expanded_ids", "patch_lens", "teacher_ids")
         )
         byte_mask, patch_mask = batch["byte_mask"].bool(), batch["patch_mask"].bool()
-        P = patch_lens.shape[1]
         b = boundaries_from_patch_lens(patch_lens, ids.shape[1]) & byte_mask
 
         # The teacher: frozen blocks on [sep, tok_0, ..., tok_{P-2}] (docs/architecture.md §8.3).
         with torch.no_grad():
             t_out = self.global_model(self.teacher.embed(teacher_ids), output_hidden_states=w.encoder > 0)
-            t_final = t_out.hidden
-
         h, logp, _ = self.encode(ids, exp)
-        reps, _, overflow, ends = self.patches(h, b, P)
-        metrics: dict[str, float] = {}
-        total = logp.new_zeros(())
+        reps, _, overflow, ends = self.patches(h, b, patch_lens.shape[1])
+        total, metrics = logp.new_zeros(()), {}
+
+        def add(name: str, weight: float, term: torch.Tensor) -> None:
+            nonlocal total
+            total = total + weight * term
+            metrics[name] = float(term.detach())
 
         if w.encoder > 0:  # student patches through the first k frozen blocks; grads reach the encoder
             k = self.cfg.encoder_loss_layer
             s_k = self.global_model(reps, n_layers=k).hidden
-            enc = losses.encoder_l2(s_k, t_out.hidden_states[k], patch_mask)
-            total = total + w.encoder * enc
-            metrics["loss_encoder"] = float(enc.detach())
-
-        logits, _ = self.decode(h, t_final, b)  # oracle: teacher position k <-> patch k
+            add("loss_encoder", w.encoder, losses.encoder_l2(s_k, t_out.hidden_states[k], patch_mask))
+        logits, _ = self.decode(h, t_out.hidden, b)  # oracle: teacher position k <-> patch k
         labels, ce_mask = self.fused_labels(ids, b, byte_mask)
-        ce = losses.fused_ce(logits, labels, ce_mask)
-        total = total + w.ce * ce
-        metrics["loss_ce"] = float(ce.detach())
+        add("loss_ce", w.ce, losses.fused_ce(logits, labels, ce_mask))
 
+        y_t, ws_t, q, q_mask = self._teacher_targets(batch, w, t_out.hidden, ends, ce_mask)
+        if q_mask is not None:
+            metrics["byte_target_frac"] = float(q_mask.sum() / ce_mask.sum().clamp(min=1))
+        logp_s = logits.float().log_softmax(-1) if w.distill > 0 or w.byte_kl > 0 else None
+        if w.distill > 0:
+            dist = self._distill(logp_s, labels, ce_mask, b, ends, y_t, ws_t, patch_lens, patch_mask, w)
+            add("loss_distill", w.distill, dist)
+        if w.byte_kl > 0:
+            add("loss_byte_kl", w.byte_kl, losses.byte_kl(q, logp_s, q_mask))
+
+        b_lab, b_mask = self.boundary_targets(ids, b, byte_mask)
+        target = b_lab if w.boundary_soft <= 0 else self._soft_boundary_labels(ids, b_lab, q, q_mask, w)
+        add("loss_boundary", w.boundary, losses.boundary_bce(logp, target, b_mask))
+        metrics.update(self._boundary_metrics(logp, b_lab, b_mask, b, byte_mask, overflow))
+        metrics["loss"] = float(total.detach())
+        return total, metrics
+
+    def _teacher_targets(self, batch: dict, w: LossConfig, t_final, ends, ce_mask):
+        """What the teacher's softmax gives the byte-level terms: (y_t, ws_t) for the binarised
+        distillation and (q, q_mask) the dense byte targets; None where no term asks for them."""
         dense = w.byte_kl > 0 or w.boundary_soft > 0
         if (dense or (w.distill > 0 and w.whitespace_debias)) and not self.has_vocab:
             raise GlobalModelError(
                 "whitespace debiasing and byte-level targets need the source vocabulary (build with from_source)"
             )
-        q = q_mask = None
-        logp_s = logits.float().log_softmax(-1) if w.distill > 0 or w.byte_kl > 0 else None
-        if w.distill > 0 or dense:
-            tokens = byte_targets.patch_tokens(self.target_table, batch) if dense else None
-            y_t, ws_t, tp = self._teacher_token_logp(
-                t_final, teacher_ids, w.whitespace_debias and w.distill > 0, tokens
-            )
-            if dense:
-                q, q_mask = self._dense_targets(tp, ends, ce_mask)
-                metrics["byte_target_frac"] = float(q_mask.sum() / ce_mask.sum().clamp(min=1))
-        if w.distill > 0:
-            dist = self._distill(logp_s, labels, ce_mask, b, ends, y_t, ws_t, patch_lens, patch_mask, w)
-            total = total + w.distill * dist
-            metrics["loss_distill"] = float(dist.detach())
-        if w.byte_kl > 0:
-            bkl = losses.byte_kl(q, logp_s, q_mask)
-            total = total + w.byte_kl * bkl
-            metrics["loss_byte_kl"] = float(bkl.detach())
-
-        b_lab, b_mask = self.boundary_targets(ids, b, byte_mask)
-        target = b_lab if w.boundary_soft <= 0 else self._soft_boundary_labels(ids, b_lab, q, q_mask, w)
-        bce = losses.boundary_bce(logp, target, b_mask)
-        total = total + w.boundary * bce
-        metrics["loss_boundary"] = float(bce.detach())
-        metrics.update(self._boundary_metrics(logp, b_lab, b_mask, b, byte_mask, overflow))
-        metrics["loss"] = float(total.detach())
-        return total, metrics
+        if not (w.distill > 0 or dense):
+            return None, None, None, None
+        tokens = byte_targets.patch_tokens(self.target_table, batch) if dense else None
+        debias = w.whitespace_debias and w.distill > 0
+        y_t, ws_t, tp = self._teacher_token_logp(t_final, batch["teacher_ids"], debias, tokens)
+        q, q_mask = self._dense_targets(tp, ends, ce_mask) if dense else (None, None)
+        return y_t, ws_t, q, q_mask
 
     @property
     def target_table(self) -> byte_targets.TargetTable:

@@ -87,30 +87,12 @@ def byteify(
         "flow_run_url": ids.flow_run_url,
     }
     reg, run_url = _register(ids, tracking, preset, st, export_uri, lineage, metrics, table_md)
-    # The summary is the flow's longest part on purpose: one flat dict of everything a caller
-    # chains on (URIs and hashes of each step, the model version, MLflow and Prefect ids).
-    return {
-        **{k: reg[k] for k in ("version", "alias_uri", "created")},
-        "model_name": reg["name"],
-        "model_uri": reg["uri"],
-        "model_version_url": reg["url"],
-        "export_uri": export_uri,
-        "export_hash": export_hash,
-        "manifest_uri": manifest_uri,
-        "manifest_hash": manifest_hash,
-        "stage1_checkpoint": st.ckpt1,
-        "stage1_hash": st.hash1,
-        "stage2_checkpoint": st.ckpt2,
-        "stage2_hash": st.hash2,
-        "report_uri": report_uri,
-        "report_hash": report_hash,
-        "metrics": metrics,
-        "evaluation_table": table_md,
-        "tracking_uri": ids.tracking_uri,
-        "mlflow_run_id": ids.mlflow_run_id,
-        "mlflow_run_url": run_url,
-        "flow_run_id": ids.flow_run_id,
-    }
+    return _summary(
+        reg, run_url, ids, st,
+        export_uri=export_uri, export_hash=export_hash,
+        manifest_uri=manifest_uri, manifest_hash=manifest_hash,
+        report_uri=report_uri, report_hash=report_hash, metrics=metrics, evaluation_table=table_md,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- the steps (each only calls tasks)
@@ -222,3 +204,23 @@ def _register(
         log.info(f"reused (cached) stages: {', '.join(reused)}")
     log.info(f"registered {reg['uri']} (alias {reg['alias_uri']}); export at {export_uri}")
     return reg, run_url
+
+
+def _summary(reg: dict[str, Any], run_url: str, ids: RunIds, st: _Stages, **outputs: Any) -> dict[str, Any]:
+    """One flat dict of everything a caller chains on: each step's URIs and hashes (`outputs`),
+    the model version, the MLflow and Prefect ids."""
+    return {
+        **{k: reg[k] for k in ("version", "alias_uri", "created")},
+        "model_name": reg["name"],
+        "model_uri": reg["uri"],
+        "model_version_url": reg["url"],
+        "stage1_checkpoint": st.ckpt1,
+        "stage1_hash": st.hash1,
+        "stage2_checkpoint": st.ckpt2,
+        "stage2_hash": st.hash2,
+        "tracking_uri": ids.tracking_uri,
+        "mlflow_run_id": ids.mlflow_run_id,
+        "mlflow_run_url": run_url,
+        "flow_run_id": ids.flow_run_id,
+        **outputs,
+    }

@@ -112,6 +112,30 @@ def _log_pyfunc(tracking_uri: str, run_id: str | None, export_uri: str, lineage_
     return info.model_uri
 
 
+def _ensure_registered_model(mlc, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlc.create_registered_model(
+            model_name, description="Byte-level models made by byteify (Bolmo recipe)."
+        )
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def _complete_version(mlc, mv, tags: dict[str, str], replace_eval: bool) -> None:
+    """Tags an existing version lacks. Lineage that is there stays (the version names the flow run
+    that made it); with `replace_eval`, the `byteify.eval.*` tags become exactly the latest
+    evaluation's, so a re-scored model does not keep stale numbers."""
+    evals = {k for k in tags.keys() | mv.tags.keys() if k.startswith("byteify.eval.")}
+    for k, v in tags.items():
+        if k not in mv.tags or (replace_eval and k in evals and mv.tags[k] != v):
+            mlc.set_model_version_tag(mv.name, mv.version, k, v)
+    for k in (evals - tags.keys()) if replace_eval else ():
+        mlc.delete_model_version_tag(mv.name, mv.version, k)
+
+
 @task(name="mlflow-register", **RETRY)
 def register_model(
     tracking_uri: str,
@@ -127,16 +151,8 @@ def register_model(
     """Register the exported folder as a pyfunc version with lineage tags and `alias` (one version per lineage)."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-/ ]+", model_name or ""):
         raise RegistryError(f"model name '{model_name}': use letters, digits, '_', '-', '.', '/'")
-    from mlflow.exceptions import MlflowException
-
     mlc = client(tracking_uri)
-    try:
-        mlc.create_registered_model(
-            model_name, description="Byte-level models made by byteify (Bolmo recipe)."
-        )
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+    _ensure_registered_model(mlc, model_name)
     lineage = {"code_version": code_version(), **lineage}
     tags = version_tags(lineage, evaluation or {})
     mv = find_version(tracking_uri, model_name, lineage)
@@ -154,15 +170,7 @@ def register_model(
             model_id=source.removeprefix("models:/") if source.startswith("models:/m-") else None,
         )
     else:  # an earlier attempt or run made it: complete what it may have left out
-        for k, v in tags.items():
-            # Lineage that is there stays (the version names the flow run that made it); the
-            # evaluation is the latest one, so a re-scored model does not keep stale numbers.
-            if k not in mv.tags or (k.startswith("byteify.eval.") and mv.tags[k] != v):
-                mlc.set_model_version_tag(model_name, mv.version, k, v)
-        if evaluation:  # numbers the latest evaluation no longer reports are not left standing
-            for k in mv.tags.keys() - tags.keys():
-                if k.startswith("byteify.eval."):
-                    mlc.delete_model_version_tag(model_name, mv.version, k)
+        _complete_version(mlc, mv, tags, replace_eval=bool(evaluation))
     version = str(mv.version)
     mlc.set_registered_model_alias(model_name, alias, version)
     return {
