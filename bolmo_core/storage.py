@@ -148,6 +148,20 @@ def sha256_uri(uri: str) -> str:
     return h.hexdigest()
 
 
+def local_copy(uri: str, tmp: str) -> str:
+    """A local path holding `uri` (a file or a folder): the path itself when it is local, else a
+    copy downloaded into `tmp` (the caller's temporary folder)."""
+    if is_local(uri):
+        return local_path(uri)
+    fs, path = get_fs(uri)
+    local = os.path.join(tmp, os.path.basename(path.rstrip("/")))
+    if fs.isdir(path):
+        fs.get(path.rstrip("/") + "/", local, recursive=True)
+    else:
+        fs.get(path, local)
+    return local
+
+
 def remove(uri: str, recursive: bool = False) -> None:
     fs, path = get_fs(uri)
     if fs.exists(path):

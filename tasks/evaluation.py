@@ -36,11 +36,15 @@ def eval_out_uri(
     return storage.join(storage_root, "eval", key[:16])
 
 
-def _scorer(*_) -> str:
+def scoring_code(*_) -> str:
     """`bolmo_core.evaluate.scorer_digest`: a report made by other scoring code is not reused."""
     from bolmo_core.evaluate import scorer_digest
 
     return scorer_digest()
+
+
+# The cache policy of every task that scores a model: its inputs, its source and the scoring code.
+SCORED = INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=scoring_code)
 
 
 def run_evaluation(
@@ -106,14 +110,18 @@ def run_evaluation(
 def _write_report(out_uri: str, report: dict, samples: list) -> None:
     """Samples first, then the report (strict JSON): the report is this folder's commit marker."""
     storage.write_json_atomic(storage.join(out_uri, SAMPLES), samples)
+    write_report(storage.join(out_uri, REPORT), report)
+
+
+def write_report(uri: str, report: dict) -> None:
+    """An evaluation report as strict JSON (NaN/inf -> null: MLflow and browsers choke on NaN)."""
     storage.write_bytes_atomic(
-        storage.join(out_uri, REPORT),
-        json.dumps(_finite(report), indent=1, sort_keys=True, default=str).encode(),
+        uri, json.dumps(_finite(report), indent=1, sort_keys=True, default=str).encode()
     )
 
 
 def _finite(x):
-    """NaN/inf -> None, so the report is strict JSON (MLflow and browsers choke on NaN)."""
+    """NaN/inf -> None, recursively."""
     if isinstance(x, float):
         return x if x == x and abs(x) != float("inf") else None
     if isinstance(x, dict):
@@ -131,7 +139,7 @@ def _phase_count(options: dict[str, Any]) -> int:
 
 @task(
     name="evaluate",
-    cache_policy=INPUTS + TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=_scorer),
+    cache_policy=SCORED,
     persist_result=True,
     **RETRY,
 )
@@ -145,7 +153,7 @@ def evaluate_model(
 ) -> tuple[str, str, str]:
     """(report URI, report sha256, boundary-samples URI) for the byte model vs its source."""
     options = options or {}
-    out_uri = eval_out_uri(storage_root, checkpoint_hash, manifest_hash, options, _scorer())
+    out_uri = eval_out_uri(storage_root, checkpoint_hash, manifest_hash, options, scoring_code())
     report_uri = storage.join(out_uri, REPORT)
     if storage.exists(report_uri):
         return report_uri, storage.sha256_uri(report_uri), storage.join(out_uri, SAMPLES)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tempfile
 from contextlib import nullcontext
@@ -76,10 +75,7 @@ def _local_copy(uri: str, tmp: str) -> str:
     fs, path = storage.get_fs(uri)
     if not fs.isdir(path):
         raise RegistryError(f"export folder '{uri}': does not exist")
-    if storage.is_local(uri):
-        return storage.local_path(uri)
-    fs.get(path.rstrip("/") + "/", os.path.join(tmp, "hf_model"), recursive=True)
-    return os.path.join(tmp, "hf_model")
+    return storage.local_copy(uri, tmp)
 
 
 def _log_pyfunc(tracking_uri: str, run_id: str | None, export_uri: str, lineage_h: str) -> str:

@@ -187,14 +187,11 @@ def set_tags(tracking_uri: str, run_id: str, tags: dict[str, Any]) -> None:
 
 def log_artifact_uri(tracking_uri: str, run_id: str, uri: str, artifact_path: str | None = None) -> None:
     """Copy a file or folder at any storage URI into the run's artifacts."""
-    fs, path = storage.get_fs(uri)
     with tempfile.TemporaryDirectory(prefix="byteify-art-") as tmp:
-        local = os.path.join(tmp, os.path.basename(path.rstrip("/")))
-        if fs.isdir(path):
-            fs.get(path.rstrip("/") + "/", local, recursive=True)
+        local = storage.local_copy(uri, tmp)
+        if os.path.isdir(local):
             client(tracking_uri).log_artifacts(run_id, local, artifact_path=artifact_path)
         else:
-            fs.get(path, local)
             client(tracking_uri).log_artifact(run_id, local, artifact_path=artifact_path)
 
 

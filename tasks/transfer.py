@@ -19,6 +19,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from bolmo_core import storage
 
+from .evaluation import SCORED, scoring_code, write_report
 from .export import folder_hash
 from .retries import RETRY
 
@@ -88,7 +89,7 @@ def transfer_model(
     return out, folder_hash(out)
 
 
-@task(name="evaluate-transfer", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **RETRY)
+@task(name="evaluate-transfer", cache_policy=SCORED, persist_result=True, **RETRY)
 def evaluate_transfer(
     export_uri: str,
     export_hash: str,
@@ -105,9 +106,7 @@ def evaluate_transfer(
     from bolmo_core.loader import split_texts
     from bolmo_core.source import SourceConfig, load_source_model, load_tokenizer
 
-    from .evaluation import _finite
-
-    out = storage.join(export_uri, "evaluation.json")
+    out = storage.join(export_uri, f"evaluation-{scoring_code()}.json")  # a report per scoring code
     if storage.exists(out):
         return out
     if text_uri:
@@ -118,11 +117,7 @@ def evaluate_transfer(
         raise ValueError("evaluation: give `text` (a held-out text file) for a byte model without a manifest")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="byteify-transfer-eval-") as tmp:
-        local = storage.local_path(export_uri) if storage.is_local(export_uri) else os.path.join(tmp, "m")
-        if not storage.is_local(export_uri):  # an export on object storage: read a local copy
-            fs, path = storage.get_fs(export_uri)
-            fs.get(path.rstrip("/") + "/", local, recursive=True)
-        model, preset = load_byte_model(local)
+        model, preset = load_byte_model(storage.local_copy(export_uri, tmp))
     report = evaluate(
         docs,
         load_tokenizer(preset.model.source),
@@ -132,5 +127,5 @@ def evaluate_transfer(
         byte_length=preset.data.byte_slots,
     )
     report["compared_with"] = instruct
-    storage.write_bytes_atomic(out, json.dumps(_finite(report), indent=1, default=str).encode())
+    write_report(out, report)
     return out

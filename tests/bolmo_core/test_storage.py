@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +79,20 @@ def test_lock_on_s3_with_lease_expiry(s3_server):
     finally:
         p.kill()
         p.wait()
+
+
+def test_local_copy_is_the_path_itself_or_a_download(s3_server, tmp_path):
+    """A local folder is used in place; a folder or a file on S3 is downloaded whole into tmp."""
+    local = tmp_path / "model"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    assert storage.local_copy(str(local), str(tmp_path / "tmp")) == str(local)
+    folder = f"s3://byteify-test/copies/{time.time_ns()}/model"
+    storage.write_bytes_atomic(f"{folder}/config.json", b"{}")
+    storage.write_bytes_atomic(f"{folder}/sub/weights.bin", b"\x00\x01")
+    got = storage.local_copy(folder, str(tmp_path))
+    assert got == str(tmp_path / "model")
+    files = sorted(p.relative_to(got).as_posix() for p in Path(got).rglob("*") if p.is_file())
+    assert files == ["config.json", "sub/weights.bin"]
+    one = storage.local_copy(f"{folder}/sub/weights.bin", str(tmp_path))
+    assert open(one, "rb").read() == b"\x00\x01"
