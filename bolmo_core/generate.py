@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .byte_tokenizer import BOS, EOS, FUSED_OFFSET, FUSED_VOCAB, OFFSET
+from .hf.modeling_bolmo import row_window_cache, row_window_masks, sliding_window
 from .local_blocks import run_blocks
 from .pooling import depool
 
@@ -112,8 +113,6 @@ def _as_bytes(p) -> bytes:
 def _sliding_window(config) -> int | None:
     """The attention window of a source with sliding-window layers (Olmo 3), else None: the export's
     `hf.modeling_bolmo.sliding_window`, with its refusal as a `GenerationError`."""
-    from .hf.modeling_bolmo import sliding_window
-
     try:
         return sliding_window(config)
     except ValueError as e:
@@ -123,8 +122,6 @@ def _sliding_window(config) -> int | None:
 def _row_window_masks(config, x, attn, cache, position_ids, window: int):
     """Per-row sliding-window masks (see `hf.modeling_bolmo.row_window_masks`: one implementation,
     kept in the self-contained file an export ships), with its refusal as a `GenerationError`."""
-    from .hf.modeling_bolmo import row_window_masks
-
     try:
         return row_window_masks(config, x, attn, cache, position_ids, window)
     except ValueError as e:
@@ -330,12 +327,8 @@ class _Engine:
         reps, patch_mask, _, _ = model.patches(h, b, P)
         row_windows = self.window is not None and B > 1  # alone, a row's slots are its positions
         attn = patch_mask.long()  # filler slots of rows with fewer patches are masked (§11.4)
-        if row_windows:  # a cache that keeps every slot; the window is in the mask
-            from .hf.modeling_bolmo import row_window_cache
-
-            cache = row_window_cache()
-        else:
-            cache = model.global_model.new_cache()
+        # batched rows on a sliding-window source: a cache that keeps every slot, the window in the mask
+        cache = row_window_cache() if row_windows else model.global_model.new_cache()
         G = self._global(reps, attn, cache, torch.arange(P, device=dev).expand(B, P), row_windows)
         gp = dec.project_global(G)
         y, dec_state = run_blocks(dec.blocks, dec.in_projection(h) + depool(gp, b), None, hold=~in_pre)
