@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import storage
 from .hf.configuration_bolmo import MIRRORED
 from .source import SourceConfig, SourceError, load_source_config, load_source_model, resolve_source
 
@@ -291,30 +291,12 @@ def transfer_export(
     report = apply_delta(model, base_t, instr_t, alpha, retained_embeddings).to_dict()
     report["byte_model"] = str(byte_model_path)
     report["byte_model_source"] = model.cfg.source.name_or_path
-    staging = out.with_name(out.name + ".transfer-staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with storage.atomic_local_dir(out) as staging:  # into place only once parity holds
         export_model(model, staging, preset=preset, extra_meta={"transfer": report})
         report["parity"] = check_parity(staging, model)
-        _replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     report["out_dir"] = str(out)
     return model, preset, report
 
 
 def _src(s: str | SourceConfig) -> SourceConfig:
     return s if isinstance(s, SourceConfig) else SourceConfig(str(s))
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Move a checked export into place (an earlier export there, already vetted by _check_out, goes)."""
-    if out.exists():
-        old = out.with_name(out.name + ".transfer-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
