@@ -279,7 +279,7 @@ def _measure_speed(results: list[dict], s1: dict, root: str, speed: Speed, preci
 def _publish(results: list[dict], speed_uri: str, s1: dict, clock: str, ids: RunIds) -> dict[str, Any]:
     """Table + Pareto plot as artifacts and files of the sweep's MLflow run, which ends here."""
     title = f"Compression sweep of {Preset.from_dict(s1['preset']).model.source.name_or_path}"
-    pub = sweep_tasks.publish(results, speed_uri, sweep_tasks.folder_of(speed_uri), title, clock)
+    pub = sweep_tasks.publish(results, speed_uri, title, clock)
     mlflow_tasks.log_to_run(
         ids.tracking_uri,
         ids.mlflow_run_id,

@@ -121,10 +121,6 @@ def sweep_out_uri(storage_root: str, checkpoint_hashes: dict[str, str], options:
     return storage.join(storage_root, "sweep", hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
-def folder_of(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[0]
-
-
 @task(name="sweep-speed", cache_policy=INPUTS + TASK_SOURCE, persist_result=True, **RETRY)
 def measure_speed(
     checkpoints: dict[str, str],
@@ -307,10 +303,9 @@ def pareto_png(rows: list[dict], batches: list[str], title: str, clock: str = "w
 
 
 @task(name="sweep-publish", cache_policy=None, **RETRY)
-def publish(
-    points: list[dict], speed_uri: str, out_uri: str, title: str, clock: str = "wall"
-) -> dict[str, Any]:
-    """Table + Pareto plot + JSON under `out_uri`, and as Prefect artifacts; their URIs and the table."""
+def publish(points: list[dict], speed_uri: str, title: str, clock: str = "wall") -> dict[str, Any]:
+    """Table + Pareto plot + JSON beside `speed_uri`, and as Prefect artifacts; their folder and the table."""
+    out_uri = storage.dirname(speed_uri)
     speed = storage.read_json(speed_uri)
     batches = [str(b) for b in speed["config"]["batches"]]
     rows = sweep_rows(points, speed, clock)
