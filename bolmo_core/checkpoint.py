@@ -164,9 +164,10 @@ def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_model_state(ckpt_uri: str) -> dict[str, torch.Tensor]:
-    """Every weight of a checkpoint as one state dict, whatever its format (the one entry point)."""
-    commit = read_commit(ckpt_uri)
+def load_model_state(ckpt_uri: str, commit: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every weight of a checkpoint as one state dict, whatever its format (the one entry point).
+    `commit`: its COMMIT record when the caller has already read it."""
+    commit = commit or read_commit(ckpt_uri)
     if commit["format"] == FORMAT_DCP:
         return consolidated_model_state(ckpt_uri)
     uri = storage.join(ckpt_uri, MODEL_FILE)
@@ -402,7 +403,7 @@ def load_checkpoint(ckpt_uri: str, rank: int | None, sharded_state: dict | None 
         load_sharded(ckpt_uri, sharded_state)
         model, optim = None, None
     else:
-        model = load_model_state(ckpt_uri)
+        model = load_model_state(ckpt_uri, commit)
         optim = _torch_load(*part("optimizer.pt"))
     return {
         "format": fmt,
@@ -411,7 +412,7 @@ def load_checkpoint(ckpt_uri: str, rank: int | None, sharded_state: dict | None 
         "scheduler": _torch_load(*part("scheduler.pt")),
         "rank": None if rank is None else _torch_load(*part(rank_file(rank))),
         "trainer_state": _read_json(*part("trainer_state.json")),
-        "config": read_config(ckpt_uri),
+        "config": _read_json(*part("config.json")),
     }
 
 
