@@ -274,10 +274,8 @@ def score_bytes(
 
     all_done(done_here) -> bool: whether every rank has converged (the trainer's validation on
     sharded weights, where every rank must run the same passes: a rank that has converged
-    repeats its last pass, results unchanged, until all have).
-
-    full: also every next byte's whole folded distribution on the final boundaries (`folded`),
-    for callers that need more than the true byte's log p (lm-eval's greedy check).
+    repeats its last pass, results unchanged, until all have). full: also `folded`, every next
+    byte's whole folded distribution on the final boundaries (lm-eval's greedy check).
     """
     byte_mask = byte_mask.bool()
     with autocast():
