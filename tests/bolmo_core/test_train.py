@@ -60,20 +60,8 @@ class Recorder(Callback):
 """
 
 
-def test_stage1_then_stage2_skip_and_refusals(manifest, tmp_path, monkeypatch, capsys):
-    (tmp_path / "rec_cb.py").write_text(RECORDER)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    log = tmp_path / "events.jsonl"
-    s1 = run_config(
-        manifest,
-        str(tmp_path / "s1"),
-        1,
-        {"stage1.steps": 4, "stage1.eval_every": 2},
-        deterministic=False,
-        callbacks=["rec_cb:Recorder"],
-        callback_kwargs={"rec_cb:Recorder": {"path": str(log)}},
-    )
-    out = train(TrainConfig.from_dict(s1))
+def _assert_stage1_reported(out: dict, log, stdout: str) -> None:
+    """A 4-step Stage 1 with eval every 2: its summary, the callbacks' events and the progress stream."""
     assert out["step"] == 4 and not out["skipped"] and out["final"].endswith("/final")
     m = out["metrics"]
     for k in ("val_bpb", "val_source_bpb", "val_boundary_acc", "val_patch_cos", "val_overflow_frac"):
@@ -100,25 +88,14 @@ def test_stage1_then_stage2_skip_and_refusals(manifest, tmp_path, monkeypatch, c
         "lr/local",
     ):
         assert k in step_keys, k
-    stdout_events = _events(capsys.readouterr().out)  # the progress stream is always on
+    stdout_events = _events(stdout)  # the progress stream is always on
     assert [e["event"] for e in stdout_events][:2] == ["start", "step"] and stdout_events[-1][
         "event"
     ] == "end"
 
-    # a finished stage is recognised and skipped
-    again = train(TrainConfig.from_dict(s1))
-    assert again["skipped"] and again["step"] == 4
 
-    # refusal: another config for the same output folder names the field
-    other = run_config(
-        manifest, str(tmp_path / "s1"), 1, {"stage1.steps": 4, "stage1.optim.lr": 0.002}, deterministic=False
-    )
-    with pytest.raises(
-        ckpt.CheckpointMismatch, match=r"config stage1\.optim\.lr: 0\.001 in the checkpoint, 0\.002 now"
-    ):
-        train(TrainConfig.from_dict(other))
-
-    # Stage 2 from the Stage-1 checkpoint, with the compression knob
+def _check_stage2_from(manifest, tmp_path, s1_final: str, capsys) -> None:
+    """Stage 2 from the Stage-1 output folder, with the compression knob: it starts from Stage 1's weights."""
     capsys.readouterr()
     s2 = run_config(
         manifest,
@@ -139,10 +116,43 @@ def test_stage1_then_stage2_skip_and_refusals(manifest, tmp_path, monkeypatch, c
     assert "overflow_frac" in step and "clipped_byte_frac" in step
     assert step["boundary_rate_label"] < 1 / 4.0  # labels coarsened to >= 5 bytes per patch (+ BOS)
     # Stage 2 weights started from Stage 1: the byte embedding differs from a fresh init only by 2 steps
-    w1 = ckpt.load_model_state(out["final"])
+    w1 = ckpt.load_model_state(s1_final)
     w2 = ckpt.load_model_state(out2["final"])
     k = next(k for k in w1 if "byte_embedding" in k)
     assert (w1[k] - w2[k]).abs().max() < 0.05
+
+
+def test_stage1_then_stage2_skip_and_refusals(manifest, tmp_path, monkeypatch, capsys):
+    (tmp_path / "rec_cb.py").write_text(RECORDER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    log = tmp_path / "events.jsonl"
+    s1 = run_config(
+        manifest,
+        str(tmp_path / "s1"),
+        1,
+        {"stage1.steps": 4, "stage1.eval_every": 2},
+        deterministic=False,
+        callbacks=["rec_cb:Recorder"],
+        callback_kwargs={"rec_cb:Recorder": {"path": str(log)}},
+    )
+    out = train(TrainConfig.from_dict(s1))
+    _assert_stage1_reported(out, log, capsys.readouterr().out)
+
+    # a finished stage is recognised and skipped
+    again = train(TrainConfig.from_dict(s1))
+    assert again["skipped"] and again["step"] == 4
+
+    # refusal: another config for the same output folder names the field
+    other = run_config(
+        manifest, str(tmp_path / "s1"), 1, {"stage1.steps": 4, "stage1.optim.lr": 0.002}, deterministic=False
+    )
+    with pytest.raises(
+        ckpt.CheckpointMismatch, match=r"config stage1\.optim\.lr: 0\.001 in the checkpoint, 0\.002 now"
+    ):
+        train(TrainConfig.from_dict(other))
+
+    # Stage 2 from the Stage-1 checkpoint, with the compression knob
+    _check_stage2_from(manifest, tmp_path, out["final"], capsys)
 
 
 def test_manifest_mismatch_refused(manifest, tmp_path_factory, tmp_path):
